@@ -1,0 +1,45 @@
+"""How every job ends: a one-line error naming the problem and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from maskrcnn.checkpoint import CheckpointError
+from maskrcnn.data import DatasetError
+from maskrcnn.engine import NonFiniteLoss
+from maskrcnn.model import WeightsError
+from maskrcnn.storage import StorageError
+
+EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, NonFiniteLoss, ValueError)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """Ray wraps worker errors (TrainingFailedError -> worker error -> ours); find ours."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, EXPECTED):
+            return err
+        nxt = err.__cause__ or err.__context__
+        for attr in ("worker_failures", "errors"):
+            failures = getattr(err, attr, None)
+            if isinstance(failures, dict) and failures:
+                nxt = next(iter(failures.values()))
+        if nxt is None:
+            return err
+        err = nxt
+    return err
+
+
+def run_main(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - the top of a command-line program
+        cause = _root_cause(err)
+        text = str(cause).strip().splitlines()
+        print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
+        sys.exit(2 if isinstance(cause, EXPECTED) else 1)

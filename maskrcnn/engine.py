@@ -1,0 +1,146 @@
+"""What one training worker does per step and per evaluation, independent of Ray.
+
+The LR schedule is a pure function of the step, so resuming needs only the step count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from maskrcnn import data
+from maskrcnn.evaluate import to_results
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; training cannot continue meaningfully."""
+
+
+@dataclass
+class Schedule:
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    kind: str = "multistep"  # or "cosine"
+    milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of total_steps
+    gamma: float = 0.1
+
+    def lr(self, step: int) -> float:
+        """Linear warmup, then multistep or cosine decay (the Detectron recipe)."""
+        if step < self.warmup_steps:
+            alpha = step / max(1, self.warmup_steps)
+            return self.base_lr * (self.warmup_factor * (1 - alpha) + alpha)
+        if self.kind == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        passed = sum(step >= int(m * self.total_steps) for m in self.milestones)
+        return self.base_lr * self.gamma**passed
+
+
+def scaled_lr(global_batch: int, reference_lr: float = 0.02, reference_batch: int = 16) -> float:
+    """The linear scaling rule: 0.02 at 16 images per step."""
+    return reference_lr * global_batch / reference_batch
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def _zero_loss(model: nn.Module) -> torch.Tensor:
+    """A loss that touches every parameter with zero gradient: lets a worker whose whole
+    batch was unusable still join DDP's gradient all-reduce instead of hanging the others."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # averaged over workers
+    images: int  # images trained on, summed over workers
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    *,
+    lr: float,
+    clip_norm: float | None,
+    amp: bool,
+    step: int,
+) -> StepResult:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, enabled=amp):
+        if rows:
+            images, targets = data.to_model_inputs(rows, device)
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        else:
+            loss_dict, loss = {}, _zero_loss(model)
+    names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+    parts = torch.tensor([float(loss_dict[n].detach()) if n in loss_dict else 0.0 for n in names] + [float(bool(rows)), len(rows)])
+    parts = _all_reduce(parts)
+    workers_with_data = max(1.0, float(parts[-2]))
+    losses = {n: float(v) / workers_with_data for n, v in zip(names, parts[:-2])}
+    losses["loss"] = sum(losses.values())
+    if not math.isfinite(losses["loss"]):
+        raise NonFiniteLoss(f"non-finite loss at step {step}: {losses}; lower --lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_norm:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return StepResult(losses=losses, images=int(parts[-1]))
+
+
+def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]:
+    """Drop (and count by kind) the rows whose image could not be loaded."""
+    rows = []
+    for row in data.rows_of(batch):
+        if row["error"]:
+            skipped[str(row["error"])] += 1
+        else:
+            rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def predict_records(
+    model: nn.Module, records: Iterable[dict], category_ids: list[int], device: torch.device, batch_size: int = 2
+) -> tuple[list[dict], Counter]:
+    """Run inference on COCO records, returning COCO results and counts of skipped images."""
+    model.eval()
+    results: list[dict] = []
+    skipped: Counter = Counter()
+    pending: list[dict] = []
+
+    def flush() -> None:
+        images = [torch.as_tensor(r["image"]).to(device).float().div_(255) for r in pending]
+        for row, output in zip(pending, model(images)):
+            results.extend(to_results(output, row["image_id"], category_ids))
+        pending.clear()
+
+    for record in records:
+        row = data.load_example(record)
+        if row["error"]:
+            skipped[row["error"]] += 1
+            continue
+        pending.append(row)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return results, skipped

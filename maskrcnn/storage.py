@@ -1,0 +1,162 @@
+"""The one place that reads, writes and lists local paths, ``file://`` and ``s3://`` URIs.
+
+Everything goes through pyarrow's filesystems. S3 is configured only by the standard
+AWS settings (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` and
+``AWS_ENDPOINT_URL``), which pyarrow reads itself; Ray Train's checkpoint storage gets the
+same filesystem object through :func:`filesystem`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read, written or listed. The message names the URI."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` for S3 and the OS separator for local paths."""
+    if is_s3(base) or base.startswith("file://"):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def parent(uri: str) -> str:
+    if is_s3(uri):
+        bucket_and_key = uri[len("s3://"):].rstrip("/")
+        head = posixpath.dirname(bucket_and_key)
+        return "s3://" + head if head else uri
+    return os.path.dirname(_local_path(uri)) or "."
+
+
+@lru_cache(maxsize=None)
+def _s3() -> pafs.S3FileSystem:
+    # Standard retries with backoff; pyarrow picks up keys, region and AWS_ENDPOINT_URL.
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a URI, for pyarrow, Parquet and Ray Train."""
+    if is_s3(uri):
+        return _s3(), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+
+
+def _fail(action: str, uri: str, err: Exception) -> StorageError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return StorageError(f"cannot {action} {uri}: {reason}")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, ValueError) as err:
+        raise _fail("read", uri, err) from err
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise _fail("check", uri, err) from err
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or the new, never a part.
+
+    Locally the bytes go to a temporary file beside the target, then ``os.replace``.
+    On S3 a single PUT (or a completed multipart upload) is already atomic.
+    """
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as err:
+        raise _fail("write", uri, err) from err
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def make_dirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as err:
+        raise _fail("create", uri, err) from err
+
+
+def list_files(prefix: str, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Yield the URIs of the files under ``prefix`` (recursive), optionally filtered by
+    a case-insensitive extension such as ``(".jpg", ".png")``."""
+    fs, path = filesystem(prefix)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=False)
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    try:
+        infos = fs.get_file_info(selector)
+    except (OSError, FileNotFoundError) as err:
+        raise _fail("list", prefix, err) from err
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.File:
+            continue
+        if exts and not info.path.lower().endswith(exts):
+            continue
+        yield ("s3://" + info.path) if is_s3(prefix) else info.path
+
+
+def check_readable_dir(uri: str) -> None:
+    """Fail fast, with a one-line error, when a directory or bucket prefix is unreachable."""
+    fs, path = filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise _fail("reach", uri, err) from err
+    if info.type == pafs.FileType.NotFound and not is_s3(uri):
+        raise StorageError(f"cannot reach {uri}: no such directory")
+    if is_s3(uri):
+        bucket = path.split("/", 1)[0]
+        try:
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"cannot reach {uri}: bucket {bucket!r} does not exist")
+        except OSError as err:
+            raise _fail("reach", uri, err) from err

@@ -1,0 +1,336 @@
+"""Distributed Mask R-CNN training on Ray Train (``TorchTrainer``, DDP).
+
+The driver (:func:`run`) indexes the COCO files, fails fast on unusable input, builds the
+Ray Dataset whose CPU tasks fetch, decode and augment images, and starts the trainer.
+Each worker (:func:`worker_loop`) reads its dataset shard, steps the DDP model, reports
+metrics, checkpoints, and evaluates COCO AP on the validation set after every epoch.
+
+Resume: Ray Train restores the latest checkpoint after a worker failure
+(``FailureConfig``) and when the same ``--name`` and ``--storage`` are run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from maskrcnn import checkpoint, data, engine, storage
+from maskrcnn.evaluate import as_metrics, evaluate, format_table
+from maskrcnn.model import SMALL, init_model
+
+IMAGE_ERRORS = ("missing_image", "undecodable_image", "size_mismatch")
+SCORE = "val_segm_AP"
+
+
+@dataclass
+class TrainConfig:
+    train_annotations: str
+    train_images: str
+    storage: str
+    name: str
+    val_annotations: str | None = None
+    val_images: str | None = None
+    arch: str = SMALL
+    weights: str | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 2  # images per worker per step
+    epochs: int = 12
+    lr: float | None = None  # None: 0.02 * global batch / 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "multistep"
+    clip_norm: float | None = 10.0
+    amp: bool = True  # only ever enabled on GPU
+    scales: tuple[int, ...] | None = None  # shortest-side choices; the largest is used to evaluate
+    max_size: int | None = None
+    checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
+    log_every: int = 20
+    max_failures: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scales is None:
+            self.scales = (256, 288, 320) if self.arch == SMALL else (640, 672, 704, 736, 768, 800)
+        if self.max_size is None:
+            self.max_size = 512 if self.arch == SMALL else 1333
+        self.scales = tuple(sorted(int(s) for s in self.scales))
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.storage, self.name)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class _Worker:
+    """State of one training worker; the methods are the phases of :func:`worker_loop`."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict[str, Any]):
+        self.cfg, self.meta = cfg, meta
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.skipped: Counter = Counter()
+        self.step, self.epoch, self.best = 0, 0, float("-inf")
+        self.schedule = engine.Schedule(
+            base_lr=cfg.lr or engine.scaled_lr(cfg.global_batch),
+            total_steps=meta["steps_per_epoch"] * cfg.epochs,
+            warmup_steps=min(cfg.warmup_steps, meta["steps_per_epoch"] * cfg.epochs // 4),
+            kind=cfg.schedule,
+        )
+        self._build()
+
+    def _build(self) -> None:
+        cfg, meta = self.cfg, self.meta
+        torch.manual_seed(cfg.seed)
+        restored = ray.train.get_checkpoint()
+        state = None
+        if restored:
+            with restored.as_directory() as d:
+                with open(os.path.join(d, checkpoint.FILENAME), "rb") as f:
+                    state = checkpoint.from_bytes(f.read(), restored.path)
+        kwargs = {"num_classes": len(meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
+        weights = None if state else cfg.weights
+        model, self.arch_kwargs = init_model(cfg.arch, kwargs, weights, skip_resize=True)
+        if state:
+            self.arch_kwargs = state["arch_kwargs"]
+            model.load_state_dict(state["state_dict"])
+        self.model = ray.train.torch.prepare_model(model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=self.schedule.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        if state:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.best = state["metrics"].get("best_" + SCORE, float("-inf"))
+        if state.get("train_state"):
+            self.optimizer.load_state_dict(state["train_state"]["optimizer"])
+            self.scaler.load_state_dict(state["train_state"]["scaler"])
+        self.skipped.update(state["train_state"].get("skipped", {}) if state.get("train_state") else {})
+        self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch})")
+
+    def log(self, message: str) -> None:
+        # Written to stdout directly: Ray Train re-routes print() through its logger.
+        if self.rank == 0:
+            sys.stdout.write(f"[train] {message}\n")
+            sys.stdout.flush()
+
+    def _skipped_totals(self) -> dict[str, float]:
+        counts = torch.tensor([float(self.skipped[k]) for k in IMAGE_ERRORS])
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        totals = {f"skipped_{k}": float(v) for k, v in zip(IMAGE_ERRORS, counts)}
+        totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.meta["dropped"].items()})
+        return totals
+
+    def _checkpoint(self, metrics: dict[str, float]) -> dict:
+        return checkpoint.make(
+            self.model,
+            arch=self.cfg.arch,
+            arch_kwargs=self.arch_kwargs,
+            classes=self.meta["classes"],
+            category_ids=self.meta["category_ids"],
+            step=self.step,
+            epoch=self.epoch,
+            metrics=metrics,
+            train_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "skipped": dict(self.skipped),
+            },
+        )
+
+    def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        """Every worker calls this the same number of times (it is a barrier); only rank 0
+        writes the checkpoint file."""
+        metrics = dict(metrics, step=self.step, epoch=self.epoch, **self._skipped_totals())
+        metrics.setdefault(SCORE, float("nan"))  # unevaluated checkpoints rank lowest
+        if self.best > float("-inf"):
+            metrics["best_" + SCORE] = self.best
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        name = f"checkpoint_{self.step:08d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                checkpoint.save(os.path.join(tmp, checkpoint.FILENAME), self._checkpoint(metrics))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            else:
+                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+
+    def train_epoch(self, shard: Any) -> None:
+        cfg, spe = self.cfg, self.meta["steps_per_epoch"]
+        start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size
+        )
+        window_images, window_start = 0, time.perf_counter()
+        self.model.train()
+        for index, batch in enumerate(batches, start=start):
+            if index >= spe:
+                break
+            rows = engine.usable_rows(batch, self.skipped)
+            lr = self.schedule.lr(self.step)
+            result = engine.train_step(
+                self.model, self.optimizer, self.scaler, rows, self.device,
+                lr=lr, clip_norm=cfg.clip_norm, amp=self.amp, step=self.step,
+            )  # fmt: skip
+            self.step += 1
+            window_images += result.images
+            if self.step % cfg.log_every == 0:
+                rate = window_images / (time.perf_counter() - window_start)
+                metrics = dict(result.losses, lr=lr, images_per_s=rate)
+                self.log(f"epoch {self.epoch} step {self.step}/{self.schedule.total_steps} loss {result.losses['loss']:.4f} lr {lr:.5f} {rate:.1f} img/s")
+                self.report(metrics, with_checkpoint=self.step % cfg.checkpoint_every == 0 and index + 1 < spe)
+                window_images, window_start = 0, time.perf_counter()
+            elif self.step % cfg.checkpoint_every == 0 and index + 1 < spe:
+                self.report(dict(result.losses, lr=lr), with_checkpoint=True)
+        self.epoch += 1
+        totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
+        self.log(f"epoch {self.epoch} done at step {self.step}; skipped images and dropped annotations: {totals or 'none'}")
+
+    def validate(self) -> dict[str, float]:
+        """COCO AP on the validation set: each worker predicts its slice, rank 0 scores."""
+        if not self.cfg.val_annotations:
+            return {}
+        val = data.load_coco(self.cfg.val_annotations, self.cfg.val_images)
+        module = getattr(self.model, "module", self.model)
+        mine = val.records[self.rank :: self.world]
+        results, skipped = engine.predict_records(module, mine, val.category_ids, self.device)
+        gathered: list[Any] = [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, (results, dict(skipped)))
+        else:
+            gathered = [(results, dict(skipped))]
+        self.model.train()
+        if self.rank != 0:
+            return {}
+        all_results = [r for part, _ in gathered for r in part]
+        stats = evaluate(val.gt, all_results, image_ids=[r["image_id"] for r in val.records])
+        self.log("validation after epoch %d:\n%s" % (self.epoch, format_table(stats)))
+        metrics = {f"val_{k}": v for k, v in as_metrics(stats).items()}
+        metrics["val_skipped_images"] = float(sum(sum(s.values()) for _, s in gathered))
+        return metrics
+
+    def keep_best(self, metrics: dict[str, float]) -> None:
+        """Rank 0 writes ``best.pt`` next to the run whenever the segm AP improves."""
+        if self.rank != 0 or SCORE not in metrics or metrics[SCORE] <= self.best:
+            return
+        self.best = metrics[SCORE]
+        uri = storage.join(self.cfg.run_dir, "best.pt")
+        checkpoint.save(uri, self._checkpoint(dict(metrics, **{"best_" + SCORE: self.best})))
+        self.log(f"new best {SCORE} {self.best:.4f} -> {uri}")
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    cfg = TrainConfig(**config["cfg"])
+    worker = _Worker(cfg, config["meta"])
+    if worker.epoch >= cfg.epochs:
+        worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
+        return
+    shard = ray.train.get_dataset_shard("train")
+    while worker.epoch < cfg.epochs:
+        worker.train_epoch(shard)
+        metrics = worker.validate()
+        worker.keep_best(metrics)
+        worker.report(metrics, with_checkpoint=True)
+    worker.log(f"finished {cfg.epochs} epochs at step {worker.step}")
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _init_ray(cfg: TrainConfig) -> None:
+    """Join the cluster under ``ray job submit``; otherwise start a local Ray with enough
+    logical CPUs for the workers plus the data tasks."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    needed = int(cfg.num_workers * cfg.cpus_per_worker) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+
+
+def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
+    """Everything that can fail on bad input, before any worker starts."""
+    train = data.load_coco(cfg.train_annotations, cfg.train_images)
+    if cfg.val_annotations:
+        if not cfg.val_images:
+            raise data.DatasetError("--val-annotations needs --val-images")
+        data.load_coco(cfg.val_annotations, cfg.val_images)
+    per_worker = len(train.records) // cfg.num_workers
+    steps_per_epoch = per_worker // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise data.DatasetError(
+            f"{cfg.train_annotations}: {len(train.records)} images is fewer than one step "
+            f"({cfg.num_workers} workers x batch {cfg.batch_size})"
+        )
+    if storage.is_s3(cfg.storage):
+        storage.check_readable_dir(cfg.storage)
+    else:
+        storage.make_dirs(cfg.storage)
+    meta = {
+        "classes": train.classes,
+        "category_ids": train.category_ids,
+        "steps_per_epoch": steps_per_epoch,
+        "dropped": dict(train.dropped),
+    }
+    return train, meta
+
+
+def run(cfg: TrainConfig) -> ray.train.Result:
+    train, meta = prepare(cfg)
+    _init_ray(cfg)
+    print(
+        f"[train] {len(train.records)} images, {len(train.classes)} classes, {meta['steps_per_epoch']} steps/epoch "
+        f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}",
+        flush=True,
+    )
+    load = functools.partial(data.load_example, transform=data.train_transform(cfg.scales, cfg.max_size))
+    dataset = ray.data.from_items(train.records).map(load)
+    fs, path = storage.filesystem(cfg.storage)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "meta": meta},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
