@@ -8,14 +8,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from maskrcnn import data
-from maskrcnn.evaluate import to_results
+from maskrcnn import checkpoint
+from maskrcnn.evaluate import evaluate, to_results
 
 
 class NonFiniteLoss(RuntimeError):
@@ -119,19 +120,29 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
 
 @torch.no_grad()
 def predict_records(
-    model: nn.Module, records: Iterable[dict], category_ids: list[int], device: torch.device, batch_size: int = 2
+    model: nn.Module,
+    records: Iterable[dict],
+    category_ids: list[int],
+    device: torch.device,
+    batch_size: int = 2,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], Counter]:
-    """Run inference on COCO records, returning COCO results and counts of skipped images."""
+    """Run inference on COCO records, returning COCO results and counts of skipped images.
+    ``progress`` is called with the number of images done after every batch."""
     model.eval()
     results: list[dict] = []
     skipped: Counter = Counter()
     pending: list[dict] = []
+    done = [0]
 
     def flush() -> None:
         images = [torch.as_tensor(r["image"]).to(device).float().div_(255) for r in pending]
         for row, output in zip(pending, model(images)):
             results.extend(to_results(output, row["image_id"], category_ids))
+        done[0] += len(pending)
         pending.clear()
+        if progress:
+            progress(done[0])
 
     for record in records:
         row = data.load_example(record)
@@ -144,3 +155,32 @@ def predict_records(
     if pending:
         flush()
     return results, skipped
+
+
+def evaluate_checkpoint(
+    checkpoint_uri: str,
+    annotations: str,
+    image_root: str,
+    *,
+    batch_size: int = 2,
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Score a project checkpoint on a COCO set; returns the stats and what was skipped."""
+    ckpt = checkpoint.load(checkpoint_uri)
+    dataset = data.load_coco(annotations, image_root)
+    unknown = sorted(set(dataset.category_ids) - set(ckpt["category_ids"]))
+    if unknown and dataset.gt["annotations"]:
+        print(f"warning: the checkpoint does not know category ids {unknown}; they score 0 AP")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = checkpoint.build(ckpt).to(device)
+    results, skipped = predict_records(model, dataset.records, ckpt["category_ids"], device, batch_size, progress)
+    return {
+        "checkpoint": checkpoint_uri,
+        "model": checkpoint.identity(ckpt),
+        "annotations": annotations,
+        "images": len(dataset.records),
+        "detections": len(results),
+        "skipped_images": dict(skipped),
+        "stats": evaluate(dataset.gt, results, image_ids=[r["image_id"] for r in dataset.records]),
+    }

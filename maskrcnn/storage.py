@@ -42,11 +42,17 @@ def parent(uri: str) -> str:
 
 @lru_cache(maxsize=None)
 def _s3() -> pafs.S3FileSystem:
-    # Standard retries with backoff; pyarrow picks up keys, region and AWS_ENDPOINT_URL.
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    """pyarrow reads the keys itself; the region and the endpoint (the standard
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` settings, which boto3 also honours) are
+    passed explicitly because this pyarrow does not read them. Retries back off."""
+    env = os.environ
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if region:
         kwargs["region"] = region
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -282,6 +282,7 @@ def _init_ray(cfg: TrainConfig) -> None:
 def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
     """Everything that can fail on bad input, before any worker starts."""
     train = data.load_coco(cfg.train_annotations, cfg.train_images)
+    storage.check_readable_dir(cfg.train_images)
     if cfg.val_annotations:
         if not cfg.val_images:
             raise data.DatasetError("--val-annotations needs --val-images")

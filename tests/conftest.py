@@ -1,0 +1,118 @@
+"""Shared fixtures: the real data in ../shared/data, a real S3 endpoint on loopback (moto's
+server), a small synthetic dataset, and a helper that runs a job as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ENV = "MASKRCNN_TEST_DATA"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or $MASKRCNN_TEST_DATA): real data nobody on this project wrote."""
+    root = Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data"))
+    if not (root / "coco_small" / "instances_val2017.json").exists():
+        pytest.skip(f"shared test data not found at {root} (set {DATA_ENV})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def coco_small(shared_data: Path) -> tuple[str, str]:
+    return str(shared_data / "coco_small" / "instances_val2017.json"), str(shared_data / "coco_small" / "images")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, configured through the standard AWS variables only.
+
+    The variables are set in os.environ so that Ray workers and job subprocesses started by
+    the tests inherit them, exactly as they would inherit a real deployment's settings.
+    """
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the loopback S3 endpoint."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def upload_dir(local: Path, bucket: str, prefix: str) -> None:
+    client = boto3.client("s3")
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A small synthetic COCO dataset: ``train/`` (32 images) and ``val/`` (8 images)."""
+    from maskrcnn.synthetic import generate_split
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_split(str(root / "train"), 32, seed=0)
+    generate_split(str(root / "val"), 8, seed=1)
+    return root
+
+
+def run_job(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``jobs/<script>`` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )

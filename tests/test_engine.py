@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from maskrcnn import engine
+
+
+def test_schedule_warms_up_then_decays():
+    s = engine.Schedule(base_lr=0.02, total_steps=100, warmup_steps=10, milestones=(0.5, 0.8))
+    assert s.lr(0) == pytest.approx(0.02 * 0.001)
+    assert s.lr(5) < s.lr(9) < s.lr(10) == pytest.approx(0.02)
+    assert s.lr(49) == pytest.approx(0.02) and s.lr(50) == pytest.approx(0.002) and s.lr(80) == pytest.approx(0.0002)
+    cos = engine.Schedule(base_lr=0.02, total_steps=100, warmup_steps=10, kind="cosine")
+    assert cos.lr(10) == pytest.approx(0.02) and cos.lr(55) == pytest.approx(0.01) and cos.lr(100) == pytest.approx(0.0)
+
+
+def test_lr_scales_with_global_batch():
+    assert engine.scaled_lr(16) == pytest.approx(0.02) and engine.scaled_lr(4) == pytest.approx(0.005)
+
+
+class _LossModel(nn.Module):
+    """Stands in for Mask R-CNN's training forward: returns a dict of losses."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.value = value
+
+    def forward(self, images, targets):
+        return {"loss_classifier": self.w.sum() * self.value, "loss_mask": self.w.sum()}
+
+
+def _rows():
+    return [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8).numpy(), "boxes": torch.zeros(0, 4).numpy(),
+             "labels": torch.zeros(0, dtype=torch.int64).numpy(), "masks": torch.zeros(0, 4, 4, dtype=torch.uint8).numpy()}]  # fmt: skip
+
+
+def _step(model, rows):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return engine.train_step(model, opt, scaler, rows, torch.device("cpu"), lr=0.1, clip_norm=1.0, amp=False, step=3)
+
+
+def test_train_step_updates_and_reports_losses():
+    model = _LossModel(2.0)
+    result = _step(model, _rows())
+    assert result.images == 1 and result.losses["loss"] == pytest.approx(3.0)
+    assert model.w.item() < 1.0
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    with pytest.raises(engine.NonFiniteLoss, match="non-finite loss at step 3"):
+        _step(_LossModel(math.nan), _rows())
+
+
+def test_a_batch_of_only_bad_images_still_joins_the_step():
+    model = _LossModel(2.0)
+    result = _step(model, [])
+    assert result.images == 0 and result.losses["loss"] == 0.0 and model.w.item() == 1.0

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+
+from maskrcnn import storage
+
+
+def test_local_roundtrip_is_atomic_and_lists_by_extension(tmp_path):
+    target = tmp_path / "a" / "b.bin"
+    storage.write_bytes(str(target), b"hello")
+    storage.write_bytes("file://" + str(tmp_path / "c.JPG"), b"img")
+    storage.write_text(str(tmp_path / "d.txt"), "text")
+    assert storage.read_bytes(str(target)) == b"hello"
+    assert storage.read_text("file://" + str(tmp_path / "d.txt")) == "text"
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.bin"]  # no temporary file left behind
+    assert list(storage.list_files(str(tmp_path), (".jpg",))) == [str(tmp_path / "c.JPG")]
+    assert storage.exists(str(target)) and not storage.exists(str(tmp_path / "nope"))
+
+
+def test_missing_local_file_error_names_the_path(tmp_path):
+    with pytest.raises(storage.StorageError, match=str(tmp_path / "missing.json")):
+        storage.read_bytes(str(tmp_path / "missing.json"))
+
+
+def test_s3_roundtrip_through_standard_aws_configuration(bucket):
+    uri = f"s3://{bucket}/dir/x.bin"
+    storage.write_bytes(uri, b"\x00\x01" * 1000)
+    storage.write_bytes(f"s3://{bucket}/dir/sub/y.PNG", b"png")
+    assert storage.read_bytes(uri) == b"\x00\x01" * 1000
+    assert storage.exists(uri) and not storage.exists(f"s3://{bucket}/dir/none")
+    assert list(storage.list_files(f"s3://{bucket}/dir", (".png",))) == [f"s3://{bucket}/dir/sub/y.PNG"]
+    assert storage.join(f"s3://{bucket}/dir", "a", "b") == f"s3://{bucket}/dir/a/b"
+    assert storage.parent(uri) == f"s3://{bucket}/dir"
+
+
+def test_s3_missing_object_and_bucket_errors_name_the_uri(bucket):
+    with pytest.raises(storage.StorageError, match=f"s3://{bucket}/missing"):
+        storage.read_bytes(f"s3://{bucket}/missing")
+    with pytest.raises(storage.StorageError, match="no-such-bucket-here"):
+        storage.check_readable_dir("s3://no-such-bucket-here/runs")

@@ -1,0 +1,190 @@
+"""Ray Train end to end, through jobs/train.py as a user runs it (2 CPU workers, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from maskrcnn import checkpoint, storage
+from tests.conftest import REPO, run_job, upload_dir
+
+pytestmark = pytest.mark.slow
+STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
+
+
+def _args(train: str, val: str | None, store: str, name: str, *extra: str) -> list[str]:
+    args = ["--train-annotations", f"{train}/annotations.json", "--train-images", f"{train}/images"]
+    if val:
+        args += ["--val-annotations", f"{val}/annotations.json", "--val-images", f"{val}/images"]
+    return args + [
+        "--storage", store, "--name", name, "--num-workers", "2", "--batch-size", "2", "--scales", "128",
+        "--max-size", "192", "--warmup-steps", "4", "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def _steps(output: str) -> list[tuple[int, float]]:
+    return [(int(s), float(loss)) for s, loss in STEP.findall(output)]
+
+
+@pytest.fixture
+def defective_train(shapes: Path, shared_data: Path, tmp_path: Path) -> Path:
+    """The synthetic training split with one missing image, one truncated image and one
+    invalid polygon: 32 records, so each of 2 workers gets 8 full batches of 2."""
+    root = tmp_path / "train"
+    shutil.copytree(shapes / "train", root)
+    gt = json.loads((root / "annotations.json").read_text())
+    gt["images"] = gt["images"][:30]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] <= 30]
+    shutil.copy(shared_data / "odd_images" / "truncated_jpeg.jpg", root / "images" / "truncated.jpg")
+    gt["images"] += [
+        {"id": 901, "file_name": "gone.jpg", "width": 100, "height": 100},
+        {"id": 902, "file_name": "truncated.jpg", "width": 100, "height": 100},
+    ]
+    bad = dict(gt["annotations"][0], id=99999, segmentation=[[1.0, 2.0, 3.0]])
+    gt["annotations"].append(bad)
+    (root / "annotations.json").write_text(json.dumps(gt))
+    return root
+
+
+def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_train, shapes, tmp_path):
+    args = _args(str(defective_train), str(shapes / "val"), str(tmp_path / "runs"), "ddp", "--epochs", "3")
+    first = run_job("train.py", *args)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-3000:]
+    steps = _steps(out)
+    assert [s for s, _ in steps] == list(range(1, 25))  # 3 epochs x 8 steps, no repeats
+    losses = [loss for _, loss in steps]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert "skipped_missing_image': 1, 'skipped_undecodable_image': 1" in out  # epoch 1
+    assert "skipped_missing_image': 3, 'skipped_undecodable_image': 3" in out  # after 3 epochs
+    assert "dropped_annotations_invalid_segmentation': 1" in out
+    assert "IoU metric: segm" in out
+
+    run_dir = tmp_path / "runs" / "ddp"
+    best = checkpoint.load(str(run_dir / "best.pt"))
+    assert best["classes"] == ["circle", "rectangle", "triangle"] and best["category_ids"] == [1, 2, 3]
+    assert "val_segm_AP" in best["metrics"] and best["step"] in (8, 16, 24)
+    final = checkpoint.load(str(run_dir / "checkpoint_00000024" / "model.pt"))
+    assert (final["step"], final["epoch"]) == (24, 3)
+
+    evaluated = run_job("evaluate.py", "--checkpoint", str(run_dir / "best.pt"), "--annotations",
+                        str(shapes / "val" / "annotations.json"), "--images", str(shapes / "val" / "images"),
+                        "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["images"] == 8 and set(report["segm"]) >= {"AP", "AP50", "AR100"}
+    assert report["segm"]["AP"] == pytest.approx(best["metrics"]["val_segm_AP"], abs=1e-6)
+
+    before = sorted(os.listdir(run_dir)), (run_dir / "best.pt").stat().st_mtime
+    again = run_job("train.py", *args)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "run already complete at step 24" in out and not _steps(out)
+    assert (sorted(os.listdir(run_dir)), (run_dir / "best.pt").stat().st_mtime) == before
+
+
+def test_training_with_data_and_storage_on_s3(shapes, bucket):
+    upload_dir(shapes / "train", bucket, "data/train")
+    upload_dir(shapes / "val", bucket, "data/val")
+    data = f"s3://{bucket}/data"
+    result = run_job("train.py", *_args(f"{data}/train", f"{data}/val", f"s3://{bucket}/runs", "s3run", "--epochs", "1"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    names = list(storage.list_files(f"s3://{bucket}/runs/s3run"))
+    assert f"s3://{bucket}/runs/s3run/checkpoint_00000008/model.pt" in names
+    best = checkpoint.load(f"s3://{bucket}/runs/s3run/best.pt")
+    assert best["step"] == 8 and "val_segm_AP" in best["metrics"]
+    assert "testing-secret" not in result.stdout + result.stderr
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            pids.append(proc.pid)
+    return pids
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
+    args = _args(str(shapes / "train"), None, str(tmp_path / "runs"), "ft", "--epochs", "2",
+                 "--checkpoint-every", "3", "--max-failures", "2")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=REPO,
+    )  # fmt: skip
+    lines, killed = [], None
+    deadline = time.time() + 540
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and re.search(r"\[train\] epoch \d+ step 5/", line):
+            victims = _train_worker_pids()
+            assert victims, "no RayTrainWorker process found"
+            killed = victims[-1]
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "training did not finish"
+    proc.wait(timeout=60)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    assert killed is not None
+    resumed = re.search(r"resumed from checkpoint at step (\d+)", out)
+    assert resumed, out[-3000:]
+    at = int(resumed.group(1))
+    assert at >= 3
+    after = [s for s, _ in _steps(out[resumed.end():])]
+    assert after[0] == at + 1 and after[-1] == 16  # continues; does not restart at step 1
+    final = checkpoint.load(str(tmp_path / "runs" / "ft" / "checkpoint_00000016" / "model.pt"))
+    assert final["step"] == 16 and final["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_annotations", "error: annotation file not found: .*missing.json"),
+        ("empty", "error: .*empty.json lists no images"),
+        ("missing_image_dir", "error: cannot reach .*nowhere: no such directory"),
+        ("too_few_images", "error: .*2 images is fewer than one step"),
+    ],
+)
+def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(shapes / "train", train)
+    gt = json.loads((train / "annotations.json").read_text())
+    ann, images = str(train / "annotations.json"), str(train / "images")
+    if case == "missing_annotations":
+        ann = str(tmp_path / "missing.json")
+    elif case == "empty":
+        ann = str(tmp_path / "empty.json")
+        Path(ann).write_text(json.dumps({"images": [], "annotations": [], "categories": gt["categories"]}))
+    elif case == "missing_image_dir":
+        images = str(tmp_path / "nowhere")
+    else:
+        gt["images"] = gt["images"][:2]
+        Path(ann).write_text(json.dumps(gt))
+    result = run_job("train.py", "--train-annotations", ann, "--train-images", images,
+                     "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2")  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+
+
+def test_unreachable_storage_bucket_stops_the_job(shapes, s3_server):
+    result = run_job("train.py", *_args(str(shapes / "train"), None, "s3://no-such-bucket-anywhere/runs", "x"))
+    assert result.returncode == 2 and "no-such-bucket-anywhere" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains_every_flag():
+    result = run_job("train.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--train-annotations", "--storage", "--name", "--weights", "--num-workers", "--gpu", "--max-failures", "--schedule"):
+        assert flag in result.stdout
+    assert "ray job submit" in result.stdout
