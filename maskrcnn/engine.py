@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,10 +57,16 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _zero_loss(model: nn.Module) -> torch.Tensor:
-    """A loss that touches every parameter with zero gradient: lets a worker whose whole
-    batch was unusable still join DDP's gradient all-reduce instead of hanging the others."""
-    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+def _blank_row() -> dict[str, Any]:
+    """An image with no objects. A worker whose whole batch was unusable trains on it with
+    weight 0: DDP needs every worker to run forward (buffer broadcast) and backward
+    (gradient all-reduce) in step, or the others hang."""
+    return {
+        "image": np.zeros((3, 64, 64), np.uint8),
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros((0,), np.int64),
+        "masks": np.zeros((0, 64, 64), np.uint8),
+    }
 
 
 @dataclass
@@ -82,15 +89,13 @@ def train_step(
 ) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
+    weight = 1.0 if rows else 0.0
     with torch.autocast(device.type, enabled=amp):
-        if rows:
-            images, targets = data.to_model_inputs(rows, device)
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-        else:
-            loss_dict, loss = {}, _zero_loss(model)
+        images, targets = data.to_model_inputs(rows or [_blank_row()], device)
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values()) * weight
     names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-    parts = torch.tensor([float(loss_dict[n].detach()) if n in loss_dict else 0.0 for n in names] + [float(bool(rows)), len(rows)])
+    parts = torch.tensor([weight * float(loss_dict[n].detach()) for n in names] + [weight, len(rows)])
     parts = _all_reduce(parts)
     workers_with_data = max(1.0, float(parts[-2]))
     losses = {n: float(v) / workers_with_data for n, v in zip(names, parts[:-2])}

@@ -27,9 +27,12 @@ class _LossModel(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.ones(1))
         self.value = value
+        self.calls = 0
 
     def forward(self, images, targets):
-        return {"loss_classifier": self.w.sum() * self.value, "loss_mask": self.w.sum()}
+        self.calls += 1
+        names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+        return {n: self.w.sum() * (self.value if n == "loss_classifier" else 0.25) for n in names}
 
 
 def _rows():
@@ -58,4 +61,5 @@ def test_non_finite_loss_stops_with_a_clear_message():
 def test_a_batch_of_only_bad_images_still_joins_the_step():
     model = _LossModel(2.0)
     result = _step(model, [])
-    assert result.images == 0 and result.losses["loss"] == 0.0 and model.w.item() == 1.0
+    # it still runs forward and backward (DDP's collectives), with zero weight
+    assert model.calls == 1 and result.images == 0 and result.losses["loss"] == 0.0 and model.w.item() == 1.0
