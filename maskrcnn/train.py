@@ -184,13 +184,15 @@ class _Worker:
             else:
                 ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
 
-    def train_epoch(self, shard: Any) -> None:
+    def train_epoch(self, shard: Any) -> dict[str, float]:
+        """Train until the epoch's step count; return the epoch's global images/s."""
         cfg, spe = self.cfg, self.meta["steps_per_epoch"]
         start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size
         )
         window_images, window_start = 0, time.perf_counter()
+        epoch_images, epoch_start = 0, window_start
         self.model.train()
         for index, batch in enumerate(batches, start=start):
             if index >= spe:
@@ -203,6 +205,7 @@ class _Worker:
             )  # fmt: skip
             self.step += 1
             window_images += result.images
+            epoch_images += result.images
             if self.step % cfg.log_every == 0:
                 rate = window_images / (time.perf_counter() - window_start)
                 metrics = dict(result.losses, lr=lr, images_per_s=rate)
@@ -213,7 +216,9 @@ class _Worker:
                 self.report(dict(result.losses, lr=lr), with_checkpoint=True)
         self.epoch += 1
         totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
-        self.log(f"epoch {self.epoch} done at step {self.step}; skipped images and dropped annotations: {totals or 'none'}")
+        rate = epoch_images / (time.perf_counter() - epoch_start)
+        self.log(f"epoch {self.epoch} done at step {self.step}, {rate:.2f} img/s; skipped images and dropped annotations: {totals or 'none'}")
+        return {"train_images_per_s": rate}
 
     def validate(self) -> dict[str, float]:
         """COCO AP on the validation set: each worker predicts its slice, rank 0 scores."""
@@ -257,8 +262,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         return
     shard = ray.train.get_dataset_shard("train")
     while worker.epoch < cfg.epochs:
-        worker.train_epoch(shard)
-        metrics = worker.validate()
+        metrics = worker.train_epoch(shard)
+        metrics.update(worker.validate())
         worker.keep_best(metrics)
         worker.report(metrics, with_checkpoint=True)
     worker.log(f"finished {cfg.epochs} epochs at step {worker.step}")

@@ -63,3 +63,18 @@ def test_a_batch_of_only_bad_images_still_joins_the_step():
     result = _step(model, [])
     # it still runs forward and backward (DDP's collectives), with zero weight
     assert model.calls == 1 and result.images == 0 and result.losses["loss"] == 0.0 and model.w.item() == 1.0
+
+
+def test_real_model_trains_on_images_with_and_without_annotations():
+    from maskrcnn.model import SMALL, build_model
+
+    torch.manual_seed(0)
+    model = build_model(SMALL, num_classes=3, min_size=64, max_size=96, skip_resize=True).train()
+    empty = _rows()[0]
+    mask = torch.zeros(1, 48, 64, dtype=torch.uint8)
+    mask[0, 10:30, 12:40] = 1
+    full = {"image": torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8).numpy(),
+            "boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]).numpy(), "labels": torch.tensor([2]).numpy(),
+            "masks": mask.numpy()}  # fmt: skip
+    result = _step(model, [empty, full])
+    assert result.images == 2 and math.isfinite(result.losses["loss"]) and result.losses["loss_mask"] > 0

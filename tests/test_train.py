@@ -188,3 +188,5 @@ def test_help_explains_every_flag():
     for flag in ("--train-annotations", "--storage", "--name", "--weights", "--num-workers", "--gpu", "--max-failures", "--schedule"):
         assert flag in result.stdout
     assert "ray job submit" in result.stdout
+    result = run_job("evaluate.py", "--help")
+    assert result.returncode == 0 and "--checkpoint" in result.stdout and "--output" in result.stdout
