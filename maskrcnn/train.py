@@ -292,6 +292,7 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
         if not cfg.val_images:
             raise data.DatasetError("--val-annotations needs --val-images")
         data.load_coco(cfg.val_annotations, cfg.val_images)
+        storage.check_readable_dir(cfg.val_images)
     per_worker = len(train.records) // cfg.num_workers
     steps_per_epoch = per_worker // cfg.batch_size
     if steps_per_epoch == 0:
