@@ -12,7 +12,7 @@ import os
 import posixpath
 import uuid
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -132,22 +132,52 @@ def make_dirs(uri: str) -> None:
         raise _fail("create", uri, err) from err
 
 
-def list_files(prefix: str, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
-    """Yield the URIs of the files under ``prefix`` (recursive), optionally filtered by
-    a case-insensitive extension such as ``(".jpg", ".png")``."""
-    fs, path = filesystem(prefix)
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=False)
+@lru_cache(maxsize=None)
+def _boto3_s3() -> Any:
+    """boto3 for paged listing only; it reads the same standard AWS settings as pyarrow."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def _walk_s3(prefix: str, page_size: int) -> Iterator[str]:
+    bucket, _, key_prefix = prefix[len("s3://"):].partition("/")
+    if key_prefix and not key_prefix.endswith("/"):
+        key_prefix += "/"
+    pages = _boto3_s3().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": page_size}
+    )
+    for page in pages:
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                yield f"s3://{bucket}/{obj['Key']}"
+
+
+def iter_files(prefix: str, extensions: tuple[str, ...] | None = None, page_size: int = 1000) -> Iterator[str]:
+    """Yield the URIs of the files under ``prefix``, recursively and in a stable order,
+    optionally keeping only case-insensitive ``extensions`` such as ``(".jpg", ".png")``.
+
+    It streams: S3 is listed a page (``page_size`` keys) at a time and a local tree a
+    directory at a time, so millions of files never sit in memory together.
+    """
     exts = tuple(e.lower() for e in extensions) if extensions else None
     try:
-        infos = fs.get_file_info(selector)
-    except (OSError, FileNotFoundError) as err:
+        walk = _walk_s3(prefix, page_size) if is_s3(prefix) else _walk_local(_local_path(prefix))
+        for uri in walk:
+            if exts is None or uri.lower().endswith(exts):
+                yield uri
+    except Exception as err:  # noqa: BLE001 - botocore and OS errors alike
+        if isinstance(err, StorageError):
+            raise
         raise _fail("list", prefix, err) from err
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type != pafs.FileType.File:
-            continue
-        if exts and not info.path.lower().endswith(exts):
-            continue
-        yield ("s3://" + info.path) if is_s3(prefix) else info.path
 
 
 def check_readable_dir(uri: str) -> None:

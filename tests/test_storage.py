@@ -13,7 +13,7 @@ def test_local_roundtrip_is_atomic_and_lists_by_extension(tmp_path):
     assert storage.read_bytes(str(target)) == b"hello"
     assert storage.read_text("file://" + str(tmp_path / "d.txt")) == "text"
     assert sorted(os.listdir(tmp_path / "a")) == ["b.bin"]  # no temporary file left behind
-    assert list(storage.list_files(str(tmp_path), (".jpg",))) == [str(tmp_path / "c.JPG")]
+    assert list(storage.iter_files(str(tmp_path), (".jpg",))) == [str(tmp_path / "c.JPG")]
     assert storage.exists(str(target)) and not storage.exists(str(tmp_path / "nope"))
 
 
@@ -28,7 +28,7 @@ def test_s3_roundtrip_through_standard_aws_configuration(bucket):
     storage.write_bytes(f"s3://{bucket}/dir/sub/y.PNG", b"png")
     assert storage.read_bytes(uri) == b"\x00\x01" * 1000
     assert storage.exists(uri) and not storage.exists(f"s3://{bucket}/dir/none")
-    assert list(storage.list_files(f"s3://{bucket}/dir", (".png",))) == [f"s3://{bucket}/dir/sub/y.PNG"]
+    assert list(storage.iter_files(f"s3://{bucket}/dir", (".png",))) == [f"s3://{bucket}/dir/sub/y.PNG"]
     assert storage.join(f"s3://{bucket}/dir", "a", "b") == f"s3://{bucket}/dir/a/b"
     assert storage.parent(uri) == f"s3://{bucket}/dir"
 
@@ -38,3 +38,18 @@ def test_s3_missing_object_and_bucket_errors_name_the_uri(bucket):
         storage.read_bytes(f"s3://{bucket}/missing")
     with pytest.raises(storage.StorageError, match="no-such-bucket-here"):
         storage.check_readable_dir("s3://no-such-bucket-here/runs")
+
+
+def test_s3_listing_streams_page_by_page(bucket):
+    import boto3
+
+    client = boto3.client("s3")
+    for i in range(25):
+        client.put_object(Bucket=bucket, Key=f"imgs/{i:03d}.jpg", Body=b"x")
+    client.put_object(Bucket=bucket, Key="imgs/notes.txt", Body=b"x")
+    client.put_object(Bucket=bucket, Key="imgsX/other.jpg", Body=b"x")  # not under imgs/
+    listing = storage.iter_files(f"s3://{bucket}/imgs", (".jpg",), page_size=10)
+    assert next(listing) == f"s3://{bucket}/imgs/000.jpg"  # the first page arrives before the rest is listed
+    assert list(listing) == [f"s3://{bucket}/imgs/{i:03d}.jpg" for i in range(1, 25)]
+    with pytest.raises(storage.StorageError, match="no-such-bucket-x"):
+        list(storage.iter_files("s3://no-such-bucket-x/imgs"))

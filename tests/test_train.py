@@ -99,7 +99,7 @@ def test_training_with_data_and_storage_on_s3(shapes, bucket):
     data = f"s3://{bucket}/data"
     result = run_job("train.py", *_args(f"{data}/train", f"{data}/val", f"s3://{bucket}/runs", "s3run", "--epochs", "1"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    names = list(storage.list_files(f"s3://{bucket}/runs/s3run"))
+    names = list(storage.iter_files(f"s3://{bucket}/runs/s3run"))
     assert f"s3://{bucket}/runs/s3run/checkpoint_00000008/model.pt" in names
     best = checkpoint.load(f"s3://{bucket}/runs/s3run/best.pt")
     assert best["step"] == 8 and "val_segm_AP" in best["metrics"]

@@ -1,0 +1,62 @@
+"""Every file in ../shared/data/odd_images decodes to RGB at its displayed size, or fails
+with an ImageError whose kind says why."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from maskrcnn import images
+
+UNUSABLE = {
+    "broken.png": "not_an_image", "heapbof.png": "not_an_image", "test-ole-file.doc": "not_an_image",
+    "zero_width.gif": "not_an_image", "decompression_bomb.gif": "too_large", "l2rgb_read.bmp": "too_large",
+    "corrupt.jpg": "corrupt", "corrupt34_2.jpg": "corrupt", "corrupt34_3.jpg": "corrupt", "corrupt34_4.jpg": "corrupt",
+    "hopper_webp.tif": "corrupt", "png_decompression_dos.png": "corrupt", "sigsegv.png": "corrupt",
+    "truncated_image.png": "corrupt", "truncated_jpeg.jpg": "corrupt", "ultrahdr.jpg": "corrupt",
+    # INDEX.tsv says load() succeeds; with the pinned Pillow 13.0.0 wheel it raises
+    # "unrecognized data stream contents", so it is an error row here.
+    "broken_data_stream.png": "corrupt",
+}  # fmt: skip
+
+
+def _index(shared_data):
+    with open(shared_data / "odd_images" / "INDEX.tsv") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t") if r and not r[0].startswith("#")]
+    return [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def test_every_odd_image_decodes_or_names_its_problem(shared_data):
+    entries = _index(shared_data)
+    assert len(entries) == 44
+    for entry in entries:
+        name = entry["filename"]
+        data = (shared_data / "odd_images" / name).read_bytes()
+        if name in UNUSABLE:
+            with pytest.raises(images.ImageError) as err:
+                images.decode(data)
+            assert err.value.kind == UNUSABLE[name], name
+            continue
+        rgb = images.decode(data)
+        width, height = (int(v) for v in entry["exif_transpose+convert(RGB)"].split()[1].split("x"))
+        assert rgb.shape == (height, width, 3) and rgb.dtype == np.uint8, name
+
+
+def test_exif_orientation_is_applied_only_when_asked(shared_data):
+    data = (shared_data / "odd_images" / "orientation_rectangle.jpg").read_bytes()
+    assert images.decode(data).shape[:2] == (2, 1)
+    assert images.decode(data, exif=False).shape[:2] == (1, 2)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(shared_data):
+    rgb = images.decode((shared_data / "odd_images" / "16bit.cropped.tif").read_bytes())
+    assert 0 < rgb.mean() < 255 and len(np.unique(rgb)) > 16
+
+
+def test_empty_and_oversized_inputs(shared_data):
+    with pytest.raises(images.ImageError) as err:
+        images.decode(b"")
+    assert err.value.kind == "empty"
+    with pytest.raises(images.ImageError) as err:
+        images.decode((shared_data / "photos" / "dog1.jpg").read_bytes(), max_pixels=1000)
+    assert err.value.kind == "too_large" and "--max-pixels 1000" in str(err.value)
