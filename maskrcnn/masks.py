@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 
 class InvalidSegmentation(ValueError):
@@ -67,3 +70,28 @@ def encode(binary_masks: np.ndarray) -> list[dict]:
 
 def area(rle: dict) -> float:
     return float(mask_utils.area(rle))
+
+
+def paste_and_encode(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> list[dict]:
+    """Mask R-CNN's ``(N, 1, M, M)`` mask probabilities + boxes in image coordinates ->
+    N compressed RLEs at the full image size.
+
+    The arithmetic is torchvision's ``paste_masks_in_image`` followed by ``> threshold``, but
+    each mask is resized only to its box and thresholded there, so the full-size mask is
+    held as one byte per pixel, one instance at a time, never as floats.
+    """
+    if len(mask_probs) == 0:
+        return []
+    padded, scale = expand_masks(mask_probs, padding=1)
+    int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    rles = []
+    for prob, (x0, y0, x1, y1) in zip(padded, int_boxes):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        crop = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > threshold
+        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+        canvas[:] = 0
+        if cx1 > cx0 and cy1 > cy0:
+            canvas[cy0:cy1, cx0:cx1] = crop[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].cpu().numpy()
+        rles.append(encode(canvas[None])[0])
+    return rles

@@ -37,3 +37,18 @@ def test_every_coco_small_segmentation_decodes_like_pycocotools(coco_small):
 def test_invalid_segmentations_are_rejected(segm):
     with pytest.raises(masks.InvalidSegmentation):
         masks.decode(segm, 10, 10)
+
+
+def test_paste_and_encode_equals_torchvision_paste_then_threshold():
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    torch.manual_seed(0)
+    probs = torch.rand(6, 1, 28, 28)
+    boxes = torch.tensor([[3.2, 4.7, 40.1, 30.0], [-5.0, -3.0, 20.0, 12.0], [50.0, 20.0, 79.9, 59.9],
+                          [10.0, 10.0, 10.4, 10.2], [70.0, 50.0, 95.0, 70.0], [0.0, 0.0, 79.0, 59.0]])  # fmt: skip
+    expected = (paste_masks_in_image(probs, boxes, (60, 80), padding=1)[:, 0] > 0.5).numpy()
+    rles = masks.paste_and_encode(probs, boxes, 60, 80)
+    for want, rle in zip(expected, rles):
+        np.testing.assert_array_equal(masks.decode(rle, 60, 80), want)
+    assert masks.paste_and_encode(probs[:0], boxes[:0], 60, 80) == []

@@ -1,0 +1,87 @@
+"""The segmentation output: Parquet part files, one row per input image.
+
+Each part file holds the rows of one fixed slice of the input listing (``part-000042``
+holds inputs 42*R .. 43*R-1 for R rows per file), is written whole and atomically, and
+carries in its footer the schema version and its own counts, so resuming and summarising
+never need to read the rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskrcnn import storage
+
+SCHEMA_VERSION = "1"
+MASK = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+INSTANCE = pa.struct(
+    [
+        ("category_id", pa.int32()),
+        ("category", pa.string()),
+        ("score", pa.float32()),
+        ("bbox", pa.list_(pa.float32())),  # COCO [x, y, w, h] in pixels of the oriented image
+        ("mask", MASK),  # COCO compressed RLE; size = [height, width]
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("width", pa.int32()),  # after EXIF orientation; null when the image could not be read
+        ("height", pa.int32()),
+        ("instances", pa.list_(INSTANCE)),
+        ("model", pa.string()),
+        ("error", pa.string()),  # null when processed; else "kind: message"
+    ],
+    metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
+)
+_PART = re.compile(r"part-(\d{6})\.parquet$")
+
+
+def part_uri(output: str, shard: int) -> str:
+    return storage.join(output, f"part-{shard:06d}.parquet")
+
+
+def error_kind(error: str | None) -> str | None:
+    return error.split(":", 1)[0] if error else None
+
+
+def part_stats(table: pa.Table) -> dict[str, Any]:
+    errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
+    instances = sum(len(v) for v in table.column("instances").to_pylist())
+    return {"rows": table.num_rows, "errors": dict(errors), "instances": instances}
+
+
+def write_part(output: str, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write one part file atomically; return its stats (also stored in its footer)."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    stats = part_stats(table)
+    table = table.replace_schema_metadata({**SCHEMA.metadata, b"maskrcnn.stats": json.dumps(stats).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(part_uri(output, shard), buf.getvalue())
+    return stats
+
+
+def existing_parts(output: str) -> Iterator[tuple[int, str]]:
+    """``(shard, uri)`` of the part files already written under ``output``."""
+    if not storage.exists(output):
+        return
+    for uri in storage.iter_files(output, (".parquet",)):
+        match = _PART.search(uri)
+        if match:
+            yield int(match.group(1)), uri
+
+
+def read_stats(uri: str) -> dict[str, Any]:
+    """A part file's stats, from its footer alone."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta[b"maskrcnn.stats"])
