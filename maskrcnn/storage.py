@@ -124,6 +124,14 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except OSError as err:
+        raise _fail("delete", uri, err) from err
+
+
 def make_dirs(uri: str) -> None:
     fs, path = filesystem(uri)
     try:

@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from maskrcnn import checkpoint, data, engine, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table
 from maskrcnn.model import SMALL, init_model
+from maskrcnn.runtime import init_ray
 
 IMAGE_ERRORS = ("missing_image", "undecodable_image", "size_mismatch")
 SCORE = "val_segm_AP"
@@ -272,18 +273,6 @@ def worker_loop(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _init_ray(cfg: TrainConfig) -> None:
-    """Join the cluster under ``ray job submit``; otherwise start a local Ray with enough
-    logical CPUs for the workers plus the data tasks."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    needed = int(cfg.num_workers * cfg.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
-
-
 def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
     """Everything that can fail on bad input, before any worker starts."""
     train = data.load_coco(cfg.train_annotations, cfg.train_images)
@@ -315,7 +304,7 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
 
 def run(cfg: TrainConfig) -> ray.train.Result:
     train, meta = prepare(cfg)
-    _init_ray(cfg)
+    init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     print(
         f"[train] {len(train.records)} images, {len(train.classes)} classes, {meta['steps_per_epoch']} steps/epoch "
         f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}",
