@@ -9,9 +9,10 @@ from maskrcnn.checkpoint import CheckpointError
 from maskrcnn.data import DatasetError
 from maskrcnn.engine import NonFiniteLoss
 from maskrcnn.model import WeightsError
+from maskrcnn.segment import SegmentError
 from maskrcnn.storage import StorageError
 
-EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, NonFiniteLoss, ValueError)
+EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, SegmentError, NonFiniteLoss, ValueError)
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -16,6 +16,12 @@ from torchvision.models.detection.transform import resize_boxes
 from maskrcnn import checkpoint, masks
 
 
+def check_classes(names: list[str], classes: list[str] | None) -> None:
+    unknown = sorted(set(classes or ()) - set(names))
+    if unknown:
+        raise ValueError(f"--classes {', '.join(unknown)} not among the model's classes: {', '.join(names)}")
+
+
 class Predictor:
     def __init__(
         self,
@@ -30,9 +36,7 @@ class Predictor:
         ckpt = checkpoint.load(model_uri)
         self.model_id = checkpoint.identity(ckpt)
         self.names, self.category_ids = ckpt["classes"], ckpt["category_ids"]
-        unknown = sorted(set(classes or ()) - set(self.names))
-        if unknown:
-            raise ValueError(f"--classes {', '.join(unknown)} not among the model's classes: {', '.join(self.names)}")
+        check_classes(self.names, classes)
         self.keep = torch.tensor([i + 1 for i, n in enumerate(self.names) if n in classes]) if classes else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = checkpoint.build(ckpt).to(self.device)

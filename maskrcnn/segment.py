@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from maskrcnn import checkpoint, images, output, storage
-from maskrcnn.predictor import Predictor
+from maskrcnn.predictor import Predictor, check_classes
 from maskrcnn.runtime import init_ray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -198,6 +198,9 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
                 "pass --overwrite or choose another --output"
             )
     storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id), indent=2))
+    for uri in storage.iter_files(cfg.output):
+        if ".tmp-" in uri.rsplit("/", 1)[-1]:
+            storage.delete(uri)  # left by a run that was killed mid-write; never a visible part
     return dict(output.existing_parts(cfg.output))
 
 
@@ -265,7 +268,10 @@ def _run_wave(cfg: SegmentConfig, wave: list[tuple[int, list[str]]], progress: _
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     """Segment every input image; return (and write as _summary.json) the summary."""
     start = time.perf_counter()
-    model_id = checkpoint.identity(checkpoint.load(cfg.model))
+    ckpt = checkpoint.load(cfg.model)
+    check_classes(ckpt["classes"], cfg.classes)
+    model_id = checkpoint.identity(ckpt)
+    del ckpt
     uris = input_uris(cfg)
     first = next(uris, None)
     if first is None:

@@ -96,7 +96,7 @@ def exists(uri: str) -> bool:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old content or the new, never a part.
 
-    Locally the bytes go to a temporary file beside the target, then ``os.replace``.
+    Locally the bytes go to a hidden temporary file beside the target, then ``os.replace``.
     On S3 a single PUT (or a completed multipart upload) is already atomic.
     """
     fs, path = filesystem(uri)
@@ -106,7 +106,8 @@ def write_bytes(uri: str, data: bytes) -> None:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # Hidden name: Parquet readers (pyarrow, pandas, DuckDB globs) skip dot-files.
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

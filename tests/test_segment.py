@@ -1,0 +1,181 @@
+"""jobs/segment_bucket.py end to end, run as a user runs it, against real files, a real
+S3 endpoint on loopback, and real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from maskrcnn import checkpoint, images, masks, storage
+from maskrcnn.model import SMALL, build_model
+from tests.conftest import REPO, run_job, upload_dir
+from tests.test_images import UNUSABLE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> str:
+    torch.manual_seed(1)
+    kwargs = {"num_classes": 4, "min_size": 160, "max_size": 256}
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=["a", "b", "c"],
+                           category_ids=[2, 5, 9], step=0, epoch=0)  # fmt: skip
+    checkpoint.save(str(path), ckpt)
+    return str(path)
+
+
+def _summary(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return json.loads(result.stdout.split("[segment] summary:\n", 1)[1])
+
+
+def _read(output: str) -> pd.DataFrame:
+    fs, path = storage.filesystem(output)
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_data, bucket, model_file):
+    upload_dir(shared_data / "photos", bucket, "archive/photos")
+    upload_dir(shared_data / "coco_small" / "images", bucket, "archive/coco")
+    upload_dir(shared_data / "odd_images", bucket, "archive/odd")
+    keys = [o["Key"] for p in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p["Contents"]]
+    out = f"s3://{bucket}/labels/run1"
+    summary = _summary(run_job("segment_bucket.py", "--input", f"s3://{bucket}/archive", "--output", out,
+                               "--model", model_file, "--extensions", "*", "--rows-per-file", "16",
+                               "--score-threshold", "0.3", "--batch-size", "4"))  # fmt: skip
+    df = _read(out)
+    assert sorted(df.uri) == sorted(f"s3://{bucket}/{k}" for k in keys) and len(keys) == 6 + 80 + 45
+    assert summary["images_in"] == summary["rows_out"] == len(df) and summary["resumed_rows"] == 0
+
+    errors = {u.rsplit("/", 1)[1]: e.split(":")[0] for u, e in zip(df.uri, df.error) if e is not None}
+    assert errors == {**UNUSABLE, "INDEX.tsv": "not_an_image"}
+    assert summary["errors"] == dict(pd.Series(list(errors.values())).value_counts().sort_index())
+    failed = df[df.error.notna()]
+    assert failed.instances.map(len).eq(0).all() and failed.width.isna().all()
+
+    ok = df[df.error.isna()]
+    assert ok.instances.map(len).sum() == summary["instances"] > 0 and set(ok.model) == {summary["model"]}
+    local = {"odd/hopper_orientation_6.jpg": shared_data / "odd_images" / "hopper_orientation_6.jpg",
+             "odd/orientation_rectangle.jpg": shared_data / "odd_images" / "orientation_rectangle.jpg",
+             "photos/dog1.jpg": shared_data / "photos" / "dog1.jpg"}  # fmt: skip
+    for suffix, path in local.items():
+        row = ok[ok.uri.str.endswith(suffix)].iloc[0]
+        h, w = images.decode(path.read_bytes()).shape[:2]
+        assert (row.height, row.width) == (h, w)
+        for inst in row.instances:
+            assert list(inst["mask"]["size"]) == [h, w] and masks.decode(dict(inst["mask"], size=[h, w]), h, w).shape == (h, w)
+
+    # The same rows when the model comes from S3 and the input is a manifest.
+    storage.write_bytes(f"s3://{bucket}/models/small.pt", Path(model_file).read_bytes())
+    chosen = sorted(ok.uri)[:12]
+    manifest = f"s3://{bucket}/manifest.csv"
+    storage.write_text(manifest, "uri\n" + "\n".join(chosen) + "\n")
+    out2 = f"s3://{bucket}/labels/run2"
+    summary2 = _summary(run_job("segment_bucket.py", "--input", manifest, "--output", out2, "--model",
+                                f"s3://{bucket}/models/small.pt", "--score-threshold", "0.3"))  # fmt: skip
+    assert summary2["model"] == summary["model"] and summary2["rows_out"] == 12
+    fs, path = storage.filesystem(out2)
+    again = {r["uri"]: r["instances"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
+    fs, path = storage.filesystem(out)
+    first = {r["uri"]: r["instances"] for r in pq.read_table(path, filesystem=fs).to_pylist() if r["uri"] in again}
+    assert sorted(again) == chosen
+    for uri in chosen:  # batches are composed differently, so allow float noise
+        assert [i["category_id"] for i in again[uri]] == [i["category_id"] for i in first[uri]]
+        for a, b in zip(again[uri], first[uri]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-3) and a["bbox"] == pytest.approx(b["bbox"], abs=0.5)
+
+
+def _parts(output: Path) -> list[Path]:
+    return sorted(output.glob("part-*.parquet"))
+
+
+def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data, model_file, tmp_path):
+    out = tmp_path / "out"
+    args = ["--input", str(shared_data / "coco_small" / "images"), "--output", str(out), "--model", model_file,
+            "--rows-per-file", "4", "--wave-files", "2", "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while len(_parts(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    before = {p.name: p.stat().st_mtime_ns for p in _parts(out)}
+    assert not (out / "_SUCCESS").exists()
+    for p in _parts(out):
+        assert pq.read_metadata(p).num_rows == 4  # every visible part is whole
+
+    summary = _summary(run_job("segment_bucket.py", *args))
+    df = _read(str(out))
+    listed = sorted(str(p) for p in (shared_data / "coco_small" / "images").iterdir())
+    assert sorted(df.uri) == listed and not df.uri.duplicated().any()
+    assert summary["resumed_rows"] == 4 * len(before) and summary["processed_rows"] == 80 - 4 * len(before)
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in _parts(out) if p.name in before)
+    assert (out / "_SUCCESS").exists()
+
+    # A finished output is not recomputed; --overwrite starts over.
+    assert _summary(run_job("segment_bucket.py", *args))["processed_rows"] == 0
+    assert _summary(run_job("segment_bucket.py", *args, "--overwrite", "--limit", "5"))["rows_out"] == 5
+    assert len(_read(str(out))) == 5
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_model", r"error: cannot read .*nope\.pt"),
+        ("empty_input", r"error: no images found in .*empty"),
+        ("missing_input", r"error: cannot reach .*nowhere: no such directory"),
+        ("bad_bucket", r"error: cannot list s3://no-such-bucket-seg/x"),
+        ("unwritable_output", r"error: cannot write .*blocker/out/_job\.json"),
+        ("other_model", r"error: .*holds output of another job \(model="),
+        ("unknown_class", r"error: --classes zebra not among the model's classes"),
+    ],
+)
+def test_bad_job_input_stops_before_the_pool_starts(case, expected, shared_data, model_file, tmp_path, s3_server):
+    photos, out, model = str(shared_data / "photos"), str(tmp_path / "out"), model_file
+    extra: list[str] = []
+    if case == "missing_model":
+        model = str(tmp_path / "nope.pt")
+    elif case == "empty_input":
+        (tmp_path / "empty").mkdir()
+        photos = str(tmp_path / "empty")
+    elif case == "missing_input":
+        photos = str(tmp_path / "nowhere")
+    elif case == "bad_bucket":
+        photos = "s3://no-such-bucket-seg/x"
+    elif case == "unwritable_output":
+        (tmp_path / "blocker").write_text("a file, not a directory")
+        out = str(tmp_path / "blocker" / "out")
+    elif case == "other_model":
+        storage.write_text(f"{out}/_job.json", json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000}))
+    else:
+        extra = ["--classes", "zebra"]
+    result = run_job("segment_bucket.py", "--input", photos, "--output", out, "--model", model, *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
+    assert "testing-secret" not in result.stdout + result.stderr
+
+
+def test_help_lists_every_flag():
+    result = run_job("segment_bucket.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--input", "--output", "--model", "--extensions", "--limit", "--batch-size", "--concurrency",
+                 "--num-gpus-per-actor", "--score-threshold", "--max-detections", "--classes", "--max-pixels",
+                 "--rows-per-file", "--overwrite"):  # fmt: skip
+        assert flag in result.stdout, flag
