@@ -179,3 +179,35 @@ def test_help_lists_every_flag():
                  "--num-gpus-per-actor", "--score-threshold", "--max-detections", "--classes", "--max-pixels",
                  "--rows-per-file", "--overwrite"):  # fmt: skip
         assert flag in result.stdout, flag
+
+
+def test_real_ray_job_submit_to_a_local_head(shared_data, model_file, tmp_path):
+    """`ray start --head` on loopback, then `ray job submit --working-dir .` as in the README."""
+    from tests.conftest import _free_port
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    port, dashboard = _free_port(), _free_port()
+    ray = str(bin_dir / "ray")
+    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+                              "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        out = tmp_path / "out"
+        submitted = subprocess.run(
+            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--submission-id", "seg-e2e",
+             "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
+             "--", "python", "jobs/segment_bucket.py", "--input", str(shared_data / "photos"), "--output", str(out),
+             "--model", model_file, "--score-threshold", "0.3"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+        status = subprocess.run([ray, "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "seg-e2e"],
+                                env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert "Job 'seg-e2e' succeeded" in status.stdout + status.stderr  # how the CLI says SUCCEEDED
+        df = _read(str(out))
+        assert sorted(df.uri) == sorted(str(p) for p in (shared_data / "photos").iterdir()) and df.error.isna().all()
+        assert (out / "_SUCCESS").exists()
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
