@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     m.add_argument("--concurrency", type=_pair, default=(1, 1), help="actor pool size N or MIN,MAX (autoscaling)")
     m.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per inference actor; 0 runs on CPU")
+    m.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: %(default)s)")
     m.add_argument("--no-fp16", action="store_true", help="run GPU inference in fp32 instead of fp16 autocast")
     m.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score")
     m.add_argument("--max-detections", type=int, default=100, help="keep at most this many instances per image")
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SegmentConfig(
         input=args.input, output=args.output, model=args.model, extensions=args.extensions, limit=args.limit,
         batch_size=args.batch_size, concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
         score_threshold=args.score_threshold, max_detections=args.max_detections,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None, max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file, wave_files=args.wave_files, log_every=args.log_every,

@@ -16,8 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from maskrcnn import data
-from maskrcnn import checkpoint
 from maskrcnn.evaluate import evaluate, to_results
+from maskrcnn.predictor import Predictor
+
+EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 
 
 class NonFiniteLoss(RuntimeError):
@@ -123,31 +125,24 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
     return rows
 
 
-@torch.no_grad()
 def predict_records(
-    model: nn.Module,
+    predictor: Predictor,
     records: Iterable[dict],
-    category_ids: list[int],
-    device: torch.device,
     batch_size: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], Counter]:
     """Run inference on COCO records, returning COCO results and counts of skipped images.
     ``progress`` is called with the number of images done after every batch."""
-    model.eval()
     results: list[dict] = []
     skipped: Counter = Counter()
     pending: list[dict] = []
-    done = [0]
+    done = 0
 
     def flush() -> None:
-        images = [torch.as_tensor(r["image"]).to(device).float().div_(255) for r in pending]
-        for row, output in zip(pending, model(images)):
-            results.extend(to_results(output, row["image_id"], category_ids))
-        done[0] += len(pending)
+        hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
+        for row, instances in zip(pending, predictor.predict(hwc)):
+            results.extend(to_results(instances, row["image_id"]))
         pending.clear()
-        if progress:
-            progress(done[0])
 
     for record in records:
         row = data.load_example(record)
@@ -156,7 +151,10 @@ def predict_records(
             continue
         pending.append(row)
         if len(pending) == batch_size:
+            done += len(pending)
             flush()
+            if progress:
+                progress(done)
     if pending:
         flush()
     return results, skipped
@@ -168,21 +166,19 @@ def evaluate_checkpoint(
     image_root: str,
     *,
     batch_size: int = 2,
-    device: torch.device | None = None,
+    device: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score a project checkpoint on a COCO set; returns the stats and what was skipped."""
-    ckpt = checkpoint.load(checkpoint_uri)
+    predictor = Predictor.load(checkpoint_uri, device=device, score_threshold=EVAL_SCORE_THRESHOLD)
     dataset = data.load_coco(annotations, image_root)
-    unknown = sorted(set(dataset.category_ids) - set(ckpt["category_ids"]))
+    unknown = sorted(set(dataset.category_ids) - set(predictor.category_ids))
     if unknown and dataset.gt["annotations"]:
         print(f"warning: the checkpoint does not know category ids {unknown}; they score 0 AP")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = checkpoint.build(ckpt).to(device)
-    results, skipped = predict_records(model, dataset.records, ckpt["category_ids"], device, batch_size, progress)
+    results, skipped = predict_records(predictor, dataset.records, batch_size, progress)
     return {
         "checkpoint": checkpoint_uri,
-        "model": checkpoint.identity(ckpt),
+        "model": predictor.model_id,
         "annotations": annotations,
         "images": len(dataset.records),
         "detections": len(results),

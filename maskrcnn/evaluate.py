@@ -8,11 +8,8 @@ import copy
 import io
 from typing import Any
 
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from maskrcnn import masks
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
@@ -58,24 +55,11 @@ def coco_api(gt: dict[str, Any]) -> COCO:
     return api
 
 
-def to_results(
-    output: dict[str, torch.Tensor], image_id: int, category_ids: list[int], mask_threshold: float = 0.5
-) -> list[dict[str, Any]]:
-    """One torchvision Mask R-CNN output -> COCO result dicts (bbox xywh, RLE segmentation)."""
-    boxes = output["boxes"].detach().cpu().numpy()
-    scores = output["scores"].detach().cpu().numpy()
-    labels = output["labels"].detach().cpu().numpy()
-    binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
-    rles = masks.encode(binary)
+def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts."""
     return [
-        {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[label - 1]),
-            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            "score": float(score),
-            "segmentation": rle,
-        }
-        for (x0, y0, x1, y1), score, label, rle in zip(boxes, scores, labels, rles)
+        {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"], "segmentation": i["mask"]}
+        for i in instances
     ]
 
 

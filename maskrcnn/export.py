@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from maskrcnn import images, masks, storage
+from maskrcnn.evaluate import to_results
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -40,10 +41,7 @@ def to_coco_results(rows: Iterator[dict], ids: dict[str, int] | None = None, min
         image_id = _image_id(row["uri"], ids, n + 1)
         if image_id is None:
             continue
-        for inst in row["instances"]:
-            if inst["score"] >= min_score:
-                results.append({"image_id": image_id, "category_id": inst["category_id"], "bbox": inst["bbox"],
-                                "score": inst["score"], "segmentation": inst["mask"]})  # fmt: skip
+        results.extend(to_results([i for i in row["instances"] if i["score"] >= min_score], image_id))
     return results
 
 

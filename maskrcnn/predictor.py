@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
 from maskrcnn import checkpoint, masks
@@ -23,36 +24,49 @@ def check_classes(names: list[str], classes: list[str] | None) -> None:
 
 
 class Predictor:
+    """Wraps a Mask R-CNN (in eval mode while predicting) with its class names and ids.
+
+    Used by the segmentation actors (:meth:`load` from a checkpoint) and by evaluation,
+    in training too (the live model), so both share one inference and post-processing path.
+    """
+
     def __init__(
         self,
-        model_uri: str,
+        model: nn.Module,
+        classes: list[str],
+        category_ids: list[int],
         *,
+        model_id: str = "",
         score_threshold: float = 0.5,
         max_detections: int = 100,
-        classes: list[str] | None = None,
-        device: str | None = None,
+        keep_classes: list[str] | None = None,
         fp16: bool = True,
     ):
-        ckpt = checkpoint.load(model_uri)
-        self.model_id = checkpoint.identity(ckpt)
-        self.names, self.category_ids = ckpt["classes"], ckpt["category_ids"]
-        check_classes(self.names, classes)
-        self.keep = torch.tensor([i + 1 for i, n in enumerate(self.names) if n in classes]) if classes else None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = checkpoint.build(ckpt).to(self.device)
-        self.model.roi_heads.score_thresh = score_threshold
+        check_classes(classes, keep_classes)
+        self.model, self.names, self.category_ids, self.model_id = model, classes, category_ids, model_id
+        self.keep = torch.tensor([i + 1 for i, n in enumerate(classes) if n in keep_classes]) if keep_classes else None
+        self.device = next(model.parameters()).device
+        model.roi_heads.score_thresh = score_threshold
         # With a class filter, take more candidates so the cap applies after filtering.
-        self.model.roi_heads.detections_per_img = max(max_detections, 300) if classes else max_detections
+        model.roi_heads.detections_per_img = max(max_detections, 300) if keep_classes else max_detections
         self.max_detections = max_detections
         self.fp16 = fp16 and self.device.type == "cuda"
         self.calls = 0  # forward passes, for tests and benchmarks
+
+    @classmethod
+    def load(cls, uri: str, *, device: str | None = None, **kwargs: Any) -> "Predictor":
+        """A predictor for a checkpoint file (local or s3://), on ``device`` (default: GPU if any)."""
+        ckpt = checkpoint.load(uri)
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = checkpoint.build(ckpt).to(target)
+        return cls(model, ckpt["classes"], ckpt["category_ids"], model_id=checkpoint.identity(ckpt), **kwargs)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[list[dict[str, Any]]]:
         """``(H, W, 3)`` uint8 RGB images -> per image, a list of instance dicts."""
         if not images:
             return []
-        m = self.model
+        m = self.model.eval()
         tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div_(255) for im in images]
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
             batch, _ = m.transform(tensors)

@@ -51,6 +51,7 @@ class SegmentConfig:
     batch_size: int = 4
     concurrency: tuple[int, int] = (1, 1)
     num_gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0  # also the actor's torch threads: Ray sets OMP_NUM_THREADS from it
     score_threshold: float = 0.5
     max_detections: int = 100
     classes: list[str] | None = None
@@ -135,7 +136,7 @@ class InferenceActor:
     """The Ray Data actor: a :class:`Predictor` that turns decoded rows into output rows."""
 
     def __init__(self, model_uri: str, **predictor_kwargs: Any):
-        self.predictor = Predictor(model_uri, **predictor_kwargs)
+        self.predictor = Predictor.load(model_uri, **predictor_kwargs)
 
     def _predict_each(self, imgs: list[np.ndarray]) -> list[list[dict] | str]:
         """Batch first; if the batch fails, one at a time so one bad image fails alone."""
@@ -218,13 +219,14 @@ def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Datas
         fn_constructor_kwargs={
             "score_threshold": cfg.score_threshold,
             "max_detections": cfg.max_detections,
-            "classes": cfg.classes,
+            "keep_classes": cfg.classes,
             "fp16": cfg.fp16,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         num_gpus=cfg.num_gpus_per_actor or None,
+        num_cpus=cfg.cpus_per_actor,
     )
 
 
@@ -280,7 +282,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     progress = _Progress(cfg.log_every)
     stats: dict[int, dict] = {}
     wave: list[tuple[int, list[str]]] = []
-    init_ray(min_cpus=cfg.concurrency[1] + 2)
+    init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
     images_in = 0
     for k, chunk in shards(itertools.chain([first], uris), cfg.rows_per_file):
         images_in += len(chunk)

@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from maskrcnn import checkpoint, data, engine, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table
 from maskrcnn.model import SMALL, init_model
+from maskrcnn.predictor import Predictor
 from maskrcnn.runtime import init_ray
 
 IMAGE_ERRORS = ("missing_image", "undecodable_image", "size_mismatch")
@@ -226,9 +227,11 @@ class _Worker:
         if not self.cfg.val_annotations:
             return {}
         val = data.load_coco(self.cfg.val_annotations, self.cfg.val_images)
-        module = getattr(self.model, "module", self.model)
-        mine = val.records[self.rank :: self.world]
-        results, skipped = engine.predict_records(module, mine, val.category_ids, self.device)
+        predictor = Predictor(
+            getattr(self.model, "module", self.model), self.meta["classes"], self.meta["category_ids"],
+            score_threshold=engine.EVAL_SCORE_THRESHOLD, fp16=self.amp,
+        )  # fmt: skip
+        results, skipped = engine.predict_records(predictor, val.records[self.rank :: self.world])
         gathered: list[Any] = [None] * self.world
         if dist.is_initialized():
             dist.all_gather_object(gathered, (results, dict(skipped)))

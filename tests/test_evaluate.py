@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from maskrcnn import masks
 from maskrcnn.evaluate import STAT_NAMES, as_metrics, evaluate, format_table, to_results
@@ -52,10 +51,9 @@ def test_no_detections_and_formatting():
     assert set(as_metrics(stats)) == {f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
 
 
-def test_model_output_becomes_coco_results_with_original_category_ids():
-    mask = torch.zeros(1, 1, 10, 12)
-    mask[0, 0, 2:5, 3:9] = 0.9
-    out = {"boxes": torch.tensor([[3.0, 2.0, 9.0, 5.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([2]), "masks": mask}
-    (res,) = to_results(out, image_id=7, category_ids=[5, 90])
-    assert res["category_id"] == 90 and res["bbox"] == [3.0, 2.0, 6.0, 3.0] and res["score"] == pytest.approx(0.8)
-    assert masks.area(res["segmentation"]) == 18 and res["segmentation"]["size"] == [10, 12]
+def test_instances_become_coco_results():
+    rle = masks.encode(np.ones((1, 10, 12), bool))[0]
+    instances = [{"category_id": 90, "category": "x", "score": 0.8, "bbox": [3.0, 2.0, 6.0, 3.0], "mask": rle}]
+    assert to_results(instances, image_id=7) == [
+        {"image_id": 7, "category_id": 90, "bbox": [3.0, 2.0, 6.0, 3.0], "score": 0.8, "segmentation": rle}
+    ]

@@ -25,7 +25,7 @@ def predictions(tmp_path_factory, coco_small):
     # category ids 1, 3, 18 exist in COCO, so the results score against coco_small's ground truth
     checkpoint.save(model_path, checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs,
                                                 classes=["person", "car", "dog"], category_ids=[1, 3, 18], step=0, epoch=0))  # fmt: skip
-    predictor = Predictor(model_path, score_threshold=0.2)
+    predictor = Predictor.load(model_path, score_threshold=0.2)
     gt = json.loads(open(coco_small[0]).read())
     rows = []
     for img in gt["images"][:6]:

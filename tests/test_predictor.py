@@ -29,7 +29,7 @@ def _iou(a, b):
 def test_predictions_match_torchvision_on_the_oriented_image(name, small_checkpoint, shared_data):
     rgb = images.decode((shared_data / name).read_bytes())
     h, w = rgb.shape[:2]
-    predictor = Predictor(small_checkpoint, score_threshold=0.05, max_detections=50)
+    predictor = Predictor.load(small_checkpoint, score_threshold=0.05, max_detections=50)
     (ours,) = predictor.predict([rgb])
 
     reference = checkpoint.build(checkpoint.load(small_checkpoint))
@@ -47,7 +47,7 @@ def test_predictions_match_torchvision_on_the_oriented_image(name, small_checkpo
 
 def test_class_filter_cap_and_unknown_classes(small_checkpoint, shared_data):
     rgb = images.decode((shared_data / "photos" / "dog2.jpg").read_bytes())
-    only_b = Predictor(small_checkpoint, score_threshold=0.0, max_detections=5, classes=["b"]).predict([rgb])[0]
+    only_b = Predictor.load(small_checkpoint, score_threshold=0.0, max_detections=5, keep_classes=["b"]).predict([rgb])[0]
     assert 0 < len(only_b) <= 5 and {i["category"] for i in only_b} == {"b"}
     with pytest.raises(ValueError, match="--classes zebra not among the model's classes: a, b, c"):
-        Predictor(small_checkpoint, classes=["zebra"])
+        Predictor.load(small_checkpoint, keep_classes=["zebra"])

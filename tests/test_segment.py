@@ -54,10 +54,12 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
     upload_dir(shared_data / "odd_images", bucket, "archive/odd")
     keys = [o["Key"] for p in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p["Contents"]]
     out = f"s3://{bucket}/labels/run1"
-    summary = _summary(run_job("segment_bucket.py", "--input", f"s3://{bucket}/archive", "--output", out,
-                               "--model", model_file, "--extensions", "*", "--rows-per-file", "16",
-                               "--score-threshold", "0.3", "--batch-size", "4"))  # fmt: skip
+    result = run_job("segment_bucket.py", "--input", f"s3://{bucket}/archive", "--output", out, "--model", model_file,
+                     "--extensions", "*", "--rows-per-file", "16", "--score-threshold", "0.3", "--batch-size", "4")  # fmt: skip
+    summary = _summary(result)
     df = _read(out)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in result.stdout + result.stderr + df.to_json() + storage.read_text(f"{out}/_summary.json")
     assert sorted(df.uri) == sorted(f"s3://{bucket}/{k}" for k in keys) and len(keys) == 6 + 80 + 45
     assert summary["images_in"] == summary["rows_out"] == len(df) and summary["resumed_rows"] == 0
 
