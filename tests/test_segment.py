@@ -213,3 +213,22 @@ def test_real_ray_job_submit_to_a_local_head(shared_data, model_file, tmp_path):
         assert (out / "_SUCCESS").exists()
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, shared_data):
+    import numpy as np
+
+    from maskrcnn.segment import fetch_and_decode
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="a/gone.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
+    uris = storage.iter_files(f"s3://{bucket}/a")
+    listed = next(uris)  # listed ...
+    client.delete_object(Bucket=bucket, Key="a/gone.jpg")  # ... then deleted before it is read
+    client.put_object(Bucket=bucket, Key="a/empty.jpg", Body=b"")
+    client.put_object(Bucket=bucket, Key="a/dog.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
+    batch = {"shard": np.array([0, 0, 0]), "index": np.array([0, 1, 2]),
+             "uri": np.array([listed, f"s3://{bucket}/a/empty.jpg", f"s3://{bucket}/a/dog.jpg"])}  # fmt: skip
+    out = fetch_and_decode(batch, max_pixels=10**8)
+    assert out["error"][0].startswith("missing: ") and out["error"][1].startswith("empty: ") and out["error"][2] is None
+    assert out["image"][2].shape[2] == 3 and out["image"][0].shape == (0, 0, 3)
