@@ -20,16 +20,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import storage  # noqa: E402
-from maskrcnn.cli import run_main  # noqa: E402
+from maskrcnn.cli import job_parser, run_main  # noqa: E402
 from maskrcnn.engine import evaluate_checkpoint  # noqa: E402
 from maskrcnn.evaluate import STAT_NAMES, format_table  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    p = job_parser("jobs/evaluate.py", __doc__)
     p.add_argument("--checkpoint", required=True, help="project checkpoint (.pt), local path or s3:// URI")
     p.add_argument("--annotations", required=True, help="COCO instances JSON with the ground truth")
     p.add_argument("--images", required=True, help="directory holding the images' file_names")

@@ -22,14 +22,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import export, storage  # noqa: E402
-from maskrcnn.cli import run_main  # noqa: E402
+from maskrcnn.cli import job_parser, run_main  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jobs/export.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    p = job_parser("jobs/export.py", __doc__)
     p.add_argument("--predictions", required=True, help="the --output of jobs/segment_bucket.py")
     p.add_argument("--coco-results", help="write COCO results JSON here")
     p.add_argument("--annotations", help="COCO ground truth whose image ids the results should use (matched by file name)")

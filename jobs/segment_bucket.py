@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn.cli import run_main  # noqa: E402
+from maskrcnn.cli import job_parser, run_main  # noqa: E402
 from maskrcnn.images import DEFAULT_MAX_PIXELS  # noqa: E402
 from maskrcnn.segment import IMAGE_EXTENSIONS, SegmentConfig, run  # noqa: E402
 
@@ -43,10 +43,7 @@ def _extensions(text: str) -> tuple[str, ...] | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jobs/segment_bucket.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    p = job_parser("jobs/segment_bucket.py", __doc__)
     io = p.add_argument_group("input and output (local paths or s3:// URIs)")
     io.add_argument("--input", required=True, help="a directory or prefix (listed recursively), or a .parquet/.csv/.txt manifest of URIs")
     io.add_argument("--output", required=True, help="directory or prefix for the Parquet files")

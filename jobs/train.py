@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn.cli import run_main  # noqa: E402
+from maskrcnn.cli import job_parser, run_main  # noqa: E402
 from maskrcnn.model import ARCHS, SMALL  # noqa: E402
 from maskrcnn.train import TrainConfig, run  # noqa: E402
 
@@ -40,10 +40,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jobs/train.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    p = job_parser("jobs/train.py", __doc__)
     d = p.add_argument_group("data (local paths or s3:// URIs)")
     d.add_argument("--train-annotations", required=True, help="COCO instances JSON for training")
     d.add_argument("--train-images", required=True, help="directory holding the training images' file_names")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -44,3 +45,14 @@ def run_main(main: Callable[[], None]) -> None:
         text = str(cause).strip().splitlines()
         print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
         sys.exit(2 if isinstance(cause, EXPECTED) else 1)
+
+
+def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A job's parser: the docstring's first paragraph as the description, the rest
+    (the examples) after the flags."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
