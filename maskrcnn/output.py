@@ -53,9 +53,13 @@ def error_kind(error: str | None) -> str | None:
 
 
 def part_stats(table: pa.Table) -> dict[str, Any]:
+    """Counts for the summary, and the slice's first and last URI so a resumed run can tell
+    whether its listing still cuts the input the same way."""
+    uris = table.column("uri")
     errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
     instances = sum(len(v) for v in table.column("instances").to_pylist())
-    return {"rows": table.num_rows, "errors": dict(errors), "instances": instances}
+    return {"rows": table.num_rows, "errors": dict(errors), "instances": instances,
+            "first_uri": uris[0].as_py(), "last_uri": uris[-1].as_py()}  # fmt: skip
 
 
 def write_part(output: str, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:

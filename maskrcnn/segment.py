@@ -200,8 +200,9 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
             )
     storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id), indent=2))
     for uri in storage.iter_files(cfg.output):
-        if ".tmp-" in uri.rsplit("/", 1)[-1]:
-            storage.delete(uri)  # left by a run that was killed mid-write; never a visible part
+        name = uri.rsplit("/", 1)[-1]
+        if ".tmp-" in name or name == "_SUCCESS":
+            storage.delete(uri)  # a killed write's leftover, or the marker of a previous run
     return dict(output.existing_parts(cfg.output))
 
 
@@ -288,6 +289,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
         images_in += len(chunk)
         if k in done:
             stats[k] = output.read_stats(done[k])
+            _check_same_slice(cfg, k, chunk, stats[k])
             continue
         wave.append((k, chunk))
         if len(wave) == cfg.wave_files:
@@ -296,6 +298,15 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     if wave:
         stats.update(_run_wave(cfg, wave, progress))
     return _finish(cfg, model_id, images_in, stats, done, progress, time.perf_counter() - start)
+
+
+def _check_same_slice(cfg: SegmentConfig, shard: int, chunk: list[str], stats: dict) -> None:
+    """A part file may only be reused if the listing still puts the same inputs in its slice."""
+    if (stats["rows"], stats["first_uri"], stats["last_uri"]) != (len(chunk), chunk[0], chunk[-1]):
+        raise SegmentError(
+            f"the input listing changed since {output.part_uri(cfg.output, shard)} was written "
+            "(files added or removed); resume needs the same input: pass --overwrite, a new --output, or a manifest"
+        )
 
 
 def _finish(

@@ -46,8 +46,10 @@ def test_pandas_reads_the_output_directly(predictions):
     df = pd.read_parquet(out)
     assert len(df) == 7 and list(df.columns) == ["uri", "width", "height", "instances", "model", "error"]
     assert df.error.notna().sum() == 1 and df.instances.map(len).sum() == sum(len(r["instances"]) for r in rows)
-    assert output.read_stats(f"{out}/part-000001.parquet") == {"rows": 3, "errors": {"missing": 1},
-                                                               "instances": sum(len(r["instances"]) for r in rows[4:])}  # fmt: skip
+    assert output.read_stats(f"{out}/part-000001.parquet") == {
+        "rows": 3, "errors": {"missing": 1}, "instances": sum(len(r["instances"]) for r in rows[4:]),
+        "first_uri": rows[4]["uri"], "last_uri": rows[6]["uri"],
+    }  # fmt: skip
 
 
 def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp_path):

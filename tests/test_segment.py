@@ -106,8 +106,9 @@ def _parts(output: Path) -> list[Path]:
 
 
 def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data, model_file, tmp_path):
-    out = tmp_path / "out"
-    args = ["--input", str(shared_data / "coco_small" / "images"), "--output", str(out), "--model", model_file,
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    shutil.copytree(shared_data / "coco_small" / "images", archive)
+    args = ["--input", str(archive), "--output", str(out), "--model", model_file,
             "--rows-per-file", "4", "--wave-files", "2", "--log-every", "1"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -125,14 +126,17 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
 
     summary = _summary(run_job("segment_bucket.py", *args))
     df = _read(str(out))
-    listed = sorted(str(p) for p in (shared_data / "coco_small" / "images").iterdir())
+    listed = sorted(str(p) for p in archive.iterdir())
     assert sorted(df.uri) == listed and not df.uri.duplicated().any()
     assert summary["resumed_rows"] == 4 * len(before) and summary["processed_rows"] == 80 - 4 * len(before)
     assert all(p.stat().st_mtime_ns == before[p.name] for p in _parts(out) if p.name in before)
     assert (out / "_SUCCESS").exists()
 
-    # A finished output is not recomputed; --overwrite starts over.
+    # A finished output is not recomputed; a changed listing is refused; --overwrite starts over.
     assert _summary(run_job("segment_bucket.py", *args))["processed_rows"] == 0
+    shutil.copy(shared_data / "photos" / "dog1.jpg", archive / "000000000000.jpg")  # the archive grew
+    refused = run_job("segment_bucket.py", *args)
+    assert refused.returncode == 2 and "the input listing changed since" in refused.stderr
     assert _summary(run_job("segment_bucket.py", *args, "--overwrite", "--limit", "5"))["rows_out"] == 5
     assert len(_read(str(out))) == 5
 
