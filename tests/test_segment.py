@@ -236,3 +236,23 @@ def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, sh
     out = fetch_and_decode(batch, max_pixels=10**8)
     assert out["error"][0].startswith("missing: ") and out["error"][1].startswith("empty: ") and out["error"][2] is None
     assert out["image"][2].shape[2] == 3 and out["image"][0].shape == (0, 0, 3)
+
+
+def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_data):
+    """With GPU actors (a logical GPU here), decoding must not be fused into the actors."""
+    import ray
+
+    from maskrcnn.segment import SegmentConfig, _pipeline
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        cfg = SegmentConfig(input="x", output="y", model=model_file, num_gpus_per_actor=1.0)
+        items = [{"shard": 0, "index": i, "uri": str(shared_data / "photos" / n)} for i, n in enumerate(["dog1.jpg", "dog2.jpg"])]
+        ds = _pipeline(cfg, items)
+        rows = sum(t.num_rows for t in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+        stats = ds.stats()
+        assert rows == 2
+        assert "MapBatches(fetch_and_decode)->MapBatches(InferenceActor)" not in stats
+        assert "MapBatches(fetch_and_decode)" in stats and "MapBatches(InferenceActor)" in stats
+    finally:
+        ray.shutdown()
