@@ -256,3 +256,24 @@ def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_da
         assert "MapBatches(fetch_and_decode)" in stats and "MapBatches(InferenceActor)" in stats
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "txt"])
+def test_manifests_stream_their_uris(kind, tmp_path, bucket):
+    import pyarrow as pa
+
+    from maskrcnn.segment import SegmentConfig, input_uris
+
+    uris = [f"s3://{bucket}/img/{i:03d}.jpg" for i in range(7)]
+    path = f"s3://{bucket}/lists/manifest.{kind}"
+    if kind == "parquet":
+        fs, p = storage.filesystem(path)
+        pq.write_table(pa.table({"uri": uris, "note": ["x"] * 7}), p, filesystem=fs)
+    elif kind == "csv":
+        storage.write_text(path, "uri,note\n" + "".join(f"{u},x\n" for u in uris))
+    else:
+        storage.write_text(path, "\n".join(uris) + "\n\n")
+    assert list(input_uris(SegmentConfig(input=path, output="o", model="m"))) == uris
+    assert list(input_uris(SegmentConfig(input=path, output="o", model="m", limit=3))) == uris[:3]
+    with pytest.raises(Exception, match="manifest not found"):
+        input_uris(SegmentConfig(input=f"s3://{bucket}/lists/none.{kind}", output="o", model="m"))
