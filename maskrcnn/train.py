@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from maskrcnn import checkpoint, data, engine, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table
-from maskrcnn.model import SMALL, init_model
+from maskrcnn.model import SMALL, build_model, init_model
 from maskrcnn.predictor import Predictor
 from maskrcnn.runtime import init_ray
 
@@ -115,12 +115,13 @@ class _Worker:
             with restored.as_directory() as d:
                 with open(os.path.join(d, checkpoint.FILENAME), "rb") as f:
                     state = checkpoint.from_bytes(f.read(), restored.path)
-        kwargs = {"num_classes": len(meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
-        weights = None if state else cfg.weights
-        model, self.arch_kwargs = init_model(cfg.arch, kwargs, weights, skip_resize=True)
-        if state:
+        if state:  # the checkpoint's own structure (e.g. frozen BN when it began from --weights)
             self.arch_kwargs = state["arch_kwargs"]
+            model = build_model(cfg.arch, skip_resize=True, **self.arch_kwargs)
             model.load_state_dict(state["state_dict"])
+        else:
+            kwargs = {"num_classes": len(meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
+            model, self.arch_kwargs = init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
         self.model = ray.train.torch.prepare_model(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=self.schedule.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -66,3 +66,12 @@ def test_unknown_weights_and_foreign_state_dicts_are_refused(tmp_path):
     with pytest.raises(WeightsError, match="missing.pth"):
         init_model(SMALL, {"num_classes": 3}, str(tmp_path / "missing.pth"))
     assert model_lib._torchvision_weights("COCO_V1", SMALL) is None
+
+
+def test_a_model_started_from_weights_rebuilds_from_its_arch_kwargs(tmp_path):
+    """What resuming does: the stored arch_kwargs give back the same structure (frozen BN)."""
+    torch.save(build_model(SMALL, num_classes=3).state_dict(), tmp_path / "w.pth")
+    m, kwargs = init_model(SMALL, {"num_classes": 3, "min_size": 96}, str(tmp_path / "w.pth"))
+    rebuilt = build_model(SMALL, skip_resize=True, **kwargs)
+    rebuilt.load_state_dict(m.state_dict())  # strict: same keys and shapes
+    assert type(rebuilt.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
