@@ -32,14 +32,6 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def parent(uri: str) -> str:
-    if is_s3(uri):
-        bucket_and_key = uri[len("s3://"):].rstrip("/")
-        head = posixpath.dirname(bucket_and_key)
-        return "s3://" + head if head else uri
-    return os.path.dirname(_local_path(uri)) or "."
-
-
 @lru_cache(maxsize=None)
 def _s3() -> pafs.S3FileSystem:
     """pyarrow reads the keys itself; the region and the endpoint (the standard

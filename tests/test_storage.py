@@ -30,7 +30,6 @@ def test_s3_roundtrip_through_standard_aws_configuration(bucket):
     assert storage.exists(uri) and not storage.exists(f"s3://{bucket}/dir/none")
     assert list(storage.iter_files(f"s3://{bucket}/dir", (".png",))) == [f"s3://{bucket}/dir/sub/y.PNG"]
     assert storage.join(f"s3://{bucket}/dir", "a", "b") == f"s3://{bucket}/dir/a/b"
-    assert storage.parent(uri) == f"s3://{bucket}/dir"
 
 
 def test_s3_missing_object_and_bucket_errors_name_the_uri(bucket):
