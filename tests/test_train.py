@@ -115,8 +115,15 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
+    # Starting from a weights file gives the fine-tuning structure (frozen BN), which the
+    # resumed workers must rebuild from the checkpoint rather than from scratch.
+    import torch
+
+    from maskrcnn.model import SMALL, build_model
+
+    torch.save(build_model(SMALL, num_classes=4).state_dict(), tmp_path / "init.pth")
     args = _args(str(shapes / "train"), None, str(tmp_path / "runs"), "ft", "--epochs", "2",
-                 "--checkpoint-every", "3", "--max-failures", "2")  # fmt: skip
+                 "--checkpoint-every", "3", "--max-failures", "2", "--weights", str(tmp_path / "init.pth"))  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=REPO,
@@ -142,7 +149,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
     after = [s for s, _ in _steps(out[resumed.end():])]
     assert after[0] == at + 1 and after[-1] == 16  # continues; does not restart at step 1
     final = checkpoint.load(str(tmp_path / "runs" / "ft" / "checkpoint_00000016" / "model.pt"))
-    assert final["step"] == 16 and final["epoch"] == 2
+    assert final["step"] == 16 and final["epoch"] == 2 and final["arch_kwargs"]["pretrained"] is True
 
 
 @pytest.mark.parametrize(
