@@ -12,7 +12,7 @@ import io
 import json
 import re
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,7 +41,7 @@ SCHEMA = pa.schema(
     ],
     metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
 )
-_PART = re.compile(r"part-(\d{6})\.parquet$")
+_PART = re.compile(r"part-(\d{6})\.parquet")
 
 
 def part_uri(output: str, shard: int) -> str:
@@ -73,14 +73,10 @@ def write_part(output: str, shard: int, rows: list[dict[str, Any]]) -> dict[str,
     return stats
 
 
-def existing_parts(output: str) -> Iterator[tuple[int, str]]:
-    """``(shard, uri)`` of the part files already written under ``output``."""
-    if not storage.exists(output):
-        return
-    for uri in storage.iter_files(output, (".parquet",)):
-        match = _PART.search(uri)
-        if match:
-            yield int(match.group(1)), uri
+def shard_of(name: str) -> int | None:
+    """The slice number of a part file's name, or None for any other file."""
+    match = _PART.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def read_stats(uri: str) -> dict[str, Any]:

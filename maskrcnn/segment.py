@@ -184,12 +184,12 @@ def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
 
 
 def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
-    """Check the output is writable and belongs to this job; return the parts already there."""
+    """Check the output is writable and belongs to this job; return the parts already there.
+
+    One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
+    (temporary files, the previous run's _SUCCESS) and finding the finished parts."""
     record_uri = storage.join(cfg.output, "_job.json")
-    if cfg.overwrite:
-        for uri in list(storage.iter_files(cfg.output)) if storage.exists(cfg.output) else []:
-            storage.delete(uri)
-    elif storage.exists(record_uri):
+    if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
         mine = _job_record(cfg, model_id)
         changed = [k for k in ("input", "model", "rows_per_file") if previous.get(k) != mine[k]]
@@ -199,11 +199,17 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
                 "pass --overwrite or choose another --output"
             )
     storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id), indent=2))
+    parts: dict[int, str] = {}
     for uri in storage.iter_files(cfg.output):
         name = uri.rsplit("/", 1)[-1]
-        if ".tmp-" in name or name == "_SUCCESS":
-            storage.delete(uri)  # a killed write's leftover, or the marker of a previous run
-    return dict(output.existing_parts(cfg.output))
+        shard = output.shard_of(name)
+        if name == "_job.json":
+            continue
+        if cfg.overwrite or (shard is None and (".tmp-" in name or name == "_SUCCESS")):
+            storage.delete(uri)
+        elif shard is not None:
+            parts[shard] = uri
+    return parts
 
 
 def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Dataset:
