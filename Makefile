@@ -1,9 +1,10 @@
-# The two commands a newcomer runs. Both create .venv and install everything themselves.
+# The two commands a newcomer runs, `make demo` and `make test`. Both create .venv and
+# install everything themselves.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+.PHONY: demo demo-clean test install clean
 
 install: $(VENV)/.installed
 
@@ -11,6 +12,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	touch $@
+
+demo: install
+	$(PY) scripts/demo.py
+
+demo-clean:
+	rm -rf demo_out demo_out_s3
 
 test: install
 	$(PY) -m pytest

@@ -8,6 +8,9 @@ Examples:
   # a full COCO dataset (images, annotations, categories) for a labelling tool, plus 20 pictures
   python jobs/export.py --predictions s3://labels/run1 --coco-dataset s3://labels/run1.coco.json \\
       --render 20 --render-dir labels/run1-pictures
+
+  # one grid picture of the first 16 images with instances
+  python jobs/export.py --predictions labels/run1 --render 16 --contact-sheet labels/run1-sheet.png
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-dataset", help="write a COCO dataset JSON (images, annotations, categories) here")
     p.add_argument("--min-score", type=float, default=0.0, help="leave out instances below this score")
     p.add_argument("--render", type=int, default=0, metavar="N", help="draw the first N images that have instances")
-    p.add_argument("--render-dir", help="where the pictures go (required with --render)")
+    p.add_argument("--render-dir", help="write the N pictures here, one PNG each")
+    p.add_argument("--contact-sheet", help="write the N pictures as one grid PNG here")
+    p.add_argument("--columns", type=int, default=4, help="contact sheet columns (default: %(default)s)")
     return p
 
 
@@ -41,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if not (args.coco_results or args.coco_dataset or args.render):
         raise ValueError("nothing to do: give --coco-results, --coco-dataset or --render N")
-    if args.render and not args.render_dir:
-        raise ValueError("--render needs --render-dir")
+    if args.render and not (args.render_dir or args.contact_sheet):
+        raise ValueError("--render needs --render-dir or --contact-sheet")
+    if args.contact_sheet and not args.render:
+        raise ValueError("--contact-sheet needs --render N (how many images it shows)")
     if not storage.exists(args.predictions):
         raise storage.StorageError(f"cannot read {args.predictions}: no such output")
     if args.coco_results:
@@ -55,12 +62,23 @@ def main(argv: list[str] | None = None) -> None:
         storage.write_text(args.coco_dataset, json.dumps(dataset))
         print(f"[export] {len(dataset['images'])} images, {len(dataset['annotations'])} annotations -> {args.coco_dataset}")
     if args.render:
-        rows = (r for r in export.read_rows(args.predictions) if not r["error"] and r["instances"])
-        for row in itertools.islice(rows, args.render):
-            name = posixpath.splitext(posixpath.basename(row["uri"]))[0] + ".png"
-            target = storage.join(args.render_dir, name)
-            storage.write_bytes(target, export.render(row, args.min_score))
+        _render(args)
+
+
+def _render(args: argparse.Namespace) -> None:
+    rows = (r for r in export.read_rows(args.predictions) if not r["error"] and r["instances"])
+    pictures = []
+    for row in itertools.islice(rows, args.render):
+        pictures.append(export.render(row, args.min_score))
+        if args.render_dir:
+            target = storage.join(args.render_dir, posixpath.splitext(posixpath.basename(row["uri"]))[0] + ".png")
+            storage.write_bytes(target, pictures[-1])
             print(f"[export] {target}")
+    if not pictures:
+        raise ValueError(f"nothing to draw: no image in {args.predictions} has instances above --min-score {args.min_score}")
+    if args.contact_sheet:
+        storage.write_bytes(args.contact_sheet, export.contact_sheet(pictures, args.columns))
+        print(f"[export] contact sheet of {len(pictures)} images -> {args.contact_sheet}")
 
 
 if __name__ == "__main__":

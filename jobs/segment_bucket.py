@@ -42,6 +42,16 @@ def _extensions(text: str) -> tuple[str, ...] | None:
     return tuple("." + e.strip().lstrip(".").lower() for e in text.split(",") if e.strip())
 
 
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object of positive amounts like \'{{"gpu_node": 1}}\', got {text!r}')
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def parser() -> argparse.ArgumentParser:
     p = job_parser("jobs/segment_bucket.py", __doc__)
     io = p.add_argument_group("input and output (local paths or s3:// URIs)")
@@ -59,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--concurrency", type=_pair, default=(1, 1), help="actor pool size N or MIN,MAX (autoscaling)")
     m.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per inference actor; 0 runs on CPU")
     m.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default: %(default)s)")
+    m.add_argument("--actor-resources", type=_resources,
+                   help='custom Ray resources per inference actor, JSON, e.g. \'{"gpu_node": 1}\' (see cluster/README.md)')
+    m.add_argument("--decode-resources", type=_resources,
+                   help='custom Ray resources per decode task, JSON, e.g. \'{"decode_node": 1}\' keeps decoding on CPU nodes')
     m.add_argument("--no-fp16", action="store_true", help="run GPU inference in fp32 instead of fp16 autocast")
     m.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score")
     m.add_argument("--max-detections", type=int, default=100, help="keep at most this many instances per image")
@@ -75,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SegmentConfig(
         input=args.input, output=args.output, model=args.model, extensions=args.extensions, limit=args.limit,
         batch_size=args.batch_size, concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, actor_resources=args.actor_resources, decode_resources=args.decode_resources,
         score_threshold=args.score_threshold, max_detections=args.max_detections,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None, max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file, wave_files=args.wave_files, log_every=args.log_every,

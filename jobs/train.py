@@ -28,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn.cli import job_parser, run_main  # noqa: E402
+from maskrcnn.engine import OPTIMIZERS  # noqa: E402
 from maskrcnn.model import ARCHS, SMALL  # noqa: E402
 from maskrcnn.train import TrainConfig, run  # noqa: E402
 
@@ -65,8 +66,10 @@ def parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=12)
     o.add_argument("--batch-size", type=int, default=2, help="images per worker per step (default: %(default)s)")
-    o.add_argument("--lr", type=float, help="base LR (default: 0.02 x global batch / 16)")
-    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd (torchvision's recipe; fine-tuning) or adamw (faster from random weights) (default: %(default)s)")
+    o.add_argument("--lr", type=float, help="base LR (default: SGD 0.02 x global batch / 16, AdamW 1e-4)")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
     o.add_argument("--schedule", choices=("multistep", "cosine"), default="multistep", help="decay after warmup")
@@ -85,7 +88,7 @@ def config(args: argparse.Namespace) -> TrainConfig:
         val_annotations=args.val_annotations, val_images=args.val_images,
         storage=args.storage, name=args.name, arch=args.arch, weights=args.weights,
         num_workers=args.num_workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-        batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+        batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
         clip_norm=args.clip_norm or None, amp=not args.no_amp, scales=args.scales, max_size=args.max_size,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, max_failures=args.max_failures,

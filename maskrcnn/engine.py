@@ -48,9 +48,22 @@ class Schedule:
         return self.base_lr * self.gamma**passed
 
 
-def scaled_lr(global_batch: int, reference_lr: float = 0.02, reference_batch: int = 16) -> float:
-    """The linear scaling rule: 0.02 at 16 images per step."""
-    return reference_lr * global_batch / reference_batch
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def default_lr(optimizer: str, global_batch: int) -> float:
+    """SGD: the linear scaling rule, 0.02 at 16 images per step. AdamW: 1e-4, DETR's."""
+    return 0.02 * global_batch / 16 if optimizer == "sgd" else 1e-4
+
+
+def make_optimizer(name: str, params: list, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum (torchvision's recipe, for fine-tuning) or AdamW, which trains a
+    model from random weights several times faster at the same number of steps."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:

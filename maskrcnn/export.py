@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from maskrcnn import images, masks, storage
 from maskrcnn.evaluate import to_results
@@ -78,6 +78,30 @@ def render(row: dict[str, Any], min_score: float = 0.0) -> bytes:
         labels = [f"{i['category']} {i['score']:.2f}" for i in kept]
         picture = draw_segmentation_masks(picture, binary, alpha=0.5)
         picture = draw_bounding_boxes(picture, boxes, labels=labels, width=2)
+    return _png(picture.permute(1, 2, 0).numpy())
+
+
+def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _cell(png: bytes, size: int) -> torch.Tensor:
+    """A picture scaled to fit a ``size`` square, centred on black (aspect ratio kept).
+    Small pictures are enlarged with nearest-neighbour sampling, so mask edges stay sharp."""
+    picture = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = size / max(picture.size)
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
+    cell = Image.new("RGB", (size, size))
+    cell.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    return torch.from_numpy(np.asarray(cell).copy()).permute(2, 0, 1)
+
+
+def contact_sheet(pictures: list[bytes], columns: int = 4, cell: int = 256) -> bytes:
+    """Rendered PNGs (from :func:`render`) laid out in one grid PNG, ``columns`` wide."""
+    if not pictures:
+        raise ValueError("no pictures for the contact sheet")
+    grid = make_grid([_cell(p, cell) for p in pictures], nrow=columns, padding=4, pad_value=255)
+    return _png(grid.permute(1, 2, 0).numpy())

@@ -22,6 +22,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from maskrcnn import storage
 
@@ -31,6 +32,9 @@ SMALL = "maskrcnn_resnet18_fpn_small"
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL)
 _BACKBONE = {"maskrcnn_resnet50_fpn": "resnet50", "maskrcnn_resnet50_fpn_v2": "resnet50", SMALL: "resnet18"}
 _DEFAULT_SIZES = {SMALL: (320, 512)}
+# The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
+# cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
+SMALL_FPN_CHANNELS = 64
 
 
 class WeightsError(RuntimeError):
@@ -101,6 +105,9 @@ def build_model(
     fpn_norm = nn.BatchNorm2d if arch == "maskrcnn_resnet50_fpn_v2" else None
     body = _resnet(arch, pretrained, backbone_weights)
     backbone = _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm)
+    if arch == SMALL:
+        backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
+        backbone.out_channels = SMALL_FPN_CHANNELS
     default_min, default_max = _DEFAULT_SIZES.get(arch, (800, 1333))
     return MaskRCNN(
         backbone,

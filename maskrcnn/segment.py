@@ -52,6 +52,10 @@ class SegmentConfig:
     concurrency: tuple[int, int] = (1, 1)
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0  # also the actor's torch threads: Ray sets OMP_NUM_THREADS from it
+    # Custom Ray resources that pin the stages to node groups, e.g. {"gpu_node": 1} for the
+    # actors and {"decode_node": 1} for decoding; the cluster configs declare them.
+    actor_resources: dict[str, float] | None = None
+    decode_resources: dict[str, float] | None = None
     score_threshold: float = 0.5
     max_detections: int = 100
     classes: list[str] | None = None
@@ -219,6 +223,7 @@ def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Datas
         fn_kwargs={"max_pixels": cfg.max_pixels},
         batch_format="numpy",
         num_cpus=1,
+        resources=cfg.decode_resources or None,
     )
     return ds.map_batches(
         InferenceActor,
@@ -234,6 +239,7 @@ def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Datas
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         num_gpus=cfg.num_gpus_per_actor or None,
         num_cpus=cfg.cpus_per_actor,
+        resources=cfg.actor_resources or None,
     )
 
 

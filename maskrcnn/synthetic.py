@@ -1,10 +1,12 @@
 """A generated shapes dataset in COCO format, deterministic from a seed.
 
-Non-square images of varied sizes on textured backgrounds, with 1..N instances of
+Non-square images of varied sizes on textured backgrounds, with 1..6 instances of
 circles, rectangles and triangles in random colours and sizes. Later shapes occlude
 earlier ones, and each annotation is the *visible* part, stored as compressed RLE.
+The optional "archive" split is unlabelled images plus a few damaged files, the kind
+of input the segmentation job has to survive.
 
-    python -m maskrcnn.synthetic --out data/shapes --train 64 --val 16
+    python -m maskrcnn.synthetic --out data/shapes --train 64 --val 16 --archive 32
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
-    size = rng.uniform(0.15, 0.5) * min(h, w)
+    size = np.exp(rng.uniform(np.log(0.15), np.log(0.6))) * min(h, w)  # log-uniform: small and large
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -79,16 +81,20 @@ def _annotation(ann_id: int, image_id: int, cls: int, mask: np.ndarray) -> dict:
     }
 
 
-def generate_split(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), max_instances: int = 4) -> str:
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def generate_split(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), max_instances: int = 6) -> str:
     """Write ``count`` images under ``out/images`` and ``out/annotations.json``; return the JSON's URI."""
     rng = np.random.default_rng(seed)
     gt = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
     for image_id in range(1, count + 1):
         image, instances = make_image(rng, size_range, max_instances)
         name = f"{image_id:06d}.jpg"
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=92)
-        storage.write_bytes(storage.join(out, "images", name), buf.getvalue())
+        storage.write_bytes(storage.join(out, "images", name), _jpeg(image))
         gt["images"].append({"id": image_id, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
         for cls, mask in instances:
             gt["annotations"].append(_annotation(len(gt["annotations"]) + 1, image_id, cls, mask))
@@ -97,18 +103,48 @@ def generate_split(out: str, count: int, seed: int, size_range: tuple[int, int] 
     return ann_uri
 
 
+def damaged_files(rng: np.random.Generator, size_range: tuple[int, int]) -> dict[str, bytes]:
+    """Files an archive really holds: a JPEG cut short, a text file, and an empty file."""
+    whole = _jpeg(make_image(rng, size_range, 3)[0])
+    return {
+        "damaged_truncated.jpg": whole[: len(whole) // 3],
+        "damaged_not_an_image.jpg": b"this was meant to be a photo\n",
+        "damaged_empty.jpg": b"",
+    }
+
+
+def generate_archive(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), damaged: bool = True) -> str:
+    """Write ``count`` unlabelled images (plus :func:`damaged_files`) under ``out``; return ``out``."""
+    rng = np.random.default_rng(seed)
+    for index in range(1, count + 1):
+        storage.write_bytes(storage.join(out, f"{index:06d}.jpg"), _jpeg(make_image(rng, size_range, 6)[0]))
+    for name, blob in (damaged_files(rng, size_range) if damaged else {}).items():
+        storage.write_bytes(storage.join(out, name), blob)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m maskrcnn.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--train", type=int, default=64, help="training images")
+    p.add_argument("--val", type=int, default=16, help="validation images")
+    p.add_argument("--archive", type=int, default=0, help="unlabelled archive images, plus 3 damaged files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-side", type=int, default=96)
+    p.add_argument("--max-side", type=int, default=160)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory or s3:// prefix")
-    parser.add_argument("--train", type=int, default=64, help="training images")
-    parser.add_argument("--val", type=int, default=16, help="validation images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-side", type=int, default=96)
-    parser.add_argument("--max-side", type=int, default=160)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     for split, count, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
         uri = generate_split(storage.join(args.out, split), count, seed, (args.min_side, args.max_side))
         print(f"{split}: {count} images -> {uri}")
+    if args.archive:
+        uri = generate_archive(storage.join(args.out, "archive"), args.archive, args.seed + 2, (args.min_side, args.max_side))
+        print(f"archive: {args.archive} images + 3 damaged files -> {uri}")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 2  # images per worker per step
     epochs: int = 12
-    lr: float | None = None  # None: 0.02 * global batch / 16
-    momentum: float = 0.9
+    lr: float | None = None  # None: SGD 0.02 * global batch / 16, AdamW 1e-4
+    optimizer: str = "sgd"  # or "adamw"
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     schedule: str = "multistep"
@@ -99,7 +100,7 @@ class _Worker:
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
         self.schedule = engine.Schedule(
-            base_lr=cfg.lr or engine.scaled_lr(cfg.global_batch),
+            base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
             total_steps=meta["steps_per_epoch"] * cfg.epochs,
             warmup_steps=min(cfg.warmup_steps, meta["steps_per_epoch"] * cfg.epochs // 4),
             kind=cfg.schedule,
@@ -124,7 +125,7 @@ class _Worker:
             model, self.arch_kwargs = init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
         self.model = ray.train.torch.prepare_model(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=self.schedule.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = engine.make_optimizer(cfg.optimizer, params, self.schedule.base_lr, cfg.momentum, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if state:
             self._restore(state)

@@ -16,8 +16,19 @@ def test_schedule_warms_up_then_decays():
     assert cos.lr(10) == pytest.approx(0.02) and cos.lr(55) == pytest.approx(0.01) and cos.lr(100) == pytest.approx(0.0)
 
 
-def test_lr_scales_with_global_batch():
-    assert engine.scaled_lr(16) == pytest.approx(0.02) and engine.scaled_lr(4) == pytest.approx(0.005)
+def test_default_lr_scales_sgd_with_global_batch_and_not_adamw():
+    assert engine.default_lr("sgd", 16) == pytest.approx(0.02) and engine.default_lr("sgd", 4) == pytest.approx(0.005)
+    assert engine.default_lr("adamw", 4) == engine.default_lr("adamw", 64) == pytest.approx(1e-4)
+
+
+def test_make_optimizer_builds_either_and_names_a_bad_choice():
+    params = [nn.Parameter(torch.ones(2))]
+    sgd = engine.make_optimizer("sgd", params, 0.1, momentum=0.8, weight_decay=1e-4)
+    adamw = engine.make_optimizer("adamw", params, 0.001, momentum=0.8, weight_decay=1e-4)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 0.001
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        engine.make_optimizer("adam", params, 0.1, momentum=0.9, weight_decay=0.0)
 
 
 class _LossModel(nn.Module):

@@ -70,7 +70,8 @@ def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp
 def test_coco_dataset_and_pictures(predictions, tmp_path):
     out, rows = predictions
     result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "coco.json"),
-                     "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", "0.3")  # fmt: skip
+                     "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", "0.3",
+                     "--contact-sheet", str(tmp_path / "sheet.png"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     dataset = COCO(str(tmp_path / "coco.json"))
     assert len(dataset.imgs) == 6 and all(a["score"] >= 0.3 for a in dataset.anns.values())
@@ -83,6 +84,16 @@ def test_coco_dataset_and_pictures(predictions, tmp_path):
         arr = images.decode(pic.read_bytes())
         assert arr.shape == (row["height"], row["width"], 3)
         assert not np.array_equal(arr, images.decode(storage.read_bytes(row["uri"])))  # something was drawn
+    sheet = images.decode((tmp_path / "sheet.png").read_bytes())
+    assert sheet.shape == (4 + 256 + 4, 4 + 2 * (256 + 4), 3)  # one row of two 256 px cells, 4 px padding
+    assert sheet[4:260, 4:260].std() > 0 and sheet[4:260, 264:520].std() > 0  # both cells hold a picture
+
+
+def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
+    result = run_job("export.py", "--predictions", predictions[0], "--render", "3", "--contact-sheet",
+                     str(tmp_path / "sheet.png"), "--min-score", "1.1")  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: nothing to draw: no image in")
+    assert not (tmp_path / "sheet.png").exists()
 
 
 def test_export_needs_something_to_do(predictions):

@@ -1,0 +1,93 @@
+"""Every command in README.md and cluster/README.md, and every command `make demo` runs,
+names a script that exists and flags its parser accepts, so none of them can rot; and
+the configuration reference lists every flag the jobs have."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from maskrcnn import synthetic
+from tests.conftest import REPO
+from tests.test_cluster import check_command, job_parser
+
+DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
+JOBS = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py"]
+
+
+def shell_commands(path: Path) -> list[list[str]]:
+    """The commands in a document's ```bash blocks (continuation lines joined, comments
+    dropped) and in its inline code that starts with ``python`` or ``.venv/bin/python``."""
+    text = path.read_text()
+    inline = [shlex.split(c) for c in re.findall(r"`((?:\.venv/bin/)?python [^`]+)`", text)]
+    # a mention such as `python jobs/train.py --help` or `python -m maskrcnn.synthetic` is not a command line
+    commands = [c for c in inline if any(t.startswith("--") and t != "--help" for t in c)]
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv:
+                    commands.append(argv)
+    return commands
+
+
+def project_command(argv: list[str]) -> list[str] | None:
+    """``python jobs/X.py ...`` or ``python -m maskrcnn.synthetic ...`` inside ``argv``
+    (which may be a ``ray job submit ... --`` line), normalised to start with ``python``."""
+    for i, token in enumerate(argv):
+        if token.startswith("jobs/") and token.endswith(".py"):
+            return ["python", *argv[i:]]
+        if token == "-m" and argv[i + 1].startswith("maskrcnn."):
+            return ["python", "-m", *argv[i + 1 :]]
+    return None
+
+
+def check(argv: list[str]) -> None:
+    if argv[1] == "-m":
+        assert argv[2] == "maskrcnn.synthetic", argv
+        synthetic.parser().parse_args(argv[3:])
+    else:
+        check_command(argv)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_documented_command_parses(doc):
+    found = [c for c in map(project_command, shell_commands(doc)) if c]
+    assert len(found) >= (7 if doc.name == "README.md" and doc.parent == REPO else 2)
+    for argv in found:
+        check(argv)
+
+
+def test_documented_make_targets_exist():
+    makefile = (REPO / "Makefile").read_text()
+    targets = {c[1] for doc in DOCS for c in shell_commands(doc) if c[0] == "make" and len(c) > 1}
+    assert {"demo", "test"} <= targets
+    for target in targets:
+        assert re.search(rf"(?m)^{re.escape(target)}:", makefile), target
+
+
+@pytest.mark.parametrize("script", JOBS)
+def test_configuration_reference_lists_every_flag(script):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    for action in job_parser(script)._actions:
+        for flag in (f for f in action.option_strings if f.startswith("--") and f != "--help"):
+            assert f"`{flag}" in section, f"{script} {flag} is missing from the README's configuration reference"
+
+
+def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
+    """The demo's command lines, captured instead of run (the demo itself takes ~12 minutes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(demo, "run", lambda *args: ran.append(["python", *args]))
+    demo.demo(str(tmp_path), tmp_path)
+    assert [a[1] if a[1] != "-m" else a[2] for a in ran] == ["maskrcnn.synthetic", *JOBS]
+    for argv in ran:
+        check(argv)

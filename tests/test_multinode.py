@@ -1,0 +1,94 @@
+"""The segmentation job on a simulated multi-node cluster (Ray's own ``cluster_utils``):
+decoding lands on the CPU node, inference on the "gpu"-labelled node, and losing the
+inference node mid-job still leaves every image in the output exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from maskrcnn import checkpoint
+from maskrcnn.model import SMALL, build_model
+from tests.conftest import REPO, _free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _model(path: Path) -> str:
+    torch.manual_seed(1)
+    kwargs = {"num_classes": 4, "min_size": 128, "max_size": 192}
+    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=["a", "b", "c"],
+                           category_ids=[1, 2, 3], step=0, epoch=0)  # fmt: skip
+    checkpoint.save(str(path), ckpt)
+    return str(path)
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet")) if out.exists() else []
+
+
+def _placement(address: str) -> tuple[set[str], set[str], int]:
+    """Node ids that ran decode tasks and inference actors, and the actors' restart count."""
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    ray.init(address=address)
+    tasks = list_tasks(filters=[("name", "=", "MapBatches(fetch_and_decode)")], detail=True, limit=10_000)
+    actors = [a for a in list_actors(detail=True, limit=10_000) if "InferenceActor" in (a.class_name or "")]
+    return {t.node_id for t in tasks if t.node_id}, {a.node_id for a in actors if a.node_id}, sum(a.num_restarts for a in actors)
+
+
+def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(cluster, shared_data, tmp_path):
+    cpu_node = cluster.add_node(num_cpus=2, resources={"decode_node": 2})
+    gpu_node = cluster.add_node(num_cpus=1, resources={"gpu_node": 1})
+    cluster.wait_for_nodes()
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    archive.mkdir()
+    for src in sorted((shared_data / "coco_small" / "images").iterdir())[:40]:
+        shutil.copy(src, archive / src.name)
+    args = ["--input", str(archive), "--output", str(out), "--model", _model(tmp_path / "m.pt"),
+            "--rows-per-file", "4", "--batch-size", "2", "--score-threshold", "0.3", "--log-every", "2",
+            "--actor-resources", '{"gpu_node": 1}', "--decode-resources", '{"decode_node": 1}']  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while len(_parts(out)) < 2:  # mid-job: some part files written, most not
+        assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.2)
+    cluster.remove_node(gpu_node, allow_graceful=False)  # the inference node dies (a lost spot instance)
+    assert len(_parts(out)) < 10
+    replacement = cluster.add_node(num_cpus=1, resources={"gpu_node": 1})  # the autoscaler replaces it
+    log, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, log[-3000:]
+
+    table = pq.read_table(out)
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 40 and set(uris) == {str(p) for p in archive.iterdir()}
+    assert len(_parts(out)) == 10 and (out / "_SUCCESS").exists()
+    for part in _parts(out):
+        assert pq.read_metadata(part).num_rows == 4
+
+    decode_nodes, actor_nodes, restarts = _placement(cluster.address)
+    assert decode_nodes == {cpu_node.node_id}
+    assert actor_nodes <= {gpu_node.node_id, replacement.node_id} and replacement.node_id in actor_nodes
+    assert restarts >= 1
