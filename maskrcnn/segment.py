@@ -66,6 +66,9 @@ class SegmentConfig:
     overwrite: bool = False
     fp16: bool = True
 
+    def __post_init__(self) -> None:
+        self.input, self.output, self.model = (storage.absolute(u) for u in (self.input, self.output, self.model))
+
 
 # ---------------------------------------------------------------- input
 
@@ -86,7 +89,7 @@ def _manifest(uri: str) -> Iterator[str]:
         )
     for batch in batches:
         col = batch.column("uri") if "uri" in batch.schema.names else batch.column(0)
-        yield from (u.strip() for u in col.to_pylist() if u and u.strip())
+        yield from (storage.absolute(u.strip()) for u in col.to_pylist() if u and u.strip())
 
 
 def input_uris(cfg: SegmentConfig) -> Iterator[str]:

@@ -48,6 +48,14 @@ def _s3() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute, URIs unchanged. Jobs call this on the driver: Ray's
+    workers run in another working directory, where a relative path means something else."""
+    if is_s3(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 

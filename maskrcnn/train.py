@@ -70,6 +70,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("train_annotations", "train_images", "val_annotations", "val_images", "storage"):
+            if getattr(self, name):
+                setattr(self, name, storage.absolute(getattr(self, name)))
+        if self.weights and os.path.exists(self.weights):  # a local file, not a weight name
+            self.weights = storage.absolute(self.weights)
         if self.scales is None:
             self.scales = (256, 288, 320) if self.arch == SMALL else (640, 672, 704, 736, 768, 800)
         if self.max_size is None:

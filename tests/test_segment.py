@@ -3,6 +3,7 @@ S3 endpoint on loopback, and real Ray."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -108,7 +109,8 @@ def _parts(output: Path) -> list[Path]:
 def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data, model_file, tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
     shutil.copytree(shared_data / "coco_small" / "images", archive)
-    args = ["--input", str(archive), "--output", str(out), "--model", model_file,
+    rel = functools.partial(os.path.relpath, start=REPO)  # relative paths, as users type them
+    args = ["--input", rel(archive), "--output", rel(out), "--model", rel(model_file),
             "--rows-per-file", "4", "--wave-files", "2", "--log-every", "1"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip

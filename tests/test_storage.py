@@ -52,3 +52,9 @@ def test_s3_listing_streams_page_by_page(bucket):
     assert list(listing) == [f"s3://{bucket}/imgs/{i:03d}.jpg" for i in range(1, 25)]
     with pytest.raises(storage.StorageError, match="no-such-bucket-x"):
         list(storage.iter_files("s3://no-such-bucket-x/imgs"))
+
+
+def test_absolute_resolves_local_paths_on_the_driver_and_leaves_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("data/x.json") == str(tmp_path / "data" / "x.json")
+    assert storage.absolute("s3://b/k") == "s3://b/k" and storage.absolute("file:///a/b") == "file:///a/b"

@@ -21,3 +21,34 @@ def test_generation_is_deterministic_and_annotations_match_the_pixels(tmp_path):
         assert ann["area"] == m.sum() >= 16
     ds = data.load_coco(str(tmp_path / "a" / "annotations.json"), str(tmp_path / "a" / "images"))
     assert all(data.load_example(r)["error"] == "" for r in ds.records)
+
+
+def test_generated_images_have_one_to_six_instances_of_every_class():
+    from maskrcnn.synthetic import make_image
+
+    rng = np.random.default_rng(0)
+    counts, classes = [], set()
+    for _ in range(60):
+        image, instances = make_image(rng, (96, 160), 6)
+        counts.append(len(instances))
+        classes |= {c for c, _ in instances}
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+    assert 1 <= min(counts) and max(counts) <= 6 and len(set(counts)) >= 4
+    assert classes == set(range(len(CLASSES)))
+
+
+def test_archive_holds_images_and_damaged_files_that_decode_as_errors(tmp_path):
+    from maskrcnn import images
+    from maskrcnn.synthetic import generate_archive
+
+    generate_archive(str(tmp_path), 5, seed=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[:5] == [f"{i:06d}.jpg" for i in range(1, 6)] and len(names) == 8
+    kinds = {}
+    for name in names[5:]:
+        try:
+            images.decode((tmp_path / name).read_bytes())
+        except images.ImageError as err:
+            kinds[name] = err.kind
+    assert kinds == {"damaged_empty.jpg": "empty", "damaged_not_an_image.jpg": "not_an_image",
+                     "damaged_truncated.jpg": "corrupt"}  # fmt: skip

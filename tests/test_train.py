@@ -57,7 +57,9 @@ def defective_train(shapes: Path, shared_data: Path, tmp_path: Path) -> Path:
 
 
 def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_train, shapes, tmp_path):
-    args = _args(str(defective_train), str(shapes / "val"), str(tmp_path / "runs"), "ddp", "--epochs", "3")
+    # val and storage given relative to the job's working directory, as users type them
+    val, runs = os.path.relpath(shapes / "val", REPO), os.path.relpath(tmp_path / "runs", REPO)
+    args = _args(str(defective_train), val, runs, "ddp", "--epochs", "3")
     first = run_job("train.py", *args)
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-3000:]
