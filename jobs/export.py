@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", help="COCO ground truth whose image ids the results should use (matched by file name)")
     p.add_argument("--coco-dataset", help="write a COCO dataset JSON (images, annotations, categories) here")
     p.add_argument("--min-score", type=float, default=0.0, help="leave out instances below this score")
-    p.add_argument("--render", type=int, default=0, metavar="N", help="draw the first N images that have instances")
+    p.add_argument("--render", type=int, default=0, metavar="N", help="draw the first N images that have instances (at or above --min-score)")
     p.add_argument("--render-dir", help="write the N pictures here, one PNG each")
     p.add_argument("--contact-sheet", help="write the N pictures as one grid PNG here")
     p.add_argument("--columns", type=int, default=4, help="contact sheet columns (default: %(default)s)")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _render(args: argparse.Namespace) -> None:
-    rows = (r for r in export.read_rows(args.predictions) if not r["error"] and r["instances"])
+    rows = (r for r in export.read_rows(args.predictions) if any(i["score"] >= args.min_score for i in r["instances"]))
     pictures = []
     for row in itertools.islice(rows, args.render):
         pictures.append(export.render(row, args.min_score))

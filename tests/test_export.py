@@ -69,17 +69,21 @@ def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp
 
 def test_coco_dataset_and_pictures(predictions, tmp_path):
     out, rows = predictions
+    scores = sorted(i["score"] for r in rows for i in r["instances"])
+    cut = scores[len(scores) // 2]  # half the instances pass, half do not
+    assert scores[0] < cut and sum(any(i["score"] >= cut for i in r["instances"]) for r in rows) >= 2
     result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "coco.json"),
-                     "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", "0.3",
+                     "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", repr(cut),
                      "--contact-sheet", str(tmp_path / "sheet.png"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     dataset = COCO(str(tmp_path / "coco.json"))
-    assert len(dataset.imgs) == 6 and all(a["score"] >= 0.3 for a in dataset.anns.values())
+    assert len(dataset.imgs) == 6 and all(a["score"] >= cut for a in dataset.anns.values())
+    assert len(dataset.anns) == len(scores) - len(scores) // 2
     for ann in dataset.anns.values():
         assert dataset.annToMask(ann).shape == (dataset.imgs[ann["image_id"]]["height"], dataset.imgs[ann["image_id"]]["width"])
     pictures = sorted((tmp_path / "pics").glob("*.png"))
     assert len(pictures) == 2
-    drawn = [r for r in rows if r["instances"]][:2]
+    drawn = [r for r in rows if any(i["score"] >= cut for i in r["instances"])][:2]
     for pic, row in zip(pictures, sorted(drawn, key=lambda r: r["uri"])):
         arr = images.decode(pic.read_bytes())
         assert arr.shape == (row["height"], row["width"], 3)
