@@ -75,7 +75,9 @@ def _fail(action: str, uri: str, err: Exception) -> StorageError:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        # A random-access file reads in one ranged GET of known size; an input stream reads
+        # S3 in small chunks (150x slower for a 144 MiB checkpoint on an S3-compatible store).
+        with fs.open_input_file(path) as f:
             return f.read()
     except (OSError, ValueError) as err:
         raise _fail("read", uri, err) from err

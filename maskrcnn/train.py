@@ -260,7 +260,10 @@ class _Worker:
             return
         self.best = metrics[SCORE]
         uri = storage.join(self.cfg.run_dir, "best.pt")
-        checkpoint.save(uri, self._checkpoint(dict(metrics, **{"best_" + SCORE: self.best})))
+        # No optimizer state: best.pt is for inference and fine-tuning, and AdamW's state would
+        # triple the file every inference actor downloads. Resume uses Ray's checkpoints.
+        best = dict(self._checkpoint(dict(metrics, **{"best_" + SCORE: self.best})), train_state=None)
+        checkpoint.save(uri, best)
         self.log(f"new best {SCORE} {self.best:.4f} -> {uri}")
 
 

@@ -130,12 +130,16 @@ def demo(root: str, local: Path) -> dict:
             say("4/5 segment: the archive (including damaged files) -> Parquet, one row per file")
             run("jobs/segment_bucket.py", "--input", f"{data}/archive", "--extensions", "*", "--output", labels,
                 "--model", model, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")  # fmt: skip
+    drawable = json.loads(storage.read_text(storage.join(labels, "_summary.json")))["instances"] > 0
+    pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures"), "--contact-sheet", str(local / "contact_sheet.png")]
     with step("export"):
         say("5/5 show: COCO JSON, overlay pictures and a contact sheet")
+        if not drawable:
+            say("no instances above the score threshold, so nothing to draw: train longer (DEMO_EPOCHS)")
         run("jobs/export.py", "--predictions", labels, "--coco-dataset", f"{root}/labels.coco.json",
-            "--render", str(PICTURES), "--render-dir", str(local / "pictures"),
-            "--contact-sheet", str(local / "contact_sheet.png"))  # fmt: skip
-    return {"root": root, "local": local, "metrics": metrics, "labels": labels, "model": model, "timings": timings}
+            *(pictures if drawable else []))  # fmt: skip
+    return {"root": root, "local": local, "metrics": metrics, "labels": labels, "model": model, "timings": timings,
+            "drawn": drawable}  # fmt: skip
 
 
 def report(result: dict, wall: float) -> None:
@@ -151,12 +155,12 @@ def report(result: dict, wall: float) -> None:
         f"checkpoint:   {result['model']}",
         f"parquet:      {result['labels']}/part-*.parquet",
         f"coco json:    {result['root']}/labels.coco.json",
-        f"pictures:     {local / 'pictures'}/ ({PICTURES} overlays)",
-        f"contact sheet: {local / 'contact_sheet.png'}",
+        f"pictures:     {local / 'pictures'}/ ({PICTURES} overlays)" if result["drawn"] else "pictures:     none (no instances)",
+        f"contact sheet: {local / 'contact_sheet.png'}" if result["drawn"] else "",
         "step times (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()),
         f"demo wall time: {wall / 60:.1f} min",
     ]
-    say("summary\n  " + "\n  ".join(lines))
+    say("summary\n  " + "\n  ".join(line for line in lines if line))
 
 
 def main() -> None:

@@ -87,7 +87,10 @@ def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
     spec.loader.exec_module(demo)
     ran: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda *args: ran.append(["python", *args]))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "_summary.json").write_text('{"instances": 3}')  # what the segmentation step leaves
     demo.demo(str(tmp_path), tmp_path)
     assert [a[1] if a[1] != "-m" else a[2] for a in ran] == ["maskrcnn.synthetic", *JOBS]
     for argv in ran:
         check(argv)
+    assert "--contact-sheet" in ran[-1]

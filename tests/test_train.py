@@ -76,6 +76,7 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     best = checkpoint.load(str(run_dir / "best.pt"))
     assert best["classes"] == ["circle", "rectangle", "triangle"] and best["category_ids"] == [1, 2, 3]
     assert "val_segm_AP" in best["metrics"] and best["step"] in (8, 16, 24)
+    assert best["train_state"] is None  # inference only: no optimizer state to download
     final = checkpoint.load(str(run_dir / "checkpoint_00000024" / "model.pt"))
     assert (final["step"], final["epoch"]) == (24, 3)
 
