@@ -113,12 +113,12 @@ def damaged_files(rng: np.random.Generator, size_range: tuple[int, int]) -> dict
     }
 
 
-def generate_archive(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), damaged: bool = True) -> str:
+def generate_archive(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160)) -> str:
     """Write ``count`` unlabelled images (plus :func:`damaged_files`) under ``out``; return ``out``."""
     rng = np.random.default_rng(seed)
     for index in range(1, count + 1):
         storage.write_bytes(storage.join(out, f"{index:06d}.jpg"), _jpeg(make_image(rng, size_range, 6)[0]))
-    for name, blob in (damaged_files(rng, size_range) if damaged else {}).items():
+    for name, blob in damaged_files(rng, size_range).items():
         storage.write_bytes(storage.join(out, name), blob)
     return out
 

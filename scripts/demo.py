@@ -28,7 +28,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from maskrcnn import storage  # noqa: E402
+from maskrcnn import local_s3, storage  # noqa: E402
 
 # The recipe: small images, the small model from random weights, AdamW (several times
 # faster than SGD from scratch), about 9 minutes of training on 2 CPU workers
@@ -56,43 +56,14 @@ def run(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def local_s3() -> Iterator[None]:
-    """moto's S3 server on loopback, reached through the standard AWS variables only."""
-    import socket
+def demo_bucket() -> Iterator[None]:
+    """A local S3 endpoint (:mod:`maskrcnn.local_s3`) holding the demo's bucket."""
+    import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    os.environ.update({
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "demo",
-        "AWS_SECRET_ACCESS_KEY": "demo-secret", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    })  # fmt: skip
-    try:
-        _wait_for(port)
-        import boto3
-
+    with local_s3.serve() as endpoint:
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        say(f"local S3 endpoint at http://127.0.0.1:{port}, bucket s3://{BUCKET} (in memory: gone when the demo ends)")
+        say(f"local S3 endpoint at {endpoint}, bucket s3://{BUCKET} (in memory: gone when the demo ends)")
         yield
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-def _wait_for(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit("[demo] the local S3 endpoint did not start")
-            time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -130,7 +101,8 @@ def demo(root: str, local: Path) -> dict:
             say("4/5 segment: the archive (including damaged files) -> Parquet, one row per file")
             run("jobs/segment_bucket.py", "--input", f"{data}/archive", "--extensions", "*", "--output", labels,
                 "--model", model, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")  # fmt: skip
-    drawable = json.loads(storage.read_text(storage.join(labels, "_summary.json")))["instances"] > 0
+    summary = json.loads(storage.read_text(storage.join(labels, "_summary.json")))
+    drawable = summary["instances"] > 0
     pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures"), "--contact-sheet", str(local / "contact_sheet.png")]
     with step("export"):
         say("5/5 show: COCO JSON, overlay pictures and a contact sheet")
@@ -139,12 +111,12 @@ def demo(root: str, local: Path) -> dict:
         run("jobs/export.py", "--predictions", labels, "--coco-dataset", f"{root}/labels.coco.json",
             *(pictures if drawable else []))  # fmt: skip
     return {"root": root, "local": local, "metrics": metrics, "labels": labels, "model": model, "timings": timings,
-            "drawn": drawable}  # fmt: skip
+            "drawn": drawable, "summary": summary}  # fmt: skip
 
 
 def report(result: dict, wall: float) -> None:
     metrics = json.loads(storage.read_text(result["metrics"]))
-    summary = json.loads(storage.read_text(storage.join(result["labels"], "_summary.json")))
+    summary = result["summary"]
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
     local = result["local"]
     lines = [
@@ -171,9 +143,12 @@ def main() -> None:
     local.mkdir(parents=True, exist_ok=True)
     if s3:
         say(f"DEMO_S3=1: a clean start on a fresh local S3 endpoint; pictures go to {local}")
-        with local_s3():
-            result = demo(f"s3://{BUCKET}", local)
-            report(result, time.perf_counter() - start)
+        try:
+            with demo_bucket():
+                result = demo(f"s3://{BUCKET}", local)
+                report(result, time.perf_counter() - start)
+        except RuntimeError as err:  # the endpoint did not start
+            raise SystemExit(f"[demo] {err}") from None
         return
     say(f"working in {local} ({'reusing finished steps' if any(local.iterdir()) else 'a clean start'})")
     result = demo(str(local), local)

@@ -4,15 +4,16 @@ server), a small synthetic dataset, and a helper that runs a job as a user would
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import boto3
 import pytest
+
+from maskrcnn import local_s3
+from maskrcnn.local_s3 import free_port as _free_port  # noqa: F401 - tests pick ports with it
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ENV = "MASKRCNN_TEST_DATA"
@@ -32,53 +33,12 @@ def coco_small(shared_data: Path) -> tuple[str, str]:
     return str(shared_data / "coco_small" / "instances_val2017.json"), str(shared_data / "coco_small" / "images")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on 127.0.0.1, configured through the standard AWS variables only.
-
-    The variables are set in os.environ so that Ray workers and job subprocesses started by
-    the tests inherit them, exactly as they would inherit a real deployment's settings.
-    """
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deadline = time.time() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """moto's S3 server on 127.0.0.1, configured through the standard AWS variables only
+    (see :mod:`maskrcnn.local_s3`), so Ray workers and job subprocesses inherit them."""
+    with local_s3.serve() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

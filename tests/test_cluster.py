@@ -9,7 +9,6 @@ import importlib.util
 import re
 import shlex
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml
