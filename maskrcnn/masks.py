@@ -72,26 +72,84 @@ def area(rle: dict) -> float:
     return float(mask_utils.area(rle))
 
 
-def paste_and_encode(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> list[dict]:
+def paste_and_encode(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
+) -> list[dict]:
     """Mask R-CNN's ``(N, 1, M, M)`` mask probabilities + boxes in image coordinates ->
-    N compressed RLEs at the full image size.
+    N compressed RLEs of the full ``(height, width)`` image, in time proportional to the
+    box areas: no full-image mask is ever built.
 
-    The arithmetic is torchvision's ``paste_masks_in_image`` followed by ``> threshold``, but
-    each mask is resized only to its box and thresholded there, so the full-size mask is
-    held as one byte per pixel, one instance at a time, never as floats.
+    The pixels are torchvision's ``paste_masks_in_image(...) > threshold`` (the same box
+    expansion and bilinear resize), and the RLE is byte for byte what ``pycocotools.mask.encode``
+    gives for that full-image mask. COCO RLE runs down columns, so the runs of a mask that
+    is zero outside its box can be read off its column-major crop: after each crop column
+    come ``height - crop height`` zeros, which join the next column's top zeros.
+    Everything up to the change points runs on the masks' device, for all instances at
+    once; only the change points come to the host, in one transfer.
     """
     if len(mask_probs) == 0:
         return []
+    crops = _threshold_crops(mask_probs, boxes, height, width, threshold)
+    flat, starts = _column_major(crops, height)
+    changes = (torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1).cpu().numpy()
+    counts = _run_lengths(changes, starts, crops, height, width)
+    rles = mask_utils.frPyObjects([{"size": [height, width], "counts": c} for c in counts], height, width)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _threshold_crops(
+    mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float
+) -> list[tuple[torch.Tensor, int, int]]:
+    """Each mask resized into its (expanded, integer) box as torchvision pastes it, cut to
+    the image and thresholded: ``(crop, x0, y0)`` with the crop's top-left in the image."""
     padded, scale = expand_masks(mask_probs, padding=1)
-    int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
-    canvas = np.zeros((height, width), dtype=np.uint8)
-    rles = []
+    int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()  # the one host sync for boxes
+    crops = []
     for prob, (x0, y0, x1, y1) in zip(padded, int_boxes):
         w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        crop = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > threshold
         cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
-        canvas[:] = 0
-        if cx1 > cx0 and cy1 > cy0:
-            canvas[cy0:cy1, cx0:cx1] = crop[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].cpu().numpy()
-        rles.append(encode(canvas[None])[0])
-    return rles
+        if cx1 <= cx0 or cy1 <= cy0:
+            crops.append((prob.new_zeros((0, 0), dtype=torch.bool), 0, 0))
+            continue
+        resized = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        crops.append((resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold, cx0, cy0))
+    return crops
+
+
+def _column_major(crops: list[tuple[torch.Tensor, int, int]], height: int) -> tuple[torch.Tensor, np.ndarray]:
+    """All crops in one flat boolean buffer: a zero, then crop 1 column by column (each column
+    followed by one zero standing for the gap down to the next column, unless the crop spans
+    the full height), a zero, crop 2, ..., a zero. Returns it and each crop's leading zero."""
+    lengths = [c.shape[1] * _rows(c, height) for c, _, _ in crops]
+    starts = np.concatenate([[0], np.cumsum(np.add(lengths, 1))])[:-1]
+    flat = torch.zeros(int(starts[-1]) + lengths[-1] + 2, dtype=torch.bool, device=crops[0][0].device)
+    for (crop, _, _), start, length in zip(crops, starts, lengths):
+        if length:
+            columns = flat[start + 1 : start + 1 + length].view(crop.shape[1], _rows(crop, height))
+            columns[:, : crop.shape[0]] = crop.t()
+    return flat, starts
+
+
+def _rows(crop: torch.Tensor, height: int) -> int:
+    """Rows per column in the flat buffer: the crop's, plus one for the gap below it."""
+    return crop.shape[0] + (crop.shape[0] < height)
+
+
+def _run_lengths(
+    changes: np.ndarray, starts: np.ndarray, crops: list[tuple[torch.Tensor, int, int]], height: int, width: int
+) -> list[np.ndarray]:
+    """Flat-buffer change points -> each instance's COCO run lengths (zeros first)."""
+    rows = np.array([_rows(c, height) for c, _, _ in crops])
+    x0 = np.array([x for _, x, _ in crops])
+    y0 = np.array([y for _, _, y in crops])
+    owner = np.searchsorted(starts, changes, side="left") - 1  # a change at a shared zero ends the crop before it
+    j = changes - starts[owner] - 1
+    pixel = (x0[owner] + j // rows[owner]) * height + y0[owner] + j % rows[owner]
+    total = height * width
+    counts = []
+    for positions in np.split(pixel, np.searchsorted(owner, np.arange(1, len(crops)))):
+        positions = positions[positions < total]  # a mask ending on the last pixel has no final zero run
+        counts.append(np.diff(np.concatenate([[0], positions, [total]])).astype(np.uint32))
+    return counts

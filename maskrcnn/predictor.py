@@ -1,17 +1,27 @@
-"""The inference actor: one checkpoint on one device, decoded images in, instances out.
+"""The inference actor's model: one checkpoint on one device, decoded images in, instances out.
 
-It runs torchvision's Mask R-CNN stages itself (transform, backbone, RPN, RoI heads) so
-that it can paste the 28x28 mask probabilities straight into RLE (see
-:func:`maskrcnn.masks.paste_and_encode`) instead of building full-size float masks.
+An image's instances depend only on that image and the model, never on the other images
+of its batch. torchvision batches by padding every image to the largest in the batch, and
+that padding changes the features near the borders; here each image is resized and padded
+to its own *canvas* (its resized size rounded up to a multiple of 32), exactly as
+torchvision's ``GeneralizedRCNNTransform`` pads an image on its own, and only images with
+the same canvas share a forward pass. Photos come in few shapes, so batches stay full on
+real archives. On CPU every image runs alone: batching is slower there (measured in
+``docs/benchmarks.md``), and alone its result is bit-identical at any batch size.
+
+Masks go straight from the 28x28 probabilities to full-image RLE in time proportional to
+the box areas (:func:`maskrcnn.masks.paste_and_encode`).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
 from maskrcnn import checkpoint, masks
@@ -28,6 +38,7 @@ class Predictor:
 
     Used by the segmentation actors (:meth:`load` from a checkpoint) and by evaluation,
     in training too (the live model), so both share one inference and post-processing path.
+    ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only).
     """
 
     def __init__(
@@ -41,6 +52,7 @@ class Predictor:
         max_detections: int = 100,
         keep_classes: list[str] | None = None,
         fp16: bool = True,
+        batch_images: bool | None = None,
     ):
         check_classes(classes, keep_classes)
         self.model, self.names, self.category_ids, self.model_id = model, classes, category_ids, model_id
@@ -51,6 +63,7 @@ class Predictor:
         model.roi_heads.detections_per_img = max(max_detections, 300) if keep_classes else max_detections
         self.max_detections = max_detections
         self.fp16 = fp16 and self.device.type == "cuda"
+        self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
         self.calls = 0  # forward passes, for tests and benchmarks
 
     @classmethod
@@ -62,25 +75,54 @@ class Predictor:
         return cls(model, ckpt["classes"], ckpt["category_ids"], model_id=checkpoint.identity(ckpt), **kwargs)
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """``(H, W, 3)`` uint8 RGB images -> per image, a list of instance dicts."""
-        if not images:
-            return []
-        m = self.model.eval()
-        tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div_(255) for im in images]
+    def predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> list[list[dict[str, Any]]]:
+        """``(H, W, 3)`` uint8 RGB images -> per image, a list of instance dicts.
+
+        Boxes and masks are in the coordinates of ``sizes`` (each image's full ``(height,
+        width)`` when it was decoded reduced); by default each array's own size.
+        """
+        sizes = sizes or [im.shape[:2] for im in images]
+        self.model.eval()
+        canvases = [self._canvas(im) for im in images]
+        detections: list[dict[str, torch.Tensor]] = [{}] * len(images)
+        for group in self._groups(canvases):
+            for i, det in zip(group, self._forward([canvases[i] for i in group])):
+                detections[i] = det
+        return [self._instances(det, resized, size) for det, (_, resized), size in zip(detections, canvases, sizes)]
+
+    def _canvas(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image as torchvision would feed it alone: resized, normalised and padded to a
+        multiple of 32; and its resized size. Resizing comes before normalising (the same to
+        float rounding), so a 12 MP photo costs one conversion, not three full-size passes."""
+        transform = self.model.transform
+        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float()
+        resized = transform.resize(pixels, None)[0].div_(255)
+        canvas = transform.batch_images([transform.normalize(resized)], size_divisible=transform.size_divisible)
+        return canvas, (resized.shape[-2], resized.shape[-1])
+
+    def _groups(self, canvases: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[list[int]]:
+        """Indices of the images that share a forward pass: the same canvas shape, or alone."""
+        if not self.batch_images:
+            return [[i] for i in range(len(canvases))]
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (canvas, _) in enumerate(canvases):
+            groups[tuple(canvas.shape)].append(i)
+        return list(groups.values())
+
+    def _forward(self, canvases: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict[str, torch.Tensor]]:
+        """torchvision's stages after the transform, on images of one canvas shape."""
+        m = self.model
+        batch = ImageList(torch.cat([c for c, _ in canvases]), [size for _, size in canvases])
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            batch, _ = m.transform(tensors)
             features = m.backbone(batch.tensors)
             proposals, _ = m.rpn(batch, features)
             detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
         self.calls += 1
-        return [
-            self._instances(det, size, im.shape[0], im.shape[1])
-            for det, size, im in zip(detections, batch.image_sizes, images)
-        ]
+        return detections
 
-    def _instances(self, det: dict[str, torch.Tensor], size: tuple[int, int], h: int, w: int) -> list[dict]:
-        boxes = resize_boxes(det["boxes"].float(), size, (h, w))
+    def _instances(self, det: dict[str, torch.Tensor], resized: tuple[int, int], size: tuple[int, int]) -> list[dict]:
+        h, w = size
+        boxes = resize_boxes(det["boxes"].float(), resized, (h, w))
         labels, scores, probs = det["labels"], det["scores"].float(), det["masks"].float()
         if self.keep is not None:
             sel = torch.isin(labels, self.keep.to(labels.device))
@@ -88,15 +130,13 @@ class Predictor:
         n = min(len(boxes), self.max_detections)
         boxes, labels, scores, probs = boxes[:n], labels[:n], scores[:n], probs[:n]
         rles = masks.paste_and_encode(probs, boxes, h, w)
-        out = []
-        for (x0, y0, x1, y1), label, score, rle in zip(boxes.tolist(), labels.tolist(), scores.tolist(), rles):
-            out.append(
-                {
-                    "category_id": self.category_ids[label - 1],
-                    "category": self.names[label - 1],
-                    "score": score,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "mask": rle,
-                }
-            )
-        return out
+        return [
+            {
+                "category_id": self.category_ids[label - 1],
+                "category": self.names[label - 1],
+                "score": score,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "mask": rle,
+            }
+            for (x0, y0, x1, y1), label, score, rle in zip(boxes.tolist(), labels.tolist(), scores.tolist(), rles)
+        ]

@@ -39,16 +39,74 @@ def test_invalid_segmentations_are_rejected(segm):
         masks.decode(segm, 10, 10)
 
 
-def test_paste_and_encode_equals_torchvision_paste_then_threshold():
-    import torch
+def _reference_rles(probs, boxes, height, width):
+    """What box-local encoding must equal: torchvision's full-image paste, > 0.5, pycocotools.
+    torchvision cannot paste a box that misses the image (the model never predicts one);
+    its mask is empty."""
+    from pycocotools import mask as mask_utils
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    torch.manual_seed(0)
-    probs = torch.rand(6, 1, 28, 28)
-    boxes = torch.tensor([[3.2, 4.7, 40.1, 30.0], [-5.0, -3.0, 20.0, 12.0], [50.0, 20.0, 79.9, 59.9],
-                          [10.0, 10.0, 10.4, 10.2], [70.0, 50.0, 95.0, 70.0], [0.0, 0.0, 79.0, 59.0]])  # fmt: skip
-    expected = (paste_masks_in_image(probs, boxes, (60, 80), padding=1)[:, 0] > 0.5).numpy()
-    rles = masks.paste_and_encode(probs, boxes, 60, 80)
-    for want, rle in zip(expected, rles):
-        np.testing.assert_array_equal(masks.decode(rle, 60, 80), want)
-    assert masks.paste_and_encode(probs[:0], boxes[:0], 60, 80) == []
+    rles = []
+    for prob, box in zip(probs, boxes):
+        try:
+            full = (paste_masks_in_image(prob[None], box[None], (height, width), padding=1)[0, 0] > 0.5).numpy()
+        except RuntimeError:
+            x0, y0, x1, y1 = box.tolist()
+            assert x1 < 0 or y1 < 0 or x0 >= width or y0 >= height, box
+            full = np.zeros((height, width), bool)
+        rles.append(mask_utils.encode(np.asfortranarray(full.astype(np.uint8))))
+    return rles
+
+
+def _edge_case_boxes(height: int, width: int):
+    import torch
+
+    h, w = float(height), float(width)
+    return torch.tensor([
+        [3.2, 4.7, w * 0.5, h * 0.5],      # inside
+        [-5.0, -3.0, 20.0, 12.0],          # clipped at the top-left corner
+        [w - 20, h - 15, w + 9, h + 7],    # clipped at the bottom-right: touches the last pixel
+        [w * 0.3, -9.0, w * 0.6, 10.0],    # clipped at the top
+        [-4.0, h * 0.2, 7.0, h * 0.8],     # clipped at the left
+        [w - 6, h * 0.1, w + 30, h * 0.4], # clipped at the right
+        [w * 0.1, h - 5, w * 0.2, h + 40], # clipped at the bottom
+        [0.0, 0.0, w - 1, h - 1],          # the whole image: runs continue into the next column
+        [5.0, -10.0, 12.0, h + 10],        # full height, part width
+        [10.0, 10.0, 10.4, 10.2],          # about one pixel
+        [w + 5, h + 5, w + 30, h + 30],    # entirely outside: an empty crop
+        [-30.0, -30.0, -2.0, -2.0],        # entirely outside, before the first pixel
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_box_local_rle_is_byte_identical_to_pycocotools_on_the_pasted_mask(seed):
+    """Random masks and boxes, borders, full-height boxes, empty crops, 1-pixel boxes, all-on
+    and all-off masks, and masks touching the last pixel, on odd image shapes."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    height, width = [(60, 80), (37, 53), (1, 9), (9, 1), (128, 128), (201, 77)][seed]
+    edge = _edge_case_boxes(height, width)
+    x0, y0 = rng.uniform(-0.3, 1.1, 20) * width, rng.uniform(-0.3, 1.1, 20) * height
+    random = torch.tensor(np.stack([x0, y0, x0 + rng.uniform(0, 1.2, 20) * width, y0 + rng.uniform(0, 1.2, 20) * height], 1),
+                          dtype=torch.float32)  # fmt: skip
+    boxes = torch.cat([edge, random])
+    torch.manual_seed(seed)
+    probs = torch.rand(len(boxes), 1, 28, 28)
+    probs[0] = 1.0  # all on
+    probs[3] = 0.0  # all off
+    probs[7, :, ::3] = 0.0  # the whole image with stripes
+    expected = _reference_rles(probs, boxes, height, width)
+    got = masks.paste_and_encode(probs, boxes, height, width)
+    assert len(got) == len(expected) == len(boxes)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == {"size": e["size"], "counts": e["counts"].decode("ascii")}, (i, boxes[i].tolist())
+
+
+def test_box_local_rle_of_a_mask_filling_the_image_and_of_no_instances():
+    import torch
+
+    probs, boxes = torch.ones(1, 1, 28, 28), torch.tensor([[-10.0, -10.0, 50.0, 50.0]])
+    (rle,) = masks.paste_and_encode(probs, boxes, 20, 30)
+    assert masks.decode(rle, 20, 30).all() and rle == {"size": [20, 30], "counts": _reference_rles(probs, boxes, 20, 30)[0]["counts"].decode()}
+    assert masks.paste_and_encode(probs[:0], boxes[:0], 20, 30) == []

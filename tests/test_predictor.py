@@ -51,3 +51,62 @@ def test_class_filter_cap_and_unknown_classes(small_checkpoint, shared_data):
     assert 0 < len(only_b) <= 5 and {i["category"] for i in only_b} == {"b"}
     with pytest.raises(ValueError, match="--classes zebra not among the model's classes: a, b, c"):
         Predictor.load(small_checkpoint, keep_classes=["zebra"])
+
+
+MIXED = ["photos/dog1.jpg", "odd_images/hopper_orientation_6.jpg", "odd_images/wizard_low-interlaced.png",
+         "photos/person1.jpg", "photos/astronaut.jpg", "photos/FudanPed00054.png"]  # fmt: skip
+
+
+def _mixed_images(shared_data, n_coco: int = 10) -> list[np.ndarray]:
+    """Real images of mixed sizes and orientations, several of them sharing a canvas."""
+    coco = sorted((shared_data / "coco_small" / "images").iterdir())[:n_coco]
+    return [images.decode(p.read_bytes()) for p in [*(shared_data / n for n in MIXED), *coco]]
+
+
+def _torchvision_alone(ckpt_uri, imgs, score=0.05, detections=50):
+    reference = checkpoint.build(checkpoint.load(ckpt_uri))
+    reference.roi_heads.score_thresh, reference.roi_heads.detections_per_img = score, detections
+    with torch.no_grad():
+        return [reference([torch.from_numpy(im).permute(2, 0, 1).float() / 255])[0] for im in imgs]
+
+
+def _assert_matches(ours, ref, h, w):
+    assert len(ours) == len(ref["boxes"])
+    for inst, box, label, prob in zip(ours, ref["boxes"], ref["labels"], ref["masks"]):
+        x, y, bw, bh = inst["bbox"]
+        assert np.allclose([x, y, x + bw, y + bh], box.tolist(), atol=1.0)
+        assert inst["category_id"] == [2, 5, 9][label - 1]
+        assert _iou(masks.decode(inst["mask"], h, w), (prob[0] > 0.5).numpy()) >= 0.99
+
+
+def test_rows_are_identical_at_any_batch_size(small_checkpoint, shared_data):
+    imgs = _mixed_images(shared_data)
+    predictor = Predictor.load(small_checkpoint, score_threshold=0.05, max_detections=50)
+    alone = [predictor.predict([im])[0] for im in imgs]
+    order = np.random.default_rng(0).permutation(len(imgs))
+    batched: dict[int, list] = {}
+    for start in range(0, len(imgs), 8):  # batches of 8, in another order
+        chunk = order[start : start + 8]
+        batched.update(zip(chunk, predictor.predict([imgs[i] for i in chunk])))
+    assert sum(len(a) for a in alone) > 100
+    assert [batched[i] for i in range(len(imgs))] == alone
+
+
+def test_same_canvas_batches_match_torchvision_on_each_image_alone(small_checkpoint, shared_data):
+    """With batching on (as on a GPU), images share a forward pass only with images of their
+    own canvas, so each still matches torchvision's forward of that image alone; torchvision's
+    own batching, which pads to the largest image, does not."""
+    imgs = _mixed_images(shared_data, n_coco=14)
+    predictor = Predictor.load(small_checkpoint, score_threshold=0.05, max_detections=50, batch_images=True)
+    ours = predictor.predict(imgs)
+    assert predictor.calls < len(imgs) - 4  # several images really shared a forward pass
+    for inst, ref, im in zip(ours, _torchvision_alone(small_checkpoint, imgs), imgs):
+        _assert_matches(inst, ref, *im.shape[:2])
+
+    reference = checkpoint.build(checkpoint.load(small_checkpoint))
+    reference.roi_heads.score_thresh, reference.roi_heads.detections_per_img = 0.05, 50
+    with torch.no_grad():
+        padded = reference([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in imgs])
+    changed = [i for i, (p, r) in enumerate(zip(padded, _torchvision_alone(small_checkpoint, imgs)))
+               if len(p["boxes"]) != len(r["boxes"]) or not torch.allclose(p["boxes"], r["boxes"], atol=1.0)]  # fmt: skip
+    assert len(changed) >= len(imgs) // 2, changed
