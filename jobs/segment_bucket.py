@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn.cli import job_parser, run_main  # noqa: E402
 from maskrcnn.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from maskrcnn.segment import IMAGE_EXTENSIONS, SegmentConfig, run  # noqa: E402
+from maskrcnn.listing import IMAGE_EXTENSIONS  # noqa: E402
+from maskrcnn.segment import SegmentConfig, run  # noqa: E402
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -78,9 +79,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--max-detections", type=int, default=100, help="keep at most this many instances per image")
     m.add_argument("--classes", help="comma-separated class names to keep (default: all)")
     m.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images become error rows")
+    m.add_argument("--full-decode", action="store_true",
+                   help="decode every JPEG at full size; by default one at least twice the model's input size "
+                        "decodes at 1/2, 1/4 or 1/8 scale (labels stay in full-image coordinates)")  # fmt: skip
     g = p.add_argument_group("progress")
     g.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
-    g.add_argument("--wave-files", type=int, default=32, help="part files listed and processed per wave (driver memory)")
     return p
 
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_actor=args.cpus_per_actor, actor_resources=args.actor_resources, decode_resources=args.decode_resources,
         score_threshold=args.score_threshold, max_detections=args.max_detections,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None, max_pixels=args.max_pixels,
-        rows_per_file=args.rows_per_file, wave_files=args.wave_files, log_every=args.log_every,
+        full_decode=args.full_decode, rows_per_file=args.rows_per_file, log_every=args.log_every,
         overwrite=args.overwrite, fp16=not args.no_fp16,
     )  # fmt: skip
     summary = run(cfg)

@@ -9,18 +9,24 @@ from typing import Callable
 from maskrcnn.checkpoint import CheckpointError
 from maskrcnn.data import DatasetError
 from maskrcnn.engine import NonFiniteLoss
+from maskrcnn.listing import ListingError
 from maskrcnn.model import WeightsError
 from maskrcnn.segment import SegmentError
 from maskrcnn.storage import StorageError
 
-EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, SegmentError, NonFiniteLoss, ValueError)
+EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, SegmentError, ListingError, NonFiniteLoss, ValueError)
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    """Ray wraps worker errors (TrainingFailedError -> worker error -> ours); find ours."""
+    """Ray wraps worker and task errors (TrainingFailedError -> worker error -> ours,
+    RayTaskError(ours) from a Ray Data task); find ours."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
+        original = getattr(err, "cause", None)  # a RayTaskError carries the task's own exception
+        if isinstance(original, BaseException):
+            err = original
+            continue
         if isinstance(err, EXPECTED):
             return err
         nxt = err.__cause__ or err.__context__

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -29,45 +31,96 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+class Decoded(NamedTuple):
+    pixels: np.ndarray  # (h, w, 3) uint8 RGB as displayed; smaller than height x width when reduced
+    height: int  # the full displayed image's size: the coordinates predictions are given in
+    width: int
+
+
 def decode(data: bytes, *, exif: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode to ``(H, W, 3)`` uint8 RGB.
 
     With ``exif`` the EXIF orientation is applied, so the array is the displayed picture.
     Grayscale, palette, CMYK, alpha and 16-bit images all come out as RGB.
     """
+    return decode_to_fit(data, None, exif=exif, max_pixels=max_pixels).pixels
+
+
+def decode_to_fit(
+    data: bytes, fit: tuple[int, int] | None, *, exif: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
+    """Like :func:`decode`, but a JPEG at least twice the size a model resizes it to
+    (``fit`` = the model's shortest side and longest-side cap) decodes at 1/2, 1/4 or 1/8
+    scale, no smaller than that size: libjpeg scales in the DCT (PIL's ``draft()``),
+    several times faster than a full decode. ``height`` and ``width`` stay the full
+    displayed size. ``max_pixels`` applies to the full size."""
     if not data:
         raise ImageError("empty", "zero-byte file")
+    im = _open(data, max_pixels)
+    full_w, full_h = im.size
+    if fit is not None:
+        _draft(im, *fit)
+    _load(im)
+    swapped = False
+    if exif:
+        im, swapped = _oriented(im)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = np.array(_to_rgb(im))  # a writable copy
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError("corrupt", f"undecodable image: {err}") from err
+    return Decoded(pixels, full_w if swapped else full_h, full_h if swapped else full_w)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check decides; PIL still refuses > 2x its limit outright.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
             im = Image.open(io.BytesIO(data))
-            if im.width * im.height > max_pixels or im.width == 0 or im.height == 0:
-                raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
-            im.load()
-    except ImageError:
-        raise
     except Image.DecompressionBombError as err:
         raise ImageError("too_large", str(err)) from err
     except Image.UnidentifiedImageError as err:
         raise ImageError("not_an_image", "not a recognised image format") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageError("corrupt", f"undecodable image: {err}") from err
-    if exif:
-        im = _oriented(im)
+    if im.width * im.height > max_pixels or im.width == 0 or im.height == 0:
+        raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
+    return im
+
+
+def _draft(im: Image.Image, min_size: int, max_size: int) -> None:
+    """Let a JPEG decode reduced, as long as it stays at least the model's input size
+    (the scale torchvision's transform resizes by, which is the same for either orientation)."""
+    if im.format != "JPEG":
+        return
+    scale = min(min_size / min(im.size), max_size / max(im.size))
+    if scale <= 0.5:
+        im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+
+
+def _load(im: Image.Image) -> None:
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
-            return np.array(_to_rgb(im))  # a writable copy
-    except (OSError, ValueError, SyntaxError) as err:
+            im.load()
+    except Image.DecompressionBombError as err:
+        raise ImageError("too_large", str(err)) from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageError("corrupt", f"undecodable image: {err}") from err
 
 
-def _oriented(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; an unreadable EXIF block leaves the pixels as stored
-    rather than losing an otherwise good image."""
+def _oriented(im: Image.Image) -> tuple[Image.Image, bool]:
+    """Apply the EXIF orientation; return the image and whether its axes swapped. An
+    unreadable EXIF block leaves the pixels as stored rather than losing a good image."""
     try:
-        return ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled below
+            oriented = ImageOps.exif_transpose(im)
+            swapped = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
     except (OSError, ValueError, SyntaxError, KeyError, TypeError):
-        return im
+        return im, False
+    return oriented, swapped

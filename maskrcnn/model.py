@@ -118,6 +118,14 @@ def build_model(
     )
 
 
+def inference_size(arch: str, min_size: int | tuple[int, ...] | None = None, max_size: int | None = None, **_: Any) -> tuple[int, int]:
+    """The shortest side and the longest-side cap that :func:`build_model`'s model resizes
+    images to when predicting (the last of several training scales), from its ``arch_kwargs``."""
+    default_min, default_max = _DEFAULT_SIZES.get(arch, (800, 1333))
+    min_size = min_size or default_min
+    return (min_size[-1] if isinstance(min_size, (tuple, list)) else min_size), max_size or default_max
+
+
 def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load every tensor whose name and shape match; return the names left as initialised.
 

@@ -1,44 +1,43 @@
 """Batch segmentation: a bucket prefix, directory or manifest of images -> Parquet rows.
 
-Data flow (Ray Data, streaming)::
+One Ray Data execution per job, however many part files it writes::
 
-    listing (paged) -> waves of shards -> CPU tasks: fetch + decode (EXIF, RGB)
-        -> actor pool: Mask R-CNN + RLE -> driver: one atomic part file per shard
+    listing (one read task, page by page) -> CPU tasks: fetch + decode (EXIF, RGB,
+        large JPEGs reduced to the model's input size) -> one warm actor pool:
+        Mask R-CNN + box-local RLE -> driver: one atomic part file per shard
 
 The input is cut, in listing order, into shards of ``rows_per_file`` URIs; shard k is
 written as ``part-{k:06d}.parquet`` only once all of its rows are back. That makes the
-output exactly-once and resumable: a rerun skips shards whose file exists, and a part file
-never holds half a shard. The driver holds at most one wave (``wave_files`` shards) of
-keys, so listings of millions of keys stream.
+output exactly-once and resumable: a rerun's listing skips shards whose file exists
+(after checking that the listing still cuts them the same way), and a part file never
+holds half a shard. The listing (:mod:`maskrcnn.listing`) runs in a Ray task and streams,
+so output starts before a listing of millions of keys ends and the driver never holds the keys.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import ray
 
-from maskrcnn import checkpoint, images, output, storage
+from maskrcnn import checkpoint, images, listing, output, storage
+from maskrcnn.listing import IMAGE_EXTENSIONS, KEYS, LISTED
+from maskrcnn.model import inference_size
 from maskrcnn.predictor import Predictor, check_classes
 from maskrcnn.runtime import init_ray
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
-WORK_SCHEMA = pa.schema([("shard", pa.int64()), ("index", pa.int64()), *output.SCHEMA])
+WORK_SCHEMA = pa.schema([*KEYS, *output.SCHEMA])
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
 
 
 class SegmentError(RuntimeError):
-    """Input or output that stops the job before the actor pool starts."""
+    """Input or output that stops the job, before the actor pool starts where it can."""
 
 
 @dataclass
@@ -53,15 +52,15 @@ class SegmentConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0  # also the actor's torch threads: Ray sets OMP_NUM_THREADS from it
     # Custom Ray resources that pin the stages to node groups, e.g. {"gpu_node": 1} for the
-    # actors and {"decode_node": 1} for decoding; the cluster configs declare them.
+    # actors and {"decode_node": 1} for listing and decoding; the cluster configs declare them.
     actor_resources: dict[str, float] | None = None
     decode_resources: dict[str, float] | None = None
     score_threshold: float = 0.5
     max_detections: int = 100
     classes: list[str] | None = None
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    full_decode: bool = False
     rows_per_file: int = 1000
-    wave_files: int = 32
     log_every: float = 30.0
     overwrite: bool = False
     fp16: bool = True
@@ -70,120 +69,29 @@ class SegmentConfig:
         self.input, self.output, self.model = (storage.absolute(u) for u in (self.input, self.output, self.model))
 
 
-# ---------------------------------------------------------------- input
+def run(cfg: SegmentConfig) -> dict[str, Any]:
+    """Segment every input image; return (and write as _summary.json) the summary."""
+    start = time.perf_counter()
+    # 1. Fail fast, before any actor starts: the model, its classes, the input, the output.
+    ckpt = checkpoint.load(cfg.model)
+    check_classes(ckpt["classes"], cfg.classes)
+    model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
+    del ckpt
+    if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
+        raise SegmentError(f"no images found in {cfg.input}")
+    done = {k: output.read_stats(uri) for k, uri in prepare_output(cfg, model_id).items()}
+    # 2. One pipeline for the whole input; the driver writes each shard once it is whole.
+    init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
+    progress = _Progress(cfg.log_every)
+    written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit), progress)
+    listed = json.loads(storage.read_text(storage.join(cfg.output, LISTED)))
+    missing = sorted(set(range(listed["part_files"])) - set(done) - set(written))
+    if missing:
+        raise RuntimeError(f"the pipeline returned no rows for shards {missing[:10]}; nothing partial was written")
+    return _finish(cfg, model_id, listed["images"], {**done, **written}, done, progress, time.perf_counter() - start)
 
 
-def _manifest(uri: str) -> Iterator[str]:
-    """Stream the ``uri`` column (or the first column) of a Parquet, CSV or text manifest."""
-    fs, path = storage.filesystem(uri)
-    if uri.lower().endswith(".parquet"):
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        column = "uri" if "uri" in pf.schema_arrow.names else pf.schema_arrow.names[0]
-        batches = pf.iter_batches(columns=[column])
-    else:
-        text = uri.lower().endswith(".txt")
-        batches = pacsv.open_csv(
-            fs.open_input_stream(path),
-            read_options=pacsv.ReadOptions(column_names=["uri"] if text else None),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if text else ",", quote_char=False if text else '"'),
-        )
-    for batch in batches:
-        col = batch.column("uri") if "uri" in batch.schema.names else batch.column(0)
-        yield from (storage.absolute(u.strip()) for u in col.to_pylist() if u and u.strip())
-
-
-def input_uris(cfg: SegmentConfig) -> Iterator[str]:
-    if cfg.input.lower().endswith(MANIFEST_SUFFIXES):
-        if not storage.exists(cfg.input):
-            raise SegmentError(f"manifest not found: {cfg.input}")
-        uris = _manifest(cfg.input)
-    else:
-        if not storage.is_s3(cfg.input):
-            storage.check_readable_dir(cfg.input)
-        uris = storage.iter_files(cfg.input, cfg.extensions)
-    return itertools.islice(uris, cfg.limit) if cfg.limit else uris
-
-
-def shards(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[str]]]:
-    for k in itertools.count():
-        chunk = list(itertools.islice(uris, rows_per_file))
-        if not chunk:
-            return
-        yield k, chunk
-
-
-# ---------------------------------------------------------------- pipeline stages
-
-
-def _read_error(uri: str, err: Exception) -> str:
-    try:
-        missing = not storage.exists(uri)
-    except storage.StorageError:
-        missing = False
-    return f"missing: {uri} no longer exists" if missing else f"read_failed: {err}"
-
-
-def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, Any]:
-    """CPU task: bytes -> oriented RGB arrays; failures become ``error`` strings."""
-    out: dict[str, list] = {"shard": [], "index": [], "uri": [], "image": [], "error": []}
-    for shard, index, uri in zip(batch["shard"], batch["index"], batch["uri"]):
-        image, error = _EMPTY, None
-        try:
-            image = images.decode(storage.read_bytes(str(uri)), exif=True, max_pixels=max_pixels)
-        except storage.StorageError as err:
-            error = _read_error(str(uri), err)
-        except images.ImageError as err:
-            error = f"{err.kind}: {err}"
-        for key, value in (("shard", int(shard)), ("index", int(index)), ("uri", str(uri)), ("image", image), ("error", error)):
-            out[key].append(value)
-    return out
-
-
-class InferenceActor:
-    """The Ray Data actor: a :class:`Predictor` that turns decoded rows into output rows."""
-
-    def __init__(self, model_uri: str, **predictor_kwargs: Any):
-        self.predictor = Predictor.load(model_uri, **predictor_kwargs)
-
-    def _predict_each(self, imgs: list[np.ndarray]) -> list[list[dict] | str]:
-        """Batch first; if the batch fails, one at a time so one bad image fails alone."""
-        try:
-            return list(self.predictor.predict(imgs))
-        except Exception:  # noqa: BLE001
-            results: list[list[dict] | str] = []
-            for img in imgs:
-                try:
-                    results.extend(self.predictor.predict([img]))
-                except Exception as err:  # noqa: BLE001 - recorded in the row, never lost
-                    results.append(f"inference_failed: {type(err).__name__}: {err}")
-            return results
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["uri"])
-        # Ray Data may hand a None in a string column back as NaN: only strings are errors.
-        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
-        ok = [i for i in range(n) if errors[i] is None]
-        predicted = dict(zip(ok, self._predict_each([batch["image"][i] for i in ok])))
-        rows = []
-        for i in range(n):
-            result, image = predicted.get(i, errors[i]), batch["image"][i]
-            failed = isinstance(result, str)
-            rows.append(
-                {
-                    "shard": int(batch["shard"][i]),
-                    "index": int(batch["index"][i]),
-                    "uri": str(batch["uri"][i]),
-                    "width": None if failed else int(image.shape[1]),
-                    "height": None if failed else int(image.shape[0]),
-                    "instances": [] if failed else result,
-                    "model": self.predictor.model_id,
-                    "error": result if failed else None,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
-
-
-# ---------------------------------------------------------------- driver
+# ---------------------------------------------------------------- output
 
 
 def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
@@ -194,7 +102,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
     """Check the output is writable and belongs to this job; return the parts already there.
 
     One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
-    (temporary files, the previous run's _SUCCESS) and finding the finished parts."""
+    (temporary files, the previous run's _SUCCESS and _listing.json) and finding the finished parts."""
     record_uri = storage.join(cfg.output, "_job.json")
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
@@ -212,21 +120,29 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
         shard = output.shard_of(name)
         if name == "_job.json":
             continue
-        if cfg.overwrite or (shard is None and (".tmp-" in name or name == "_SUCCESS")):
+        if cfg.overwrite or (shard is None and (".tmp-" in name or name in ("_SUCCESS", LISTED))):
             storage.delete(uri)
         elif shard is not None:
             parts[shard] = uri
     return parts
 
 
-def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Dataset:
-    ds = ray.data.from_items(items).map_batches(
+# ---------------------------------------------------------------- pipeline
+
+
+def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | None) -> ray.data.Dataset:
+    """Listing -> decode tasks -> actor pool, as one Ray Data execution."""
+    ray.data.DataContext.get_current().target_max_block_size = listing.BLOCK_BYTES
+    place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
+    source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, done)
+    ds = ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args=place)
+    ds = ds.map_batches(
         fetch_and_decode,
         batch_size=cfg.batch_size,
-        fn_kwargs={"max_pixels": cfg.max_pixels},
+        fn_kwargs={"max_pixels": cfg.max_pixels, "fit": fit},
         batch_format="numpy",
         num_cpus=1,
-        resources=cfg.decode_resources or None,
+        **place,
     )
     return ds.map_batches(
         InferenceActor,
@@ -246,6 +162,102 @@ def _pipeline(cfg: SegmentConfig, items: list[dict[str, Any]]) -> ray.data.Datas
     )
 
 
+def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[int, int] | None) -> dict[str, Any]:
+    """CPU task: bytes -> oriented RGB arrays (large JPEGs reduced to ``fit``) and each image's
+    full displayed size; failures become ``error`` strings."""
+    out: dict[str, list] = {k: [batch[k][i].item() for i in range(len(batch["uri"]))] for k in KEYS.names}
+    out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
+    for uri in out["uri"]:
+        decoded, error = images.Decoded(_EMPTY, 0, 0), None
+        try:
+            decoded = images.decode_to_fit(storage.read_bytes(uri), fit, exif=True, max_pixels=max_pixels)
+        except storage.StorageError as err:
+            error = _read_error(uri, err)
+        except images.ImageError as err:
+            error = f"{err.kind}: {err}"
+        for key, value in (("image", decoded.pixels), ("height", decoded.height), ("width", decoded.width), ("error", error)):
+            out[key].append(value)
+    return out
+
+
+def _read_error(uri: str, err: Exception) -> str:
+    try:
+        missing = not storage.exists(uri)
+    except storage.StorageError:
+        missing = False
+    return f"missing: {uri} no longer exists" if missing else f"read_failed: {err}"
+
+
+class InferenceActor:
+    """The Ray Data actor: loads the model once per job; decoded rows in, output rows out."""
+
+    def __init__(self, model_uri: str, **predictor_kwargs: Any):
+        self.predictor = Predictor.load(model_uri, **predictor_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        # Ray Data may hand a None in a string column back as NaN: only strings are errors.
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        ok = [i for i in range(n) if errors[i] is None]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in range(n)]
+        predicted = dict(zip(ok, self._predict_each([batch["image"][i] for i in ok], [sizes[i] for i in ok])))
+        rows = []
+        for i in range(n):
+            result = predicted.get(i, errors[i])
+            failed = isinstance(result, str)
+            rows.append({
+                **{k: int(batch[k][i]) for k in KEYS.names},
+                "uri": str(batch["uri"][i]),
+                "width": None if failed else sizes[i][1],
+                "height": None if failed else sizes[i][0],
+                "instances": [] if failed else result,
+                "model": self.predictor.model_id,
+                "error": result if failed else None,
+            })  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+    def _predict_each(self, imgs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict] | str]:
+        """Batch first; if the batch fails, one at a time so one bad image fails alone."""
+        try:
+            return list(self.predictor.predict(imgs, sizes))
+        except Exception:  # noqa: BLE001
+            results: list[list[dict] | str] = []
+            for img, size in zip(imgs, sizes):
+                try:
+                    results.extend(self.predictor.predict([img], [size]))
+                except Exception as err:  # noqa: BLE001 - recorded in the row, never lost
+                    results.append(f"inference_failed: {type(err).__name__}: {err}")
+            return results
+
+
+# ---------------------------------------------------------------- driver
+
+
+def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: "_Progress") -> dict[int, dict]:
+    """Collect the pipeline's rows by shard; write each shard's part file once it is whole.
+
+    Rows are keyed by (shard, index), so a retried task cannot duplicate one, and rows of a
+    shard already written (a re-run listing task) are dropped."""
+    pending: dict[int, dict[int, dict]] = {}
+    written: dict[int, dict] = {}
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.add(table)
+        for row in table.to_pylist():
+            k = row["shard"]
+            if k in written:
+                continue
+            rows = pending.setdefault(k, {})
+            rows[row["index"]] = row
+            if len(rows) == row["shard_rows"]:
+                ordered = [{f: rows[i][f] for f in output.SCHEMA.names} for i in range(len(rows))]
+                written[k] = output.write_part(cfg.output, k, ordered)
+                del pending[k]
+    if pending:
+        missing = {k: next(iter(rows.values()))["shard_rows"] - len(rows) for k, rows in pending.items()}
+        raise RuntimeError(f"rows missing from the pipeline for shards {missing}; nothing partial was written")
+    return written
+
+
 class _Progress:
     def __init__(self, every: float):
         self.every, self.start, self.last = every, time.perf_counter(), time.perf_counter()
@@ -263,82 +275,22 @@ class _Progress:
         return self.rows / max(time.perf_counter() - self.start, 1e-9)
 
 
-def _run_wave(cfg: SegmentConfig, wave: list[tuple[int, list[str]]], progress: _Progress) -> dict[int, dict]:
-    """Push one wave through the pipeline; write each shard's part file once it is whole."""
-    expected = {k: len(uris) for k, uris in wave}
-    items = [{"shard": k, "index": i, "uri": u} for k, uris in wave for i, u in enumerate(uris)]
-    pending: dict[int, dict[int, dict]] = {k: {} for k in expected}
-    written: dict[int, dict] = {}
-    for table in _pipeline(cfg, items).iter_batches(batch_format="pyarrow", batch_size=None):
-        progress.add(table)
-        for row in table.to_pylist():
-            pending[row["shard"]][row["index"]] = row  # keyed by index: a retried task cannot duplicate
-        for k in [k for k, rows in pending.items() if len(rows) == expected[k]]:
-            rows = [pending[k][i] for i in range(expected[k])]
-            written[k] = output.write_part(cfg.output, k, [{f: r[f] for f in output.SCHEMA.names} for r in rows])
-            del pending[k]
-    if pending:
-        missing = {k: expected[k] - len(rows) for k, rows in pending.items()}
-        raise RuntimeError(f"rows missing from the pipeline for shards {missing}; nothing partial was written")
-    return written
-
-
-def run(cfg: SegmentConfig) -> dict[str, Any]:
-    """Segment every input image; return (and write as _summary.json) the summary."""
-    start = time.perf_counter()
-    ckpt = checkpoint.load(cfg.model)
-    check_classes(ckpt["classes"], cfg.classes)
-    model_id = checkpoint.identity(ckpt)
-    del ckpt
-    uris = input_uris(cfg)
-    first = next(uris, None)
-    if first is None:
-        raise SegmentError(f"no images found in {cfg.input}")
-    done = prepare_output(cfg, model_id)
-    progress = _Progress(cfg.log_every)
-    stats: dict[int, dict] = {}
-    wave: list[tuple[int, list[str]]] = []
-    init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
-    images_in = 0
-    for k, chunk in shards(itertools.chain([first], uris), cfg.rows_per_file):
-        images_in += len(chunk)
-        if k in done:
-            stats[k] = output.read_stats(done[k])
-            _check_same_slice(cfg, k, chunk, stats[k])
-            continue
-        wave.append((k, chunk))
-        if len(wave) == cfg.wave_files:
-            stats.update(_run_wave(cfg, wave, progress))
-            wave = []
-    if wave:
-        stats.update(_run_wave(cfg, wave, progress))
-    return _finish(cfg, model_id, images_in, stats, done, progress, time.perf_counter() - start)
-
-
-def _check_same_slice(cfg: SegmentConfig, shard: int, chunk: list[str], stats: dict) -> None:
-    """A part file may only be reused if the listing still puts the same inputs in its slice."""
-    if (stats["rows"], stats["first_uri"], stats["last_uri"]) != (len(chunk), chunk[0], chunk[-1]):
-        raise SegmentError(
-            f"the input listing changed since {output.part_uri(cfg.output, shard)} was written "
-            "(files added or removed); resume needs the same input: pass --overwrite, a new --output, or a manifest"
-        )
-
-
 def _finish(
     cfg: SegmentConfig, model_id: str, images_in: int, stats: dict[int, dict], done: dict, progress: _Progress, wall: float
 ) -> dict:
     errors: Counter = Counter()
     for s in stats.values():
         errors.update(s["errors"])
+    rows = sum(s["rows"] for s in stats.values())
     summary = {
         "input": cfg.input,
         "output": cfg.output,
         "model": model_id,
         "schema_version": output.SCHEMA_VERSION,
         "images_in": images_in,
-        "rows_out": sum(s["rows"] for s in stats.values()),
+        "rows_out": rows,
         "part_files": len(stats),
-        "resumed_rows": sum(stats[k]["rows"] for k in done if k in stats),
+        "resumed_rows": sum(s["rows"] for s in done.values()),
         "processed_rows": progress.rows,
         "errors": dict(sorted(errors.items())),
         "instances": sum(s["instances"] for s in stats.values()),

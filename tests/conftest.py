@@ -67,6 +67,25 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
+def small_model_file(
+    path: Path | str, *, min_size: int = 160, max_size: int = 256,
+    classes: tuple[str, ...] = ("a", "b", "c"), category_ids: tuple[int, ...] = (2, 5, 9),
+) -> str:
+    """Save the small Mask R-CNN with random weights (seed 1) as a project checkpoint: what
+    the inference tests run. Its speed and shapes are real; its labels are noise."""
+    import torch
+
+    from maskrcnn import checkpoint
+    from maskrcnn.model import SMALL, build_model
+
+    torch.manual_seed(1)
+    kwargs = {"num_classes": len(classes) + 1, "min_size": min_size, "max_size": max_size}
+    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=list(classes),
+                           category_ids=list(category_ids), step=0, epoch=0)  # fmt: skip
+    checkpoint.save(str(path), ckpt)
+    return str(path)
+
+
 def run_job(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``jobs/<script>`` as a user would, capturing its output."""
     return subprocess.run(

@@ -6,25 +6,20 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn import checkpoint, images, output, storage
-from maskrcnn.model import SMALL, build_model
+from maskrcnn import images, output, storage
 from maskrcnn.predictor import Predictor
-from tests.conftest import run_job
+from tests.conftest import run_job, small_model_file
 
 
 @pytest.fixture(scope="module")
 def predictions(tmp_path_factory, coco_small):
-    torch.manual_seed(1)
-    kwargs = {"num_classes": 4, "min_size": 128, "max_size": 192}
     root = tmp_path_factory.mktemp("export")
-    model_path = str(root / "small.pt")
     # category ids 1, 3, 18 exist in COCO, so the results score against coco_small's ground truth
-    checkpoint.save(model_path, checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs,
-                                                classes=["person", "car", "dog"], category_ids=[1, 3, 18], step=0, epoch=0))  # fmt: skip
+    model_path = small_model_file(root / "small.pt", min_size=128, max_size=192, classes=("person", "car", "dog"),
+                                  category_ids=(1, 3, 18))  # fmt: skip
     predictor = Predictor.load(model_path, score_threshold=0.2)
     gt = json.loads(open(coco_small[0]).read())
     rows = []

@@ -60,3 +60,50 @@ def test_empty_and_oversized_inputs(shared_data):
     with pytest.raises(images.ImageError) as err:
         images.decode((shared_data / "photos" / "dog1.jpg").read_bytes(), max_pixels=1000)
     assert err.value.kind == "too_large" and "--max-pixels 1000" in str(err.value)
+
+
+def large_jpeg(shared_data, width: int, height: int, orientation: int = 1) -> bytes:
+    """A real photo scaled up to a camera-sized JPEG, optionally with an EXIF orientation."""
+    import io
+
+    from PIL import Image
+
+    photo = Image.open(shared_data / "photos" / "person1.jpg").convert("RGB").resize((width, height), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "stored, orientation, fit, reduced, full",
+    [
+        ((4032, 3024), 1, (800, 1333), (1512, 2016), (3024, 4032)),  # 1/2: still >= 800x1067
+        ((4032, 3024), 6, (800, 1333), (2016, 1512), (4032, 3024)),  # rotated on display
+        ((4032, 3024), 8, (320, 512), (504, 378), (4032, 3024)),  # 1/8 for a small model
+        ((1600, 1200), 1, (800, 1333), (1200, 1600), (1200, 1600)),  # under 2x: full decode
+    ],
+)
+def test_large_jpegs_decode_reduced_but_report_their_full_displayed_size(shared_data, stored, orientation, fit, reduced, full):
+    from PIL import Image
+
+    data = large_jpeg(shared_data, *stored, orientation)
+    decoded = images.decode_to_fit(data, fit)
+    assert decoded.pixels.shape == (*reduced, 3) and (decoded.height, decoded.width) == full
+    whole = images.decode(data)
+    assert whole.shape[:2] == full and images.decode_to_fit(data, None).pixels.shape == whole.shape
+    # The same picture: the full decode scaled down to the reduced size is close to it.
+    scaled = np.asarray(Image.fromarray(whole).resize(reduced[::-1], Image.BOX), dtype=np.float32)
+    assert np.abs(scaled - decoded.pixels).mean() < 3.0
+
+
+def test_only_jpegs_decode_reduced(shared_data):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(images.decode(large_jpeg(shared_data, 2000, 1500))).save(png, "PNG")
+    decoded = images.decode_to_fit(png.getvalue(), (320, 512))
+    assert decoded.pixels.shape == (1500, 2000, 3) and (decoded.height, decoded.width) == (1500, 2000)

@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from maskrcnn import checkpoint
-from maskrcnn.model import SMALL, build_model
-from tests.conftest import REPO, _free_port
+from tests.conftest import REPO, _free_port, small_model_file
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +28,6 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
-
-
-def _model(path: Path) -> str:
-    torch.manual_seed(1)
-    kwargs = {"num_classes": 4, "min_size": 128, "max_size": 192}
-    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=["a", "b", "c"],
-                           category_ids=[1, 2, 3], step=0, epoch=0)  # fmt: skip
-    checkpoint.save(str(path), ckpt)
-    return str(path)
 
 
 def _parts(out: Path) -> list[Path]:
@@ -65,7 +53,7 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
     archive.mkdir()
     for src in sorted((shared_data / "coco_small" / "images").iterdir())[:40]:
         shutil.copy(src, archive / src.name)
-    args = ["--input", str(archive), "--output", str(out), "--model", _model(tmp_path / "m.pt"),
+    args = ["--input", str(archive), "--output", str(out), "--model", small_model_file(tmp_path / "m.pt", min_size=128, max_size=192),
             "--rows-per-file", "4", "--batch-size", "2", "--score-threshold", "0.3", "--log-every", "2",
             "--actor-resources", '{"gpu_node": 1}', "--decode-resources", '{"decode_node": 1}']  # fmt: skip
     env = dict(os.environ, RAY_ADDRESS=cluster.address)

@@ -5,19 +5,13 @@ import pytest
 import torch
 
 from maskrcnn import checkpoint, images, masks
-from maskrcnn.model import SMALL, build_model
 from maskrcnn.predictor import Predictor
+from tests.conftest import small_model_file
 
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
-    torch.manual_seed(1)
-    kwargs = {"num_classes": 4, "min_size": 160, "max_size": 256}
-    model = build_model(SMALL, **kwargs)
-    path = tmp_path_factory.mktemp("ck") / "small.pt"
-    checkpoint.save(str(path), checkpoint.make(model, arch=SMALL, arch_kwargs=kwargs, classes=["a", "b", "c"],
-                                               category_ids=[2, 5, 9], step=0, epoch=0))  # fmt: skip
-    return str(path)
+    return small_model_file(tmp_path_factory.mktemp("ck") / "small.pt")
 
 
 def _iou(a, b):

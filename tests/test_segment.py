@@ -18,11 +18,9 @@ import boto3
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from maskrcnn import checkpoint, images, masks, storage
-from maskrcnn.model import SMALL, build_model
-from tests.conftest import REPO, run_job, upload_dir
+from maskrcnn import images, masks, storage
+from tests.conftest import REPO, run_job, small_model_file, upload_dir
 from tests.test_images import UNUSABLE
 
 pytestmark = pytest.mark.slow
@@ -30,13 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(1)
-    kwargs = {"num_classes": 4, "min_size": 160, "max_size": 256}
-    path = tmp_path_factory.mktemp("model") / "small.pt"
-    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=["a", "b", "c"],
-                           category_ids=[2, 5, 9], step=0, epoch=0)  # fmt: skip
-    checkpoint.save(str(path), ckpt)
-    return str(path)
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.pt")
 
 
 def _summary(result: subprocess.CompletedProcess) -> dict:
@@ -111,7 +103,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     shutil.copytree(shared_data / "coco_small" / "images", archive)
     rel = functools.partial(os.path.relpath, start=REPO)  # relative paths, as users type them
     args = ["--input", rel(archive), "--output", rel(out), "--model", rel(model_file),
-            "--rows-per-file", "4", "--wave-files", "2", "--log-every", "1"]  # fmt: skip
+            "--rows-per-file", "4", "--log-every", "1"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
@@ -233,49 +225,32 @@ def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, sh
     client.delete_object(Bucket=bucket, Key="a/gone.jpg")  # ... then deleted before it is read
     client.put_object(Bucket=bucket, Key="a/empty.jpg", Body=b"")
     client.put_object(Bucket=bucket, Key="a/dog.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
-    batch = {"shard": np.array([0, 0, 0]), "index": np.array([0, 1, 2]),
+    batch = {"shard": np.array([0, 0, 0]), "index": np.array([0, 1, 2]), "shard_rows": np.array([3, 3, 3]),
              "uri": np.array([listed, f"s3://{bucket}/a/empty.jpg", f"s3://{bucket}/a/dog.jpg"])}  # fmt: skip
-    out = fetch_and_decode(batch, max_pixels=10**8)
+    out = fetch_and_decode(batch, max_pixels=10**8, fit=None)
     assert out["error"][0].startswith("missing: ") and out["error"][1].startswith("empty: ") and out["error"][2] is None
-    assert out["image"][2].shape[2] == 3 and out["image"][0].shape == (0, 0, 3)
+    assert out["image"][2].shape == (500, 500, 3) and (out["height"][2], out["width"][2]) == (500, 500)
+    assert out["image"][0].shape == (0, 0, 3) and out["index"] == [0, 1, 2] and out["shard_rows"] == [3, 3, 3]
 
 
-def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_data):
-    """With GPU actors (a logical GPU here), decoding must not be fused into the actors."""
+def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_data, tmp_path):
+    """With GPU actors (a logical GPU here), decoding must not be fused into the actors, and
+    the listing stays a task of its own."""
     import ray
 
-    from maskrcnn.segment import SegmentConfig, _pipeline
+    from maskrcnn.segment import SegmentConfig, pipeline
 
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"{shared_data / 'photos' / n}\n" for n in ["dog1.jpg", "dog2.jpg"]))
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
-        cfg = SegmentConfig(input="x", output="y", model=model_file, num_gpus_per_actor=1.0)
-        items = [{"shard": 0, "index": i, "uri": str(shared_data / "photos" / n)} for i, n in enumerate(["dog1.jpg", "dog2.jpg"])]
-        ds = _pipeline(cfg, items)
+        cfg = SegmentConfig(input=str(manifest), output=str(tmp_path / "out"), model=model_file, num_gpus_per_actor=1.0)
+        ds = pipeline(cfg, {}, (160, 256))
         rows = sum(t.num_rows for t in ds.iter_batches(batch_format="pyarrow", batch_size=None))
         stats = ds.stats()
         assert rows == 2
         assert "MapBatches(fetch_and_decode)->MapBatches(InferenceActor)" not in stats
+        assert "ReadListing->" not in stats
         assert "MapBatches(fetch_and_decode)" in stats and "MapBatches(InferenceActor)" in stats
     finally:
         ray.shutdown()
-
-
-@pytest.mark.parametrize("kind", ["parquet", "csv", "txt"])
-def test_manifests_stream_their_uris(kind, tmp_path, bucket):
-    import pyarrow as pa
-
-    from maskrcnn.segment import SegmentConfig, input_uris
-
-    uris = [f"s3://{bucket}/img/{i:03d}.jpg" for i in range(7)]
-    path = f"s3://{bucket}/lists/manifest.{kind}"
-    if kind == "parquet":
-        fs, p = storage.filesystem(path)
-        pq.write_table(pa.table({"uri": uris, "note": ["x"] * 7}), p, filesystem=fs)
-    elif kind == "csv":
-        storage.write_text(path, "uri,note\n" + "".join(f"{u},x\n" for u in uris))
-    else:
-        storage.write_text(path, "\n".join(uris) + "\n\n")
-    assert list(input_uris(SegmentConfig(input=path, output="o", model="m"))) == uris
-    assert list(input_uris(SegmentConfig(input=path, output="o", model="m", limit=3))) == uris[:3]
-    with pytest.raises(Exception, match="manifest not found"):
-        input_uris(SegmentConfig(input=f"s3://{bucket}/lists/none.{kind}", output="o", model="m"))

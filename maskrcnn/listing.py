@@ -1,0 +1,128 @@
+"""The segmentation job's input, streamed: a directory or bucket prefix listed page by page,
+or a Parquet/CSV/text manifest, cut in listing order into shards of ``rows_per_file``.
+
+:class:`Listing` is that stream as a Ray Data source. Its one read task lists the input and
+yields rows as it goes, so output starts before a listing of millions of keys ends and the
+driver never holds the keys; shards already written are skipped once the listing is shown
+to cut them the same way, which is what makes resuming safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from maskrcnn import output, storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
+KEYS = pa.schema([("shard", pa.int64()), ("index", pa.int64()), ("shard_rows", pa.int64())])
+LISTED = "_listing.json"  # written into the output when the listing ends: {"images": N, "part_files": K}
+# Rows per block. Ray Data merges a task's output into blocks of up to
+# DataContext.target_max_block_size bytes before passing it on; the segmentation job lowers
+# that to BLOCK_BYTES so that listing blocks leave as they are made (the output starts at
+# once) and each decode task takes a few batches of images.
+BLOCK_ROWS = 64
+BLOCK_BYTES = 1 << 12
+
+
+class ListingError(RuntimeError):
+    """An input that cannot be listed as given, or that changed since a resumed run began."""
+
+
+def input_uris(uri: str, extensions: tuple[str, ...] | None, limit: int | None) -> Iterator[str]:
+    """The input's URIs in listing order: a manifest's rows, or the files under a directory
+    or prefix with one of ``extensions`` (None keeps every file)."""
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        if not storage.exists(uri):
+            raise ListingError(f"manifest not found: {uri}")
+        uris = _manifest(uri)
+    else:
+        if not storage.is_s3(uri):
+            storage.check_readable_dir(uri)
+        uris = storage.iter_files(uri, extensions)
+    return itertools.islice(uris, limit) if limit else uris
+
+
+def _manifest(uri: str) -> Iterator[str]:
+    """Stream the ``uri`` column (or the first column) of a Parquet, CSV or text manifest."""
+    fs, path = storage.filesystem(uri)
+    if uri.lower().endswith(".parquet"):
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        column = "uri" if "uri" in pf.schema_arrow.names else pf.schema_arrow.names[0]
+        batches = pf.iter_batches(columns=[column])
+    else:
+        text = uri.lower().endswith(".txt")
+        batches = pacsv.open_csv(
+            fs.open_input_stream(path),
+            read_options=pacsv.ReadOptions(column_names=["uri"] if text else None),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if text else ",", quote_char=False if text else '"'),
+        )
+    for batch in batches:
+        col = batch.column("uri") if "uri" in batch.schema.names else batch.column(0)
+        yield from (storage.absolute(u.strip()) for u in col.to_pylist() if u and u.strip())
+
+
+def shards(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[str]]]:
+    for k in itertools.count():
+        chunk = list(itertools.islice(uris, rows_per_file))
+        if not chunk:
+            return
+        yield k, chunk
+
+
+class Listing(Datasource):
+    """The input as a Ray Data source of ``(shard, index, shard_rows, uri)`` rows.
+
+    ``done`` maps each shard already written to its stats (see
+    :func:`maskrcnn.output.part_stats`); those shards are checked and skipped. When the
+    listing ends it writes :data:`LISTED` into ``output`` for the driver to check against."""
+
+    def __init__(self, input: str, extensions: tuple[str, ...] | None, limit: int | None, rows_per_file: int,
+                 output: str, done: dict[int, dict]):  # fmt: skip
+        super().__init__()
+        self.input, self.extensions, self.limit, self.rows_per_file, self.output = input, extensions, limit, rows_per_file, output
+        self.done = {k: (s["rows"], s["first_uri"], s["last_uri"]) for k, s in done.items()}
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
+        return [ReadTask(self._blocks, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
+
+    def _blocks(self) -> Iterator[pa.Table]:
+        """Blocks of BLOCK_ROWS rows, which may span shards, so that small part files do not
+        make small tasks."""
+        count = listed = 0
+        block: dict[str, list] = {name: [] for name in [*KEYS.names, "uri"]}
+        for k, chunk in shards(input_uris(self.input, self.extensions, self.limit), self.rows_per_file):
+            count, listed = count + 1, listed + len(chunk)
+            if k in self.done:
+                if self.done[k] != (len(chunk), chunk[0], chunk[-1]):
+                    raise self._changed(k)
+                continue
+            for i, uri in enumerate(chunk):
+                for name, value in zip(block, (k, i, len(chunk), uri)):
+                    block[name].append(value)
+                if len(block["uri"]) == BLOCK_ROWS:
+                    yield pa.table(block)
+                    block = {name: [] for name in block}
+        if block["uri"]:
+            yield pa.table(block)
+        beyond = sorted(k for k in self.done if k >= count)
+        if beyond:
+            raise self._changed(beyond[0])
+        storage.write_text(storage.join(self.output, LISTED), json.dumps({"images": listed, "part_files": count}))
+
+    def _changed(self, shard: int) -> ListingError:
+        return ListingError(
+            f"the input listing changed since {output.part_uri(self.output, shard)} was written "
+            "(files added or removed); resume needs the same input: pass --overwrite, a new --output, or a manifest"
+        )

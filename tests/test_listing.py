@@ -1,0 +1,72 @@
+"""The segmentation job's input: manifests, listings cut into shards, and the Ray Data
+source that streams them and guards resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from maskrcnn import listing, storage
+from maskrcnn.listing import Listing, ListingError
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "txt"])
+def test_manifests_stream_their_uris(kind, bucket):
+    uris = [f"s3://{bucket}/img/{i:03d}.jpg" for i in range(7)]
+    path = f"s3://{bucket}/lists/manifest.{kind}"
+    if kind == "parquet":
+        fs, p = storage.filesystem(path)
+        pq.write_table(pa.table({"uri": uris, "note": ["x"] * 7}), p, filesystem=fs)
+    elif kind == "csv":
+        storage.write_text(path, "uri,note\n" + "".join(f"{u},x\n" for u in uris))
+    else:
+        storage.write_text(path, "\n".join(uris) + "\n\n")
+    assert list(listing.input_uris(path, None, None)) == uris
+    assert list(listing.input_uris(path, None, 3)) == uris[:3]
+    with pytest.raises(ListingError, match="manifest not found"):
+        listing.input_uris(f"s3://{bucket}/lists/none.{kind}", None, None)
+
+
+def _archive(tmp_path, n: int):
+    root = tmp_path / "archive"
+    root.mkdir(exist_ok=True)
+    for i in range(n):
+        (root / f"{i:04d}.jpg").write_bytes(b"x")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _rows(source: Listing) -> list[dict]:
+    return [row for block in source._blocks() for row in block.to_pylist()]
+
+
+def test_blocks_span_shards_skip_written_ones_and_record_the_listing(tmp_path):
+    root, out = _archive(tmp_path, 150), tmp_path / "out"
+    files = sorted(str(p) for p in root.glob("*.jpg"))
+    done = {1: {"rows": 7, "first_uri": files[7], "last_uri": files[13]}}
+    source = Listing(str(root), listing.IMAGE_EXTENSIONS, None, 7, str(out), done)
+    blocks = list(source._blocks())
+    assert [b.num_rows for b in blocks] == [listing.BLOCK_ROWS, listing.BLOCK_ROWS, 150 - 7 - 2 * listing.BLOCK_ROWS]
+    rows = [r for b in blocks for r in b.to_pylist()]
+    assert [r["uri"] for r in rows] == files[:7] + files[14:]  # shard 1 is already written
+    assert {(r["shard"], r["index"]) for r in rows} == {(i // 7, i % 7) for i in range(150) if not 7 <= i < 14}
+    assert {r["shard_rows"] for r in rows if r["shard"] == 21} == {150 - 21 * 7}  # the short last shard
+    assert json.loads((out / listing.LISTED).read_text()) == {"images": 150, "part_files": 22}
+
+
+@pytest.mark.parametrize("change", ["added", "removed_at_the_end"])
+def test_a_changed_listing_is_refused(change, tmp_path):
+    root, out = _archive(tmp_path, 20), tmp_path / "out"
+    files = sorted(str(p) for p in root.glob("*.jpg"))
+    done = {1: {"rows": 5, "first_uri": files[5], "last_uri": files[9]}, 3: {"rows": 5, "first_uri": files[15], "last_uri": files[19]}}
+    if change == "added":
+        (root / "0000a.jpg").write_bytes(b"x")  # sorts into shard 0, shifting every later shard
+    else:
+        for path in files[12:]:
+            (root / path.rsplit("/", 1)[1]).unlink()  # shard 3 no longer exists
+    with pytest.raises(ListingError, match=r"the input listing changed since .*part-00000[13]\.parquet"):
+        _rows(Listing(str(root), listing.IMAGE_EXTENSIONS, None, 5, str(out), done))
+    assert not (out / listing.LISTED).exists()
