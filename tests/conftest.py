@@ -67,6 +67,20 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
+def large_jpeg(shared_data: Path, width: int, height: int, orientation: int = 1, photo: str = "person1.jpg") -> bytes:
+    """A real photo scaled up to a camera-sized JPEG, optionally with an EXIF orientation."""
+    import io
+
+    from PIL import Image
+
+    scaled = Image.open(shared_data / "photos" / photo).convert("RGB").resize((width, height), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    scaled.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def small_model_file(
     path: Path | str, *, min_size: int = 160, max_size: int = 256,
     classes: tuple[str, ...] = ("a", "b", "c"), category_ids: tuple[int, ...] = (2, 5, 9),

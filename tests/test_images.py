@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from maskrcnn import images
+from tests.conftest import large_jpeg
 
 UNUSABLE = {
     "broken.png": "not_an_image", "heapbof.png": "not_an_image", "test-ole-file.doc": "not_an_image",
@@ -60,20 +61,6 @@ def test_empty_and_oversized_inputs(shared_data):
     with pytest.raises(images.ImageError) as err:
         images.decode((shared_data / "photos" / "dog1.jpg").read_bytes(), max_pixels=1000)
     assert err.value.kind == "too_large" and "--max-pixels 1000" in str(err.value)
-
-
-def large_jpeg(shared_data, width: int, height: int, orientation: int = 1) -> bytes:
-    """A real photo scaled up to a camera-sized JPEG, optionally with an EXIF orientation."""
-    import io
-
-    from PIL import Image
-
-    photo = Image.open(shared_data / "photos" / "person1.jpg").convert("RGB").resize((width, height), Image.BICUBIC)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    photo.save(buf, "JPEG", quality=90, exif=exif.tobytes())
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize(

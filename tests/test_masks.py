@@ -110,3 +110,12 @@ def test_box_local_rle_of_a_mask_filling_the_image_and_of_no_instances():
     (rle,) = masks.paste_and_encode(probs, boxes, 20, 30)
     assert masks.decode(rle, 20, 30).all() and rle == {"size": [20, 30], "counts": _reference_rles(probs, boxes, 20, 30)[0]["counts"].decode()}
     assert masks.paste_and_encode(probs[:0], boxes[:0], 20, 30) == []
+
+
+def test_iou_is_computed_on_the_runs():
+    rng = np.random.default_rng(3)
+    binary = rng.random((4, 30, 40)) > 0.6
+    a, b = masks.encode(binary[:2]), masks.encode(binary[1:])
+    expected = [[(x & y).sum() / (x | y).sum() for y in binary[1:]] for x in binary[:2]]
+    np.testing.assert_allclose(masks.iou(a, b), expected)
+    assert masks.iou(a, []).shape == (2, 0)

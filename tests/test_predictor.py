@@ -6,7 +6,7 @@ import torch
 
 from maskrcnn import checkpoint, images, masks
 from maskrcnn.predictor import Predictor
-from tests.conftest import small_model_file
+from tests.conftest import large_jpeg, small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,18 @@ def test_same_canvas_batches_match_torchvision_on_each_image_alone(small_checkpo
     changed = [i for i, (p, r) in enumerate(zip(padded, _torchvision_alone(small_checkpoint, imgs)))
                if len(p["boxes"]) != len(r["boxes"]) or not torch.allclose(p["boxes"], r["boxes"], atol=1.0)]  # fmt: skip
     assert len(changed) >= len(imgs) // 2, changed
+
+
+@pytest.mark.parametrize("size", [160, 800])
+def test_a_reduced_decode_feeds_the_model_nearly_what_a_full_decode_does(size, shared_data, tmp_path):
+    """A 12 MP JPEG decoded at 1/2..1/8 scale reaches the same canvas as the full decode, with
+    pixel values within a grey level or two (of 255) on average."""
+    predictor = Predictor.load(small_model_file(tmp_path / "m.pt", min_size=size, max_size=int(size * 1.6)))
+    std = torch.tensor(predictor.model.transform.image_std)[:, None, None] * 255
+    for photo in ("person1.jpg", "astronaut.jpg"):
+        data = large_jpeg(shared_data, 4032, 3024, photo=photo)
+        full, reduced = images.decode_to_fit(data, None), images.decode_to_fit(data, (size, int(size * 1.6)))
+        assert reduced.pixels.shape[0] * 2 <= full.pixels.shape[0] and (reduced.height, reduced.width) == (3024, 4032)
+        (a, a_size), (b, b_size) = predictor._canvas(full.pixels), predictor._canvas(reduced.pixels)
+        assert a.shape == b.shape and a_size == b_size
+        assert ((a - b).abs()[0] * std).mean() < 2.0
