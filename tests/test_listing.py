@@ -70,3 +70,21 @@ def test_a_changed_listing_is_refused(change, tmp_path):
     with pytest.raises(ListingError, match=r"the input listing changed since .*part-00000[13]\.parquet"):
         _rows(Listing(str(root), listing.IMAGE_EXTENSIONS, None, 5, str(out), done))
     assert not (out / listing.LISTED).exists()
+
+
+def test_the_first_block_leaves_before_the_listing_ends(monkeypatch, tmp_path):
+    """An endless listing: taking the first block reads only the first shard of it."""
+    import itertools
+
+    read = []
+
+    def endless(uri, extensions, limit):
+        for i in itertools.count():
+            read.append(i)
+            yield f"s3://archive/{i:09d}.jpg"
+
+    monkeypatch.setattr(listing, "input_uris", endless)
+    blocks = Listing("s3://archive", None, None, 1000, str(tmp_path / "out"), {})._blocks()
+    first = next(blocks)
+    assert first.num_rows == listing.BLOCK_ROWS and first.column("shard_rows").to_pylist()[0] == 1000
+    assert len(read) <= 1001
