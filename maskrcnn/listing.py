@@ -25,8 +25,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 KEYS = pa.schema([("shard", pa.int64()), ("index", pa.int64()), ("shard_rows", pa.int64())])
 LISTED = "_listing.json"  # written into the output when the listing ends: {"images": N, "part_files": K}
-# Rows per block. Ray Data merges a task's output into blocks of up to
-# DataContext.target_max_block_size bytes before passing it on; the segmentation job lowers
+# Rows per block. Ray Data merges a task's output into blocks of up to the dataset's
+# context.target_max_block_size bytes before passing it on; the segmentation pipeline lowers
 # that to BLOCK_BYTES so that listing blocks leave as they are made (the output starts at
 # once) and each decode task takes a few batches of images.
 BLOCK_ROWS = 64

@@ -132,7 +132,6 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
 
 def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | None) -> ray.data.Dataset:
     """Listing -> decode tasks -> actor pool, as one Ray Data execution."""
-    ray.data.DataContext.get_current().target_max_block_size = listing.BLOCK_BYTES
     place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
     source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, done)
     ds = ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args=place)
@@ -144,7 +143,7 @@ def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | N
         num_cpus=1,
         **place,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         InferenceActor,
         fn_constructor_args=(cfg.model,),
         fn_constructor_kwargs={
@@ -160,6 +159,8 @@ def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | N
         num_cpus=cfg.cpus_per_actor,
         resources=cfg.actor_resources or None,
     )
+    ds.context.target_max_block_size = listing.BLOCK_BYTES  # this job's datasets only
+    return ds
 
 
 def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[int, int] | None) -> dict[str, Any]:
