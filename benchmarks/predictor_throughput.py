@@ -10,8 +10,8 @@ the model as the same 800 px input and differ only in what grows with photo pixe
 
 1. Throughput at batch 1/4/8 and both sizes, the score threshold set so that about
    ``--detections`` instances survive: model-only images/s (backbone, RPN and RoI heads on
-   prepared inputs, as the predictor runs them) against predictor images/s (uint8 photo
-   in, RLE instances out), their ratio and the post-processing share.
+   prepared inputs), each image alone and same-canvas images batched, against predictor
+   images/s (uint8 photo in, RLE instances out), their ratio and the post-processing share.
 2. Mask post-processing per image at 10/50/100 instances: the previous full-image canvas
    per instance against box-local RLE (checked byte-identical on every run).
 3. The predictor's time per image at 4032x3024 over 1280x960 with 100 instances (goal <= 2).
@@ -105,23 +105,33 @@ def _best_times(fns: list, device: torch.device, repeat: int = 1, rounds: int = 
 def throughput(predictor: Predictor, photos: dict, threshold: float, batch_sizes: list[int], count: int) -> None:
     heads = predictor.model.roi_heads
     heads.score_thresh, heads.detections_per_img, predictor.max_detections = threshold, 100, 100
-    print("\n1. throughput (images/s)")
-    print("| input | batch | instances/image | model only | predictor | ratio | post-processing share |")
-    print("|---|---|---|---|---|---|---|")
+    default = predictor.batch_images
+    print(f"\n1. throughput (images/s); the predictor {'batches same-canvas images' if default else 'runs each image alone'}, "
+          "as it does by default on this device")  # fmt: skip
+    print("| input | batch | instances/image | model, each image alone | model, same-canvas batch | predictor "
+          "| predictor / model | post-processing share |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name, photo in photos.items():
         for batch in batch_sizes:
             imgs = [photo] * batch
             canvases = [predictor._canvas(im) for im in imgs]
             n = len(predictor.predict(imgs[:1])[0])
-            steps = max(count // batch, 1)
 
-            def model_only():
+            def model_only(batched: bool):
+                predictor.batch_images = batched
                 for group in predictor._groups(canvases):
                     predictor._forward([canvases[i] for i in group])
 
-            model_s, full_s = (t / batch for t in _best_times([model_only, lambda: predictor.predict(imgs)], predictor.device, steps))
-            print(f"| {name} | {batch} | {n} | {1 / model_s:.2f} | {1 / full_s:.2f} | {model_s / full_s:.2f} | "
-                  f"{1 - model_s / full_s:.0%} |")  # fmt: skip
+            def full():
+                predictor.batch_images = default
+                predictor.predict(imgs)
+
+            alone, batched, full_s = (t / batch for t in _best_times(
+                [lambda: model_only(False), lambda: model_only(True), full], predictor.device, max(count // batch, 1)))  # fmt: skip
+            model_s = batched if default else alone
+            print(f"| {name} | {batch} | {n} | {1 / alone:.2f} | {1 / batched:.2f} | {1 / full_s:.2f} | "
+                  f"{model_s / full_s:.2f} | {1 - model_s / full_s:.0%} |")  # fmt: skip
+    predictor.batch_images = default
 
 
 def _canvas_encode(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[dict]:
