@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -56,39 +57,38 @@ def decode_to_fit(
     displayed size. ``max_pixels`` applies to the full size."""
     if not data:
         raise ImageError("empty", "zero-byte file")
-    im = _open(data, max_pixels)
+    with _pil():
+        im = Image.open(io.BytesIO(data))
+    if im.width * im.height > max_pixels or im.width == 0 or im.height == 0:
+        raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
     full_w, full_h = im.size
     if fit is not None:
         _draft(im, *fit)
-    _load(im)
+    with _pil():
+        im.load()
     swapped = False
     if exif:
         im, swapped = _oriented(im)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = np.array(_to_rgb(im))  # a writable copy
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError("corrupt", f"undecodable image: {err}") from err
+    with _pil():
+        pixels = np.array(_to_rgb(im))  # a writable copy
     return Decoded(pixels, full_w if swapped else full_h, full_h if swapped else full_w)
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+@contextlib.contextmanager
+def _pil() -> Iterator[None]:
+    """PIL's warnings silenced (our own max_pixels check decides; PIL still refuses > 2x its
+    limit outright) and its errors turned into an :class:`ImageError` of the right kind."""
     try:
         with warnings.catch_warnings():
-            # Our own max_pixels check decides; PIL still refuses > 2x its limit outright.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
-            im = Image.open(io.BytesIO(data))
+            yield
     except Image.DecompressionBombError as err:
         raise ImageError("too_large", str(err)) from err
     except Image.UnidentifiedImageError as err:
         raise ImageError("not_an_image", "not a recognised image format") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageError("corrupt", f"undecodable image: {err}") from err
-    if im.width * im.height > max_pixels or im.width == 0 or im.height == 0:
-        raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
-    return im
 
 
 def _draft(im: Image.Image, min_size: int, max_size: int) -> None:
@@ -99,18 +99,6 @@ def _draft(im: Image.Image, min_size: int, max_size: int) -> None:
     scale = min(min_size / min(im.size), max_size / max(im.size))
     if scale <= 0.5:
         im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-
-
-def _load(im: Image.Image) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            im.load()
-    except Image.DecompressionBombError as err:
-        raise ImageError("too_large", str(err)) from err
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError("corrupt", f"undecodable image: {err}") from err
 
 
 def _oriented(im: Image.Image) -> tuple[Image.Image, bool]:

@@ -108,11 +108,11 @@ def build_model(
     if arch == SMALL:
         backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
         backbone.out_channels = SMALL_FPN_CHANNELS
-    default_min, default_max = _DEFAULT_SIZES.get(arch, (800, 1333))
+    min_size, max_size = _sizes(arch, min_size, max_size)
     return MaskRCNN(
         backbone,
-        min_size=min_size or default_min,
-        max_size=max_size or default_max,
+        min_size=min_size,
+        max_size=max_size,
         _skip_resize=skip_resize,
         **_heads(arch, backbone.out_channels, num_classes),
     )
@@ -121,9 +121,14 @@ def build_model(
 def inference_size(arch: str, min_size: int | tuple[int, ...] | None = None, max_size: int | None = None, **_: Any) -> tuple[int, int]:
     """The shortest side and the longest-side cap that :func:`build_model`'s model resizes
     images to when predicting (the last of several training scales), from its ``arch_kwargs``."""
+    min_size, max_size = _sizes(arch, min_size, max_size)
+    return (min_size[-1] if isinstance(min_size, (tuple, list)) else min_size), max_size
+
+
+def _sizes(arch: str, min_size: Any, max_size: int | None) -> tuple[Any, int]:
+    """``min_size`` and ``max_size`` with the architecture's defaults filled in."""
     default_min, default_max = _DEFAULT_SIZES.get(arch, (800, 1333))
-    min_size = min_size or default_min
-    return (min_size[-1] if isinstance(min_size, (tuple, list)) else min_size), max_size or default_max
+    return min_size or default_min, max_size or default_max
 
 
 def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
