@@ -9,9 +9,10 @@ bad images become rows with ``error`` set, which the training loop counts and sk
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -22,74 +23,48 @@ from maskrcnn import images, masks, storage
 
 
 class DatasetError(RuntimeError):
-    """A dataset that cannot be used at all (missing file, no images). Names the path."""
+    """A dataset that cannot be used (missing file, no images, a defect that cannot be
+    cleaned). Names the file and, where there is one, the image or annotation id."""
 
 
 @dataclass
 class CocoDataset:
-    gt: dict[str, Any]  # the COCO JSON, with `categories` filled in when it had none
+    gt: dict[str, Any]  # the COCO JSON cleaned by the training rules: what evaluation scores against
     classes: list[str]  # label i+1 -> classes[i]; label 0 is background
     category_ids: list[int]  # label i+1 -> category_ids[i]
     records: list[dict[str, Any]]
-    dropped: Counter = field(default_factory=Counter)  # annotation problems found while indexing
+    dropped: Counter = field(default_factory=Counter)  # annotations not trained on, by reason
 
     @property
     def num_classes(self) -> int:
         return len(self.classes) + 1
 
 
-def _categories(gt: dict) -> list[dict]:
-    if gt.get("categories"):
-        return sorted(gt["categories"], key=lambda c: c["id"])
-    ids = sorted({a["category_id"] for a in gt.get("annotations", [])})
-    return [{"id": i, "name": f"category_{i}"} for i in ids]
-
-
-def _training_annotation(ann: dict, img: dict, label_of: dict[int, int], dropped: Counter) -> dict | None:
-    """Keep an annotation for the loss, or count why not (crowd regions are ignored, as in
-    torchvision's references; they still count in evaluation)."""
-    if ann.get("iscrowd", 0):
-        dropped["crowd"] += 1
-        return None
-    if ann["category_id"] not in label_of:
-        dropped["unknown_category"] += 1
-        return None
-    x, y, w, h = ann["bbox"]
-    x0, y0 = max(0.0, x), max(0.0, y)
-    x1, y1 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        dropped["degenerate_box"] += 1
-        return None
-    try:
-        masks.check_segmentation(ann.get("segmentation"), img["height"], img["width"])
-    except masks.InvalidSegmentation:
-        dropped["invalid_segmentation"] += 1
-        return None
-    return {"box": [x0, y0, x1, y1], "label": label_of[ann["category_id"]], "segmentation": ann["segmentation"]}
-
-
 def load_coco(annotations: str, image_root: str) -> CocoDataset:
-    """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``."""
-    if not storage.exists(annotations):
-        raise DatasetError(f"annotation file not found: {annotations}")
-    try:
-        gt = json.loads(storage.read_text(annotations))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{annotations} is not valid JSON: {err}") from err
-    if not gt.get("images"):
-        raise DatasetError(f"{annotations} lists no images")
-    gt["categories"] = _categories(gt)
-    label_of = {c["id"]: i + 1 for i, c in enumerate(gt["categories"])}
-    by_image: dict[int, list] = {img["id"]: [] for img in gt["images"]}
-    dropped: Counter = Counter()
-    images_by_id = {img["id"]: img for img in gt["images"]}
-    for ann in gt.get("annotations", []):
-        img = images_by_id.get(ann["image_id"])
-        kept = _training_annotation(ann, img, label_of, dropped) if img else None
-        if img is None:
-            dropped["unknown_image"] += 1
-        if kept:
-            by_image[ann["image_id"]].append(kept)
+    """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``.
+
+    One set of rules serves training and evaluation, as in detectron2: an annotation that
+    training drops (unknown image or category, bad box, no valid polygon) is dropped from
+    the evaluation ground truth too, and counted in ``dropped``. Crowd regions are kept
+    for evaluation, as COCO defines them, but not trained on (torchvision's references).
+    Structural defects that no rule can clean raise :class:`DatasetError`.
+    """
+    gt = _read(annotations)
+    images_by_id = _checked_images(gt, annotations)
+    categories = _categories(gt, annotations)
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    kept, dropped = [], Counter()
+    by_image: dict[int, list] = {image_id: [] for image_id in images_by_id}
+    for ann in _checked_annotations(gt, annotations):
+        reason, clean = _clean(ann, images_by_id.get(ann["image_id"]), label_of)
+        if reason:
+            dropped[reason] += 1
+            continue
+        kept.append(clean)
+        if clean["iscrowd"]:
+            dropped["crowd"] += 1
+        else:
+            by_image[clean["image_id"]].append(_training_annotation(clean, images_by_id[clean["image_id"]], label_of))
     records = [
         {
             "image_id": img["id"],
@@ -101,16 +76,131 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
         for img in gt["images"]
     ]
     return CocoDataset(
-        gt=gt,
-        classes=[c["name"] for c in gt["categories"]],
-        category_ids=[c["id"] for c in gt["categories"]],
+        gt=dict(gt, categories=categories, annotations=kept),
+        classes=[c["name"] for c in categories],
+        category_ids=[c["id"] for c in categories],
         records=records,
         dropped=dropped,
     )
 
 
+def _read(annotations: str) -> dict[str, Any]:
+    if not storage.exists(annotations):
+        raise DatasetError(f"annotation file not found: {annotations}")
+    try:
+        gt = json.loads(storage.read_text(annotations))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{annotations} is not valid JSON: {err}") from err
+    if not isinstance(gt, dict) or not gt.get("images"):
+        raise DatasetError(f"{annotations} lists no images")
+    return gt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_images(gt: dict, path: str) -> dict[int, dict]:
+    images: dict[int, dict] = {}
+    for i, img in enumerate(gt["images"]):
+        where = f"{path}: image id {img.get('id')}" if isinstance(img, dict) else f"{path}: image #{i}"
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            raise DatasetError(f"{where}: needs an integer 'id'")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise DatasetError(f"{where}: needs a 'file_name'")
+        if not all(_is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")):
+            raise DatasetError(f"{where}: 'width' and 'height' must be positive integers")
+        if img["id"] in images:
+            raise DatasetError(f"{where}: the id is used twice")
+        images[img["id"]] = img
+    return images
+
+
+def _categories(gt: dict, path: str) -> list[dict]:
+    if not gt.get("categories"):  # e.g. torchvision's gallery files: name them by id
+        ids = sorted({a["category_id"] for a in gt.get("annotations") or [] if isinstance(a, dict) and _is_int(a.get("category_id"))})
+        return [{"id": i, "name": f"category_{i}"} for i in ids]
+    seen = set()
+    for c in gt["categories"]:
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise DatasetError(f"{path}: category {c!r:.60}: needs an integer 'id' and a 'name'")
+        if c["id"] in seen:
+            raise DatasetError(f"{path}: category id {c['id']}: the id is used twice")
+        seen.add(c["id"])
+    return sorted(gt["categories"], key=lambda c: c["id"])
+
+
+def _checked_annotations(gt: dict, path: str) -> Iterator[dict]:
+    """Each annotation, after the checks no cleaning can fix: the keys every COCO reader
+    needs, and unique ids (pycocotools indexes by id, so a repeat would silently replace)."""
+    seen = set()
+    for i, ann in enumerate(gt.get("annotations") or []):
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            raise DatasetError(f"{path}: annotation #{i}: needs an integer 'id'")
+        where = f"{path}: annotation id {ann['id']}"
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                raise DatasetError(f"{where}: {key!r} must be an integer, got {ann.get(key)!r:.40}")
+        if ann["id"] in seen:
+            raise DatasetError(f"{where}: the id is used twice")
+        seen.add(ann["id"])
+        yield ann
+
+
+def _clean(ann: dict, img: dict | None, label_of: dict[int, int]) -> tuple[str | None, dict]:
+    """``(reason, None)`` for an annotation to drop, else ``(None, cleaned copy)``: only the
+    valid parts of a polygon, ``iscrowd`` as 0/1, and ``area`` computed when missing."""
+    if img is None:
+        return "unknown_image", {}
+    if ann["category_id"] not in label_of:
+        return "unknown_category", {}
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
+        return "invalid_box", {}
+    if _clipped(box, img) is None:
+        return "degenerate_box", {}
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):  # keep the valid parts, as detectron2 does
+        segm = [part for part in segm if masks.valid_polygon(part)]
+    try:
+        masks.check_segmentation(segm, img["height"], img["width"])
+    except masks.InvalidSegmentation:
+        return "invalid_segmentation", {}
+    area = ann.get("area")
+    if not _finite(area) or area < 0:
+        area = masks.area(masks.to_rle(segm, img["height"], img["width"]))
+    return None, dict(ann, segmentation=segm, area=area, iscrowd=int(bool(ann.get("iscrowd", 0))))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _clipped(box: list[float], img: dict) -> list[float] | None:
+    """COCO ``[x, y, w, h]`` -> ``[x0, y0, x1, y1]`` inside the image, or None if under a pixel."""
+    x, y, w, h = box
+    x0, y0 = max(0.0, x), max(0.0, y)
+    x1, y1 = min(float(img["width"]), x + w), min(float(img["height"]), y + h)
+    return [x0, y0, x1, y1] if x1 - x0 >= 1 and y1 - y0 >= 1 else None
+
+
+def _training_annotation(ann: dict, img: dict, label_of: dict[int, int]) -> dict:
+    return {"box": _clipped(ann["bbox"], img), "label": label_of[ann["category_id"]], "segmentation": ann["segmentation"]}
+
+
+def resize_transform(size: int, max_size: int) -> v2.Transform:
+    """What the CPU data tasks do: shortest side to ``size`` (the largest training scale),
+    longest side at most ``max_size``. No randomness, so the data a worker receives depends
+    only on the dataset and the seed's order."""
+    return v2.Compose(
+        [v2.RandomShortestSize(min_size=[size], max_size=max_size), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
+    )
+
+
 def train_transform(scales: tuple[int, ...], max_size: int) -> v2.Transform:
-    """Horizontal flip and multi-scale resize; boxes and masks move with the image."""
+    """What each training worker does on its device: horizontal flip and multi-scale resize;
+    boxes and masks move with the image. It draws from torch's global generator, which the
+    worker seeds from (seed, step, rank), so a run and its resume augment alike."""
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(0.5),
@@ -169,17 +259,25 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
     }
 
 
-def to_model_inputs(rows: list[dict[str, Any]], device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Rows from :func:`load_example` (errors already removed) -> torchvision's inputs."""
-    imgs = [torch.as_tensor(r["image"]).to(device, non_blocking=True).float().div_(255) for r in rows]
-    targets = [
-        {
-            "boxes": torch.as_tensor(r["boxes"], dtype=torch.float32).to(device),
+def to_model_inputs(
+    rows: list[dict[str, Any]], device: torch.device, augment: v2.Transform | None = None
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Rows from :func:`load_example` (errors already removed) -> torchvision's inputs on
+    ``device``, augmented there when ``augment`` is given."""
+    imgs, targets = [], []
+    for r in rows:
+        image = tv_tensors.Image(torch.as_tensor(r["image"]).to(device, non_blocking=True))
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.as_tensor(r["boxes"], dtype=torch.float32).to(device), format="XYXY", canvas_size=tuple(image.shape[-2:])
+            ),
             "labels": torch.as_tensor(r["labels"], dtype=torch.int64).to(device),
-            "masks": torch.as_tensor(r["masks"], dtype=torch.uint8).to(device),
+            "masks": tv_tensors.Mask(torch.as_tensor(r["masks"], dtype=torch.uint8).to(device)),
         }
-        for r in rows
-    ]
+        if augment is not None:
+            image, target = augment(image, target)
+        imgs.append(image.as_subclass(torch.Tensor).float().div_(255))
+        targets.append({k: v.as_subclass(torch.Tensor) for k, v in target.items()})
     return imgs, targets
 
 

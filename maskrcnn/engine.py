@@ -1,4 +1,4 @@
-"""What one training worker does per step and per evaluation, independent of Ray.
+"""What one training worker does per step, independent of Ray.
 
 The LR schedule is a pure function of the step, so resuming needs only the step count.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,10 +16,6 @@ import torch.distributed as dist
 from torch import nn
 
 from maskrcnn import data
-from maskrcnn.evaluate import evaluate, to_results
-from maskrcnn.predictor import Predictor
-
-EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 
 
 class NonFiniteLoss(RuntimeError):
@@ -101,12 +97,13 @@ def train_step(
     clip_norm: float | None,
     amp: bool,
     step: int,
+    augment: Any = None,
 ) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
     weight = 1.0 if rows else 0.0
     with torch.autocast(device.type, enabled=amp):
-        images, targets = data.to_model_inputs(rows or [_blank_row()], device)
+        images, targets = data.to_model_inputs(rows or [_blank_row()], device, augment)
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values()) * weight
     names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -136,65 +133,3 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
         else:
             rows.append(row)
     return rows
-
-
-def predict_records(
-    predictor: Predictor,
-    records: Iterable[dict],
-    batch_size: int = 2,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[list[dict], Counter]:
-    """Run inference on COCO records, returning COCO results and counts of skipped images.
-    ``progress`` is called with the number of images done after every batch."""
-    results: list[dict] = []
-    skipped: Counter = Counter()
-    pending: list[dict] = []
-    done = 0
-
-    def flush() -> None:
-        hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
-        for row, instances in zip(pending, predictor.predict(hwc)):
-            results.extend(to_results(instances, row["image_id"]))
-        pending.clear()
-
-    for record in records:
-        row = data.load_example(record)
-        if row["error"]:
-            skipped[row["error"]] += 1
-            continue
-        pending.append(row)
-        if len(pending) == batch_size:
-            done += len(pending)
-            flush()
-            if progress:
-                progress(done)
-    if pending:
-        flush()
-    return results, skipped
-
-
-def evaluate_checkpoint(
-    checkpoint_uri: str,
-    annotations: str,
-    image_root: str,
-    *,
-    batch_size: int = 2,
-    device: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Score a project checkpoint on a COCO set; returns the stats and what was skipped."""
-    predictor = Predictor.load(checkpoint_uri, device=device, score_threshold=EVAL_SCORE_THRESHOLD)
-    dataset = data.load_coco(annotations, image_root)
-    unknown = sorted(set(dataset.category_ids) - set(predictor.category_ids))
-    if unknown and dataset.gt["annotations"]:
-        print(f"warning: the checkpoint does not know category ids {unknown}; they score 0 AP")
-    results, skipped = predict_records(predictor, dataset.records, batch_size, progress)
-    return {
-        "checkpoint": checkpoint_uri,
-        "model": predictor.model_id,
-        "annotations": annotations,
-        "images": len(dataset.records),
-        "detections": len(results),
-        "skipped_images": dict(skipped),
-        "stats": evaluate(dataset.gt, results, image_ids=[r["image_id"] for r in dataset.records]),
-    }

@@ -1,4 +1,5 @@
-"""COCO box and mask AP with pycocotools, and turning model outputs into COCO results."""
+"""COCO box and mask AP (overall and per category) with pycocotools, and turning model
+outputs into COCO results."""
 
 from __future__ import annotations
 
@@ -6,11 +7,23 @@ import builtins
 import contextlib
 import copy
 import io
-from typing import Any
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
 
+import numpy as np
+import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from ray.util import ActorPool
 
+from maskrcnn import checkpoint, data
+from maskrcnn.predictor import Predictor
+from maskrcnn.progress import Progress
+from maskrcnn.runtime import init_ray, without_false_alarms
+
+EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -63,15 +76,25 @@ def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str,
     ]
 
 
-def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int] | None = None) -> dict[str, list[float]]:
-    """Return ``{"bbox": [12 stats], "segm": [12 stats]}`` as pycocotools computes them.
+@dataclass
+class Scores:
+    """What pycocotools computes: the 12 summary stats and the AP of each category, per
+    IoU type. A category with no ground truth has AP ``nan``, as in detectron2's table."""
+
+    stats: dict[str, list[float]]  # iou type -> the 12 values of STAT_NAMES
+    per_class: dict[str, dict[str, float]]  # iou type -> {category name: AP}
+
+
+def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int] | None = None) -> Scores:
+    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`).
 
     With no detections at all every stat is 0.0 (pycocotools cannot load an empty result).
     """
     api = gt if isinstance(gt, COCO) else coco_api(gt)
+    names = {c["id"]: c["name"] for c in api.dataset.get("categories", [])}
     if not results:
-        return {t: [0.0] * len(STAT_NAMES) for t in IOU_TYPES}
-    stats = {}
+        return Scores({t: [0.0] * len(STAT_NAMES) for t in IOU_TYPES}, {t: dict.fromkeys(names.values(), 0.0) for t in IOU_TYPES})
+    scores = Scores({}, {})
     with _quiet():
         detections = api.loadRes(copy.deepcopy(results))
         for iou_type in IOU_TYPES:
@@ -81,20 +104,133 @@ def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-            stats[iou_type] = [float(x) for x in ev.stats]
-    return stats
+            scores.stats[iou_type] = [float(x) for x in ev.stats]
+            scores.per_class[iou_type] = _per_class(ev, names)
+    return scores
 
 
-def as_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
+def _per_class(ev: COCOeval, names: dict[int, str]) -> dict[str, float]:
+    """AP at IoU 0.50:0.95, all areas, 100 detections, for each category (detectron2's way)."""
+    precision = ev.eval["precision"]  # [IoU threshold, recall, category, area range, max dets]
+    per_class = {}
+    for k, category_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[names.get(category_id, str(category_id))] = float(p.mean()) if p.size else float("nan")
+    return per_class
+
+
+def as_metrics(scores: Scores) -> dict[str, float]:
     """Flatten to ``{"bbox_AP": .., "segm_AP50": .., ...}`` for reporting."""
-    return {f"{t}_{name}": float(v) for t, values in stats.items() for name, v in zip(STAT_NAMES, values)}
+    return {f"{t}_{name}": float(v) for t, values in scores.stats.items() for name, v in zip(STAT_NAMES, values)}
 
 
-def format_table(stats: dict[str, list[float]]) -> str:
-    """The standard 12-line COCO summary for each IoU type."""
+def as_json(scores: Scores) -> dict[str, Any]:
+    """``{"bbox": {"AP": ..}, "segm": {..}, "per_class_AP": {"segm": {name: AP or null}}}``."""
+    report: dict[str, Any] = {t: dict(zip(STAT_NAMES, values)) for t, values in scores.stats.items()}
+    report["per_class_AP"] = {
+        t: {name: (None if math.isnan(ap) else ap) for name, ap in aps.items()} for t, aps in scores.per_class.items()
+    }
+    return report
+
+
+def format_table(scores: Scores, columns: int = 3) -> str:
+    """The standard 12-line COCO summary, then a per-category AP table, for each IoU type."""
     lines = []
-    for iou_type, values in stats.items():
+    for iou_type, values in scores.stats.items():
         lines.append(f"IoU metric: {iou_type}")
         lines += [f" {label} = {value:0.3f}" for label, value in zip(_STAT_LABELS, values)]
+        cells = [f"{name[:18]:<18} {100 * ap:6.2f}" for name, ap in scores.per_class.get(iou_type, {}).items()]
+        if cells:
+            lines.append(f"Per-category {iou_type} AP (%):")
+            lines += ["  " + " | ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
     return "\n".join(lines)
 
+
+# ---------------------------------------------------------------- a model on a COCO set
+
+
+def evaluate_model(
+    model_uri: str,
+    annotations: str,
+    image_root: str,
+    *,
+    num_workers: int = 1,
+    gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    batch_size: int = 2,
+) -> dict[str, Any]:
+    """Score a project checkpoint on a COCO set. The driver checks the ground truth and
+    scores; ``num_workers`` Ray actors (one GPU each with ``gpu``) do the inference, so under
+    ``ray job submit`` it runs where the GPUs are, not on the head node."""
+    ckpt = checkpoint.load(model_uri)  # fail fast, before any actor starts
+    model_id, known = checkpoint.identity(ckpt), set(ckpt["category_ids"])
+    del ckpt
+    dataset = data.load_coco(annotations, image_root)
+    unknown = sorted(set(dataset.category_ids) - known)
+    if unknown and dataset.gt["annotations"]:
+        print(f"[evaluate] warning: the model does not know category ids {unknown}; they score 0 AP", flush=True)
+    print(f"[evaluate] {len(dataset.records)} images; dropped annotations: {dict(dataset.dropped) or 'none'}", flush=True)
+    init_ray(min_cpus=int(num_workers * cpus_per_worker) + 1)
+    # On CPU actors Ray sets torch's thread count from num_cpus.
+    actor = ray.remote(Evaluator).options(num_gpus=1 if gpu else 0, num_cpus=cpus_per_worker)
+    pool = ActorPool([actor.remote(model_uri, batch_size) for _ in range(num_workers)])
+    chunk = 8 * batch_size
+    chunks = [dataset.records[i : i + chunk] for i in range(0, len(dataset.records), chunk)]
+    progress = Progress("evaluate", len(dataset.records))
+    results: list[dict] = []
+    skipped: Counter = Counter()
+    with without_false_alarms():
+        for part, part_skipped, n in pool.map_unordered(lambda a, c: a.predict.remote(c), chunks):
+            results += part
+            skipped.update(part_skipped)
+            progress.add(n)
+    return {
+        "checkpoint": model_uri,
+        "model": model_id,
+        "annotations": annotations,
+        "images": len(dataset.records),
+        "detections": len(results),
+        "skipped_images": dict(skipped),
+        "dropped_annotations": dict(dataset.dropped),
+        "scores": evaluate(dataset.gt, results, image_ids=[r["image_id"] for r in dataset.records]),
+    }
+
+
+class Evaluator:
+    """A Ray actor (on a GPU node when it asks for a GPU): loads the model once, then
+    predicts chunks of records for the driver."""
+
+    def __init__(self, model_uri: str, batch_size: int):
+        self.predictor = Predictor.load(model_uri, score_threshold=EVAL_SCORE_THRESHOLD)
+        self.batch_size = batch_size
+
+    def predict(self, records: list[dict]) -> tuple[list[dict], Counter, int]:
+        results, skipped = predict_records(self.predictor, records, self.batch_size)
+        return results, skipped, len(records)
+
+
+def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: int = 2) -> tuple[list[dict], Counter]:
+    """Fetch, decode and predict COCO records (no EXIF rotation: COCO sizes are the stored
+    pixels); return COCO results and the counts of images skipped, by error kind."""
+    results: list[dict] = []
+    skipped: Counter = Counter()
+    pending: list[dict] = []
+
+    def flush() -> None:
+        hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
+        for row, instances in zip(pending, predictor.predict(hwc)):
+            results.extend(to_results(instances, row["image_id"]))
+        pending.clear()
+
+    for record in records:
+        row = data.load_example(record)
+        if row["error"]:
+            skipped[row["error"]] += 1
+            continue
+        pending.append(row)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return results, skipped

@@ -19,7 +19,7 @@ class InvalidSegmentation(ValueError):
     """A polygon or RLE that cannot describe a mask (too few points, odd length, bad size)."""
 
 
-def _valid_polygon(poly: Any) -> bool:
+def valid_polygon(poly: Any) -> bool:
     return (
         isinstance(poly, list)
         and len(poly) >= 6
@@ -31,7 +31,7 @@ def _valid_polygon(poly: Any) -> bool:
 def check_segmentation(segm: Any, height: int, width: int) -> None:
     """Raise :class:`InvalidSegmentation` unless ``segm`` is a usable COCO segmentation."""
     if isinstance(segm, list):
-        if not segm or not all(_valid_polygon(p) for p in segm):
+        if not segm or not all(valid_polygon(p) for p in segm):
             raise InvalidSegmentation("polygon needs an even number (>= 6) of finite coordinates")
         return
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:

@@ -30,7 +30,8 @@ from maskrcnn import checkpoint, images, listing, output, storage
 from maskrcnn.listing import IMAGE_EXTENSIONS, KEYS, LISTED
 from maskrcnn.model import inference_size
 from maskrcnn.predictor import Predictor, check_classes
-from maskrcnn.runtime import init_ray
+from maskrcnn.progress import Progress
+from maskrcnn.runtime import init_ray, without_false_alarms
 
 WORK_SCHEMA = pa.schema([*KEYS, *output.SCHEMA])
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
@@ -82,8 +83,9 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     done = {k: output.read_stats(uri) for k, uri in prepare_output(cfg, model_id).items()}
     # 2. One pipeline for the whole input; the driver writes each shard once it is whole.
     init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
-    progress = _Progress(cfg.log_every)
-    written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit), progress)
+    progress = _progress(cfg, resumed=sum(s["rows"] for s in done.values()))
+    with without_false_alarms():
+        written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit), progress)
     listed = json.loads(storage.read_text(storage.join(cfg.output, LISTED)))
     missing = sorted(set(range(listed["part_files"])) - set(done) - set(written))
     if missing:
@@ -234,15 +236,17 @@ class InferenceActor:
 # ---------------------------------------------------------------- driver
 
 
-def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: "_Progress") -> dict[int, dict]:
+def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) -> dict[int, dict]:
     """Collect the pipeline's rows by shard; write each shard's part file once it is whole.
 
     Rows are keyed by (shard, index), so a retried task cannot duplicate one, and rows of a
     shard already written (a re-run listing task) are dropped."""
     pending: dict[int, dict[int, dict]] = {}
     written: dict[int, dict] = {}
+    errors = 0
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        progress.add(table)
+        errors += table.num_rows - table.column("error").null_count
+        progress.add(table.num_rows, f"{errors} errors")
         for row in table.to_pylist():
             k = row["shard"]
             if k in written:
@@ -259,25 +263,20 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: "_Progress")
     return written
 
 
-class _Progress:
-    def __init__(self, every: float):
-        self.every, self.start, self.last = every, time.perf_counter(), time.perf_counter()
-        self.rows, self.errors = 0, 0
+def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
+    """Progress over the images this run processes. The total is known from ``--limit``
+    (at most), and exactly once the listing has ended and written its count."""
 
-    def add(self, table: pa.Table) -> None:
-        self.rows += table.num_rows
-        self.errors += table.num_rows - table.column("error").null_count
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            print(f"[segment] {self.rows} images done, {self.errors} errors, {self.rate():.2f} img/s", flush=True)
+    def listed_total() -> int | None:
+        uri = storage.join(cfg.output, LISTED)
+        return json.loads(storage.read_text(uri))["images"] - resumed if storage.exists(uri) else None
 
-    def rate(self) -> float:
-        return self.rows / max(time.perf_counter() - self.start, 1e-9)
+    total = max(0, cfg.limit - resumed) if cfg.limit else None
+    return Progress("segment", total, every=cfg.log_every, find_total=listed_total)
 
 
 def _finish(
-    cfg: SegmentConfig, model_id: str, images_in: int, stats: dict[int, dict], done: dict, progress: _Progress, wall: float
+    cfg: SegmentConfig, model_id: str, images_in: int, stats: dict[int, dict], done: dict, progress: Progress, wall: float
 ) -> dict:
     errors: Counter = Counter()
     for s in stats.values():
@@ -292,11 +291,11 @@ def _finish(
         "rows_out": rows,
         "part_files": len(stats),
         "resumed_rows": sum(s["rows"] for s in done.values()),
-        "processed_rows": progress.rows,
+        "processed_rows": progress.done,
         "errors": dict(sorted(errors.items())),
         "instances": sum(s["instances"] for s in stats.values()),
         "wall_s": round(wall, 2),
-        "images_per_s": round(progress.rows / wall, 3) if wall else 0.0,
+        "images_per_s": round(progress.done / wall, 3) if wall else 0.0,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "model")},
     }
     storage.write_text(storage.join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))

@@ -7,13 +7,21 @@ metrics, checkpoints, and evaluates COCO AP on the validation set after every ep
 
 Resume: Ray Train restores the latest checkpoint after a worker failure
 (``FailureConfig``) and when the same ``--name`` and ``--storage`` are run again.
+
+Reproducible: the data order is the seed's (Ray Data keeps it: ``preserve_order``), and the
+random parts of a step (flip, scale, RPN and RoI sampling) draw from a generator seeded with
+(seed, step, rank), so two runs with the same seed, and a run and its resume, see the same data.
+Everything a run writes lives in ``STORAGE/NAME/``: Ray's ``checkpoint_*`` directories,
+``best.pt``, and the history (:mod:`maskrcnn.history`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import random
 import sys
 import tempfile
 import time
@@ -26,14 +34,16 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
-from maskrcnn import checkpoint, data, engine, storage
-from maskrcnn.evaluate import as_metrics, evaluate, format_table
+from maskrcnn import checkpoint, data, engine, history, storage
+from maskrcnn.evaluate import EVAL_SCORE_THRESHOLD, as_metrics, evaluate, format_table, predict_records
 from maskrcnn.model import SMALL, build_model, init_model
 from maskrcnn.predictor import Predictor
-from maskrcnn.runtime import init_ray
+from maskrcnn.progress import clock
+from maskrcnn.runtime import init_ray, without_false_alarms
 
 IMAGE_ERRORS = ("missing_image", "undecodable_image", "size_mismatch")
 SCORE = "val_segm_AP"
@@ -104,6 +114,8 @@ class _Worker:
         self.amp = cfg.amp and self.device.type == "cuda"
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
+        self.augment = data.train_transform(cfg.scales, cfg.max_size)
+        self.val: data.CocoDataset | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
             total_steps=meta["steps_per_epoch"] * cfg.epochs,
@@ -111,6 +123,8 @@ class _Worker:
             kind=cfg.schedule,
         )
         self._build()
+        self.first_step, self.start = self.step, time.perf_counter()
+        self.history: history.History | None = None  # rank 0's, opened once there is work
 
     def _build(self) -> None:
         cfg, meta = self.cfg, self.meta
@@ -149,6 +163,17 @@ class _Worker:
         if self.rank == 0:
             sys.stdout.write(f"[train] {message}\n")
             sys.stdout.flush()
+
+    def record(self, kind: str, metrics: dict[str, float]) -> None:
+        """Rank 0 appends to the run's history (metrics.jsonl and TensorBoard)."""
+        if self.history:
+            self.history.log(kind, self.step, metrics)
+            self.history.flush()
+
+    def _eta(self) -> str:
+        done, left = self.step - self.first_step, self.schedule.total_steps - self.step
+        elapsed = time.perf_counter() - self.start
+        return f"elapsed {clock(elapsed)}, ETA {clock(left * elapsed / done) if done else '?'}"
 
     def _skipped_totals(self) -> dict[str, float]:
         counts = torch.tensor([float(self.skipped[k]) for k in IMAGE_ERRORS])
@@ -198,8 +223,9 @@ class _Worker:
         cfg, spe = self.cfg, self.meta["steps_per_epoch"]
         start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
         batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size
-        )
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + self.epoch,
+        )  # fmt: skip
         window_images, window_start = 0, time.perf_counter()
         epoch_images, epoch_start = 0, window_start
         self.model.train()
@@ -208,37 +234,49 @@ class _Worker:
                 break
             rows = engine.usable_rows(batch, self.skipped)
             lr = self.schedule.lr(self.step)
+            torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
             result = engine.train_step(
                 self.model, self.optimizer, self.scaler, rows, self.device,
-                lr=lr, clip_norm=cfg.clip_norm, amp=self.amp, step=self.step,
+                lr=lr, clip_norm=cfg.clip_norm, amp=self.amp, step=self.step, augment=self.augment,
             )  # fmt: skip
             self.step += 1
             window_images += result.images
             epoch_images += result.images
+            checkpoint_now = self.step % cfg.checkpoint_every == 0 and index + 1 < spe
             if self.step % cfg.log_every == 0:
                 rate = window_images / (time.perf_counter() - window_start)
                 metrics = dict(result.losses, lr=lr, images_per_s=rate)
-                self.log(f"epoch {self.epoch} step {self.step}/{self.schedule.total_steps} loss {result.losses['loss']:.4f} lr {lr:.5f} {rate:.1f} img/s")
-                self.report(metrics, with_checkpoint=self.step % cfg.checkpoint_every == 0 and index + 1 < spe)
+                self.log(
+                    f"epoch {self.epoch} step {self.step}/{self.schedule.total_steps} loss {result.losses['loss']:.4f} "
+                    f"lr {lr:.5f} {rate:.1f} img/s, {self._eta()}"
+                )
+                self.record("train", metrics)
+                self.report(metrics, with_checkpoint=checkpoint_now)
                 window_images, window_start = 0, time.perf_counter()
-            elif self.step % cfg.checkpoint_every == 0 and index + 1 < spe:
+            elif checkpoint_now:
                 self.report(dict(result.losses, lr=lr), with_checkpoint=True)
         self.epoch += 1
         totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
         rate = epoch_images / (time.perf_counter() - epoch_start)
-        self.log(f"epoch {self.epoch} done at step {self.step}, {rate:.2f} img/s; skipped images and dropped annotations: {totals or 'none'}")
+        self.log(
+            f"epoch {self.epoch} done at step {self.step}, {rate:.2f} img/s, {self._eta()}; "
+            f"skipped images and dropped annotations: {totals or 'none'}"
+        )
         return {"train_images_per_s": rate}
 
     def validate(self) -> dict[str, float]:
-        """COCO AP on the validation set: each worker predicts its slice, rank 0 scores."""
-        if not self.cfg.val_annotations:
+        """COCO AP on the validation set: each worker predicts its slice, rank 0 scores.
+        The ground truth is cleaned by the training rules (:func:`maskrcnn.data.load_coco`)."""
+        cfg = self.cfg
+        if not cfg.val_annotations:
             return {}
-        val = data.load_coco(self.cfg.val_annotations, self.cfg.val_images)
+        if self.val is None:
+            self.val = data.load_coco(cfg.val_annotations, cfg.val_images)
         predictor = Predictor(
             getattr(self.model, "module", self.model), self.meta["classes"], self.meta["category_ids"],
-            score_threshold=engine.EVAL_SCORE_THRESHOLD, fp16=self.amp,
+            score_threshold=EVAL_SCORE_THRESHOLD, fp16=self.amp,
         )  # fmt: skip
-        results, skipped = engine.predict_records(predictor, val.records[self.rank :: self.world])
+        results, skipped = predict_records(predictor, self.val.records[self.rank :: self.world])
         gathered: list[Any] = [None] * self.world
         if dist.is_initialized():
             dist.all_gather_object(gathered, (results, dict(skipped)))
@@ -248,10 +286,12 @@ class _Worker:
         if self.rank != 0:
             return {}
         all_results = [r for part, _ in gathered for r in part]
-        stats = evaluate(val.gt, all_results, image_ids=[r["image_id"] for r in val.records])
-        self.log("validation after epoch %d:\n%s" % (self.epoch, format_table(stats)))
-        metrics = {f"val_{k}": v for k, v in as_metrics(stats).items()}
+        scores = evaluate(self.val.gt, all_results, image_ids=[r["image_id"] for r in self.val.records])
+        self.log(f"validation after epoch {self.epoch}:\n{format_table(scores)}")
+        metrics = {f"val_{k}": v for k, v in as_metrics(scores).items()}
         metrics["val_skipped_images"] = float(sum(sum(s.values()) for _, s in gathered))
+        metrics.update({f"val_dropped_annotations_{k}": float(v) for k, v in self.val.dropped.items()})
+        self.record("val", metrics)
         return metrics
 
     def keep_best(self, metrics: dict[str, float]) -> None:
@@ -269,18 +309,31 @@ class _Worker:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
+    # Ray Train V2 logs every report at INFO ("Reporting training result ...") on a logger
+    # named by its file path, which only the root logger's level governs. This job prints
+    # its own progress, so the worker's root logger shows warnings and errors only.
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = TrainConfig(**config["cfg"])
     worker = _Worker(cfg, config["meta"])
     if worker.epoch >= cfg.epochs:
         worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
         return
+    if worker.rank == 0:
+        worker.history = history.History(cfg.run_dir, resume_step=worker.step)
     shard = ray.train.get_dataset_shard("train")
     while worker.epoch < cfg.epochs:
         metrics = worker.train_epoch(shard)
         metrics.update(worker.validate())
         worker.keep_best(metrics)
         worker.report(metrics, with_checkpoint=True)
+    if worker.history:
+        worker.history.close()
     worker.log(f"finished {cfg.epochs} epochs at step {worker.step}")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The generator seed of one worker's step: distinct per step and rank, fixed per run."""
+    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 # ---------------------------------------------------------------- driver side
@@ -290,10 +343,11 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
     """Everything that can fail on bad input, before any worker starts."""
     train = data.load_coco(cfg.train_annotations, cfg.train_images)
     storage.check_readable_dir(cfg.train_images)
+    val_dropped: dict[str, int] = {}
     if cfg.val_annotations:
         if not cfg.val_images:
             raise data.DatasetError("--val-annotations needs --val-images")
-        data.load_coco(cfg.val_annotations, cfg.val_images)
+        val_dropped = dict(data.load_coco(cfg.val_annotations, cfg.val_images).dropped)
         storage.check_readable_dir(cfg.val_images)
     per_worker = len(train.records) // cfg.num_workers
     steps_per_epoch = per_worker // cfg.batch_size
@@ -311,6 +365,7 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
         "category_ids": train.category_ids,
         "steps_per_epoch": steps_per_epoch,
         "dropped": dict(train.dropped),
+        "val_dropped": val_dropped,
     }
     return train, meta
 
@@ -323,8 +378,13 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}",
         flush=True,
     )
-    load = functools.partial(data.load_example, transform=data.train_transform(cfg.scales, cfg.max_size))
-    dataset = ray.data.from_items(train.records).map(load)
+    if cfg.val_annotations:
+        print(f"[train] validation set: dropped annotations: {meta['val_dropped'] or 'none'}", flush=True)
+    print(f"[train] configuration: {history.write_config(cfg.run_dir, dataclasses.asdict(cfg))}", flush=True)
+    records = list(train.records)
+    random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
+    load = functools.partial(data.load_example, transform=data.resize_transform(max(cfg.scales), cfg.max_size))
+    dataset = ray.data.from_items(records).map(load)
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         worker_loop,
@@ -341,5 +401,8 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
+        # The same shard, in the same order, for each worker on every run.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    return trainer.fit()
+    with without_false_alarms():
+        return trainer.fit()

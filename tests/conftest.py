@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -109,3 +110,56 @@ def run_job(script: str, *args: str, timeout: float = 600) -> subprocess.Complet
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def add_defects(gt: dict) -> Counter:
+    """Add to a COCO dict (in place) one annotation of every defect the loader must clean,
+    copied from its first annotation; return the drops by reason that should be counted.
+    Also makes good annotations look as labelling tools write them: no ``area``, a bool
+    ``iscrowd``, a multi-part polygon with one broken part."""
+    first = next(a for a in gt["annotations"] if not a.get("iscrowd"))
+    img = next(i for i in gt["images"] if i["id"] == first["image_id"])
+    ids = iter(range(900_000, 901_000))
+    h, w = img["height"], img["width"]
+
+    def add(**changes: object) -> None:
+        gt["annotations"].append({**first, "id": next(ids), **changes})
+
+    add(segmentation=[[10.0, 10.0, 20.0, 20.0]])  # a 4-number polygon, read as a box by pycocotools
+    add(segmentation=[[10.0, 10.0, 20.0, 10.0, 20.0]])  # odd length
+    add(segmentation=[[10.0, 10.0, "20", 10.0, 20.0, 20.0]])  # a string coordinate
+    add(segmentation=[])
+    gt["annotations"].append({k: v for k, v in {**first, "id": next(ids)}.items() if k != "segmentation"})
+    add(segmentation={"size": [h + 1, w], "counts": "PPYo1"})  # RLE of another image size
+    add(bbox=[5.0, 5.0, 0.0, 8.0])  # zero width
+    add(bbox=[w + 10.0, 5.0, 8.0, 8.0])  # outside the image
+    add(bbox=[5.0, 5.0, -3.0, 8.0])  # negative width
+    add(bbox=[5.0, 5.0, 8.0])  # three numbers
+    add(bbox=["5", 5.0, 8.0, 8.0])
+    add(category_id=987654)  # no such category
+    add(image_id=987654)  # no such image
+    # Kept, after cleaning:
+    x, y, bw, bh = first["bbox"]
+    add(segmentation=[[1.0, 2.0, 3.0], [x, y, x + bw, y, x + bw, y + bh, x, y + bh]])  # one bad part, one good
+    gt["annotations"].append({k: v for k, v in {**first, "id": next(ids)}.items() if k != "area"})
+    add(iscrowd=True, segmentation={"size": [h, w], "counts": [5, 20, h * w - 25]})  # crowd, uncompressed RLE
+    return Counter(invalid_segmentation=6, degenerate_box=3, invalid_box=2, unknown_category=1, unknown_image=1, crowd=1)
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``, by tag, read with
+    tensorboardX's own protobuf (TFRecord framing: length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

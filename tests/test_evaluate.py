@@ -1,10 +1,11 @@
 import json
+import math
 
 import numpy as np
 import pytest
 
 from maskrcnn import masks
-from maskrcnn.evaluate import STAT_NAMES, as_metrics, evaluate, format_table, to_results
+from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table, to_results
 
 
 def _gt(coco_small):
@@ -29,9 +30,19 @@ def _perfect_results(gt, category_of=lambda ann: ann["category_id"]):
 
 def test_ground_truth_as_predictions_scores_ap_one(coco_small):
     gt = _gt(coco_small)
-    stats = evaluate(gt, _perfect_results(gt))
-    assert stats["bbox"][0] == pytest.approx(1.0) and stats["segm"][0] == pytest.approx(1.0)
-    assert stats["segm"][1] == pytest.approx(1.0)  # AP50
+    scores = evaluate(gt, _perfect_results(gt))
+    assert scores.stats["bbox"][0] == pytest.approx(1.0) and scores.stats["segm"][0] == pytest.approx(1.0)
+    assert scores.stats["segm"][1] == pytest.approx(1.0)  # AP50
+    with_gt = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
+    per_class = scores.per_class["segm"]
+    assert list(per_class) == [c["name"] for c in gt["categories"]]  # every category, in file order
+    assert {n for n, ap in per_class.items() if not math.isnan(ap)} == with_gt
+    assert all(per_class[n] == pytest.approx(1.0) for n in with_gt)
+    report = as_json(scores)
+    assert report["segm"]["AP"] == pytest.approx(1.0)
+    assert json.loads(json.dumps(report, allow_nan=False))["per_class_AP"]["segm"] == {
+        n: (None if math.isnan(ap) else ap) for n, ap in per_class.items()
+    }  # categories without ground truth are null, so the file is strict JSON
 
 
 def test_shuffled_labels_score_low(coco_small):
@@ -39,16 +50,20 @@ def test_shuffled_labels_score_low(coco_small):
     ids = [c["id"] for c in gt["categories"]]
     rng = np.random.default_rng(0)
     wrong = lambda ann: int(rng.choice([c for c in ids if c != ann["category_id"]]))  # noqa: E731
-    stats = evaluate(gt, _perfect_results(gt, wrong))
-    assert stats["bbox"][0] < 0.05 and stats["segm"][0] < 0.05
+    scores = evaluate(gt, _perfect_results(gt, wrong))
+    assert scores.stats["bbox"][0] < 0.05 and scores.stats["segm"][0] < 0.05
+    assert max(ap for ap in scores.per_class["segm"].values() if not math.isnan(ap)) < 0.2
 
 
 def test_no_detections_and_formatting():
-    stats = evaluate({"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": []}, [])
-    assert stats == {"bbox": [0.0] * 12, "segm": [0.0] * 12}
-    table = format_table(stats).splitlines()
-    assert len(table) == 26 and table[0] == "IoU metric: bbox" and "maxDets=100 ] = 0.000" in table[1]
-    assert set(as_metrics(stats)) == {f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
+    gt = {"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": [{"id": 3, "name": "cat"}]}
+    scores = evaluate(gt, [])
+    assert scores.stats == {"bbox": [0.0] * 12, "segm": [0.0] * 12}
+    assert scores.per_class == {"bbox": {"cat": 0.0}, "segm": {"cat": 0.0}}
+    table = format_table(scores).splitlines()
+    assert len(table) == 30 and table[0] == "IoU metric: bbox" and "maxDets=100 ] = 0.000" in table[1]
+    assert table[13] == "Per-category bbox AP (%):" and table[14].split() == ["cat", "0.00"]
+    assert set(as_metrics(scores)) == {f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
 
 
 def test_instances_become_coco_results():

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from maskrcnn import checkpoint, storage
-from tests.conftest import REPO, run_job, upload_dir
+from tests.conftest import REPO, add_defects, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
@@ -38,8 +38,8 @@ def _steps(output: str) -> list[tuple[int, float]]:
 
 @pytest.fixture
 def defective_train(shapes: Path, shared_data: Path, tmp_path: Path) -> Path:
-    """The synthetic training split with one missing image, one truncated image and one
-    invalid polygon: 32 records, so each of 2 workers gets 8 full batches of 2."""
+    """The synthetic training split with one missing image, one truncated image and every
+    annotation defect of ``add_defects``: 32 records, so each of 2 workers gets 8 full batches of 2."""
     root = tmp_path / "train"
     shutil.copytree(shapes / "train", root)
     gt = json.loads((root / "annotations.json").read_text())
@@ -50,15 +50,25 @@ def defective_train(shapes: Path, shared_data: Path, tmp_path: Path) -> Path:
         {"id": 901, "file_name": "gone.jpg", "width": 100, "height": 100},
         {"id": 902, "file_name": "truncated.jpg", "width": 100, "height": 100},
     ]
-    bad = dict(gt["annotations"][0], id=99999, segmentation=[[1.0, 2.0, 3.0]])
-    gt["annotations"].append(bad)
+    add_defects(gt)
     (root / "annotations.json").write_text(json.dumps(gt))
     return root
 
 
-def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_train, shapes, tmp_path):
+@pytest.fixture
+def defective_val(shapes: Path, tmp_path: Path) -> Path:
+    """The synthetic val split with every defect the loader cleans (see ``add_defects``)."""
+    root = tmp_path / "val"
+    shutil.copytree(shapes / "val", root)
+    gt = json.loads((root / "annotations.json").read_text())
+    add_defects(gt)
+    (root / "annotations.json").write_text(json.dumps(gt))
+    return root
+
+
+def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_train, defective_val, tmp_path):
     # val and storage given relative to the job's working directory, as users type them
-    val, runs = os.path.relpath(shapes / "val", REPO), os.path.relpath(tmp_path / "runs", REPO)
+    val, runs = os.path.relpath(defective_val, REPO), os.path.relpath(tmp_path / "runs", REPO)
     args = _args(str(defective_train), val, runs, "ddp", "--epochs", "3")
     first = run_job("train.py", *args)
     out = first.stdout + first.stderr
@@ -67,25 +77,34 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert [s for s, _ in steps] == list(range(1, 25))  # 3 epochs x 8 steps, no repeats
     losses = [loss for _, loss in steps]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert re.search(r"step 12/24 loss [\d.]+ lr [\d.]+ [\d.]+ img/s, elapsed \d+:\d\d, ETA \d+:\d\d", out)
     assert "skipped_missing_image': 1, 'skipped_undecodable_image': 1" in out  # epoch 1
     assert "skipped_missing_image': 3, 'skipped_undecodable_image': 3" in out  # after 3 epochs
-    assert "dropped_annotations_invalid_segmentation': 1" in out
-    assert "IoU metric: segm" in out
+    drops = "{'invalid_segmentation': 6, 'degenerate_box': 3, 'invalid_box': 2, 'unknown_category': 1, 'unknown_image': 1, 'crowd': 1}"
+    assert f"dropped annotations: {drops}" in out and f"validation set: dropped annotations: {drops}" in out
+    assert "IoU metric: segm" in out and "Per-category segm AP (%):" in out
+    assert "Reporting training result" not in out and "core_worker.cc" not in out and "Deprecat" not in out
 
     run_dir = tmp_path / "runs" / "ddp"
     best = checkpoint.load(str(run_dir / "best.pt"))
     assert best["classes"] == ["circle", "rectangle", "triangle"] and best["category_ids"] == [1, 2, 3]
     assert "val_segm_AP" in best["metrics"] and best["step"] in (8, 16, 24)
+    assert best["metrics"]["val_dropped_annotations_invalid_segmentation"] == 6
     assert best["train_state"] is None  # inference only: no optimizer state to download
     final = checkpoint.load(str(run_dir / "checkpoint_00000024" / "model.pt"))
     assert (final["step"], final["epoch"]) == (24, 3)
+    _check_history(run_dir, steps=24, evaluations=3)
 
     evaluated = run_job("evaluate.py", "--checkpoint", str(run_dir / "best.pt"), "--annotations",
-                        str(shapes / "val" / "annotations.json"), "--images", str(shapes / "val" / "images"),
-                        "--output", str(tmp_path / "eval.json"))  # fmt: skip
+                        str(defective_val / "annotations.json"), "--images", str(defective_val / "images"),
+                        "--num-workers", "2", "--output", str(tmp_path / "eval.json"))  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "IoU metric: segm" in evaluated.stdout and "Per-category segm AP (%):" in evaluated.stdout
+    assert re.search(r"\[evaluate\] 8/8 images \(100%\)", evaluated.stdout), evaluated.stdout
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["images"] == 8 and set(report["segm"]) >= {"AP", "AP50", "AR100"}
+    assert set(report["per_class_AP"]["segm"]) == {"circle", "rectangle", "triangle"}
+    assert report["dropped_annotations"] == json.loads(drops.replace("'", '"'))
     # Same checkpoint, same images; but in training each worker batches its own slice, and
     # batching pads images differently, which moves near-threshold detections a little.
     assert report["segm"]["AP"] == pytest.approx(best["metrics"]["val_segm_AP"], abs=0.01)
@@ -96,9 +115,25 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert again.returncode == 0, out[-3000:]
     assert "run already complete at step 24" in out and not _steps(out)
     assert (sorted(os.listdir(run_dir)), (run_dir / "best.pt").stat().st_mtime) == before
+    _check_history(run_dir, steps=24, evaluations=3)
 
 
-def test_training_with_data_and_storage_on_s3(shapes, bucket):
+def _check_history(run_dir: Path, steps: int, evaluations: int) -> list[dict]:
+    """metrics.jsonl: one line per logged step and per evaluation; TensorBoard: the same
+    values; config.json: the resolved configuration. Returns the lines."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, steps + 1))
+    assert len([x for x in lines if x["kind"] == "val"]) == evaluations
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, steps + 1))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([x["loss"] for x in lines if x["kind"] == "train"])
+    assert len(scalars["val/val_segm_AP"]) == evaluations
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["epochs"] and config["versions"]["torch"] and "git_commit" in config
+    return lines
+
+
+def test_training_with_data_and_storage_on_s3_is_reproducible(shapes, bucket, tmp_path):
     upload_dir(shapes / "train", bucket, "data/train")
     upload_dir(shapes / "val", bucket, "data/val")
     data = f"s3://{bucket}/data"
@@ -106,9 +141,20 @@ def test_training_with_data_and_storage_on_s3(shapes, bucket):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     names = list(storage.iter_files(f"s3://{bucket}/runs/s3run"))
     assert f"s3://{bucket}/runs/s3run/checkpoint_00000008/model.pt" in names
+    assert {f"s3://{bucket}/runs/s3run/{n}" for n in ("metrics.jsonl", "config.json", "best.pt")} <= set(names)
     best = checkpoint.load(f"s3://{bucket}/runs/s3run/best.pt")
     assert best["step"] == 8 and "val_segm_AP" in best["metrics"]
     assert "testing-secret" not in result.stdout + result.stderr
+
+    # The same seed again (checkpoints on local disk this time): the same data order and
+    # augmentation, so the same losses at every step and the same AP.
+    again = run_job("train.py", *_args(f"{data}/train", f"{data}/val", str(tmp_path / "runs"), "again", "--epochs", "1"))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert _steps(again.stdout + again.stderr) == _steps(result.stdout + result.stderr)
+    on_s3 = [json.loads(line) for line in storage.read_text(f"s3://{bucket}/runs/s3run/metrics.jsonl").splitlines()]
+    local = _check_history(tmp_path / "runs" / "again", steps=8, evaluations=1)
+    strip = lambda lines: [{k: v for k, v in x.items() if k not in ("time", "images_per_s", "train_images_per_s")} for x in lines]  # noqa: E731
+    assert strip(local) == strip(on_s3)
 
 
 def _train_worker_pids() -> list[int]:
@@ -164,6 +210,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
         ("empty", "error: .*empty.json lists no images"),
         ("missing_image_dir", "error: cannot reach .*nowhere: no such directory"),
         ("too_few_images", "error: .*2 images is fewer than one step"),
+        ("val_duplicate_id", r"error: .*val\.json: annotation id \d+: the id is used twice"),
     ],
 )
 def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, tmp_path):
@@ -178,11 +225,17 @@ def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, t
         Path(ann).write_text(json.dumps({"images": [], "annotations": [], "categories": gt["categories"]}))
     elif case == "missing_image_dir":
         images = str(tmp_path / "nowhere")
-    else:
+    elif case == "too_few_images":
         gt["images"] = gt["images"][:2]
         Path(ann).write_text(json.dumps(gt))
+    extra = []
+    if case == "val_duplicate_id":  # a defect no rule can clean, in the validation file
+        val = json.loads((shapes / "val" / "annotations.json").read_text())
+        val["annotations"].append(dict(val["annotations"][3]))
+        (tmp_path / "val.json").write_text(json.dumps(val))
+        extra = ["--val-annotations", str(tmp_path / "val.json"), "--val-images", str(shapes / "val" / "images")]
     result = run_job("train.py", "--train-annotations", ann, "--train-images", images,
-                     "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2")  # fmt: skip
+                     "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2", *extra)  # fmt: skip
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr

@@ -1,0 +1,60 @@
+"""Progress lines, the same for every job: done/total, elapsed time, rate and ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
+    seconds = int(max(0.0, seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Counts work done and prints one line at most every ``every`` seconds, and always
+    when the total is reached. The ETA assumes the rate so far; with no total (a listing
+    still running) the line gives the count and the rate only. ``find_total``, when given,
+    is asked before each line until it answers (e.g. once a listing has finished)."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        unit: str = "images",
+        every: float = 10.0,
+        find_total: Callable[[], int | None] | None = None,
+    ):
+        self.label, self.total, self.unit, self.every, self.find_total = label, total, unit, every, find_total
+        self.done, self.start, self.last = 0, time.perf_counter(), float("-inf")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        return self.done / max(self.elapsed, 1e-9)
+
+    def add(self, n: int, note: str = "") -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or (self.total is not None and self.done >= self.total):
+            self.last = now
+            if self.find_total:
+                found = self.find_total()
+                if found is not None:
+                    self.total, self.find_total = found, None
+            sys.stdout.write(f"[{self.label}] {self.line(note)}\n")
+            sys.stdout.flush()
+
+    def line(self, note: str = "") -> str:
+        """``120/500 images (24%), 3.10 images/s, elapsed 0:38, ETA 2:02`` plus ``note``."""
+        count = f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else f"{self.done} {self.unit}"
+        text = f"{count}, {self.rate():.2f} {self.unit}/s, elapsed {clock(self.elapsed)}"
+        if self.total and self.done:
+            text += f", ETA {clock((self.total - self.done) / self.rate())}"
+        return f"{text}{', ' + note if note else ''}"
