@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=20, help="steps between metric reports")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (also after each epoch)")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between validations (the last epoch is always evaluated)")
     return p
 
 
@@ -91,13 +92,16 @@ def config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, schedule=args.schedule,
         clip_norm=args.clip_norm or None, amp=not args.no_amp, scales=args.scales, max_size=args.max_size,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, log_every=args.log_every,
+        max_failures=args.max_failures,
         seed=args.seed,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.eval_every < 1:
+        parser().error(f"--eval-every must be at least 1, got {args.eval_every}")
     cfg = config(args)
     result = run(cfg)
     if result.error:

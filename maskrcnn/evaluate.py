@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -172,6 +173,8 @@ def evaluate_model(
         print(f"[evaluate] warning: the model does not know category ids {unknown}; they score 0 AP", flush=True)
     print(f"[evaluate] {len(dataset.records)} images; dropped annotations: {dict(dataset.dropped) or 'none'}", flush=True)
     init_ray(min_cpus=int(num_workers * cpus_per_worker) + 1)
+    if gpu and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
+        raise ValueError("--gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes")
     # On CPU actors Ray sets torch's thread count from num_cpus.
     actor = ray.remote(Evaluator).options(num_gpus=1 if gpu else 0, num_cpus=cpus_per_worker)
     pool = ActorPool([actor.remote(model_uri, batch_size) for _ in range(num_workers)])

@@ -1,4 +1,4 @@
-"""Progress lines, the same for every job: done/total, elapsed time, rate and ETA."""
+"""Progress lines, the same for every job: done/total, rate, elapsed time and ETA."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Progress:
         find_total: Callable[[], int | None] | None = None,
     ):
         self.label, self.total, self.unit, self.every, self.find_total = label, total, unit, every, find_total
-        self.done, self.start, self.last = 0, time.perf_counter(), float("-inf")
+        self.done, self.start, self.last, self.printed = 0, time.perf_counter(), float("-inf"), -1
 
     @property
     def elapsed(self) -> float:
@@ -41,19 +41,29 @@ class Progress:
 
     def add(self, n: int, note: str = "") -> None:
         self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or (self.total is not None and self.done >= self.total):
-            self.last = now
-            if self.find_total:
-                found = self.find_total()
-                if found is not None:
-                    self.total, self.find_total = found, None
-            sys.stdout.write(f"[{self.label}] {self.line(note)}\n")
-            sys.stdout.flush()
+        if time.perf_counter() - self.last >= self.every or (self.total is not None and self.done >= self.total):
+            self._print(note)
+
+    def finish(self, note: str = "") -> None:
+        """The closing line, unless the last line already gave this count."""
+        if self.printed != self.done:
+            self._print(note)
+
+    def _print(self, note: str) -> None:
+        if self.find_total:
+            found = self.find_total()
+            if found is not None:
+                self.total, self.find_total = found, None
+        self.last, self.printed = time.perf_counter(), self.done
+        sys.stdout.write(f"[{self.label}] {self.line(note)}\n")
+        sys.stdout.flush()
 
     def line(self, note: str = "") -> str:
         """``120/500 images (24%), 3.10 images/s, elapsed 0:38, ETA 2:02`` plus ``note``."""
-        count = f"{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else f"{self.done} {self.unit}"
+        if self.total:
+            count = f"{self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            count = f"{self.done} {self.unit}"
         text = f"{count}, {self.rate():.2f} {self.unit}/s, elapsed {clock(self.elapsed)}"
         if self.total and self.done:
             text += f", ETA {clock((self.total - self.done) / self.rate())}"

@@ -257,6 +257,7 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) ->
                 ordered = [{f: rows[i][f] for f in output.SCHEMA.names} for i in range(len(rows))]
                 written[k] = output.write_part(cfg.output, k, ordered)
                 del pending[k]
+    progress.finish(f"{errors} errors")
     if pending:
         missing = {k: next(iter(rows.values()))["shard_rows"] - len(rows) for k, rows in pending.items()}
         raise RuntimeError(f"rows missing from the pipeline for shards {missing}; nothing partial was written")

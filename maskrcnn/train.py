@@ -75,6 +75,7 @@ class TrainConfig:
     scales: tuple[int, ...] | None = None  # shortest-side choices; the largest is used to evaluate
     max_size: int | None = None
     checkpoint_every: int = 500  # steps; a checkpoint is also written after every epoch
+    eval_every: int = 1  # epochs between validations; the last epoch is always evaluated
     log_every: int = 20
     max_failures: int = 3
     seed: int = 0
@@ -323,7 +324,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     while worker.epoch < cfg.epochs:
         metrics = worker.train_epoch(shard)
-        metrics.update(worker.validate())
+        if worker.epoch % cfg.eval_every == 0 or worker.epoch == cfg.epochs:
+            metrics.update(worker.validate())
         worker.keep_best(metrics)
         worker.report(metrics, with_checkpoint=True)
     if worker.history:

@@ -78,13 +78,25 @@ def test_configuration_reference_lists_every_flag(script):
             assert f"`{flag}" in section, f"{script} {flag} is missing from the README's configuration reference"
 
 
-def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
-    """The demo's command lines, captured instead of run (the demo itself takes ~12 minutes)."""
+def _demo_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+def test_readme_and_demo_agree_on_its_time_and_promise():
+    demo, readme = _demo_module(), (REPO / "README.md").read_text()
+    assert f"make demo     # generate data, train, evaluate, segment an archive, draw the masks (CPU, ~{demo.MINUTES} min)" in readme
+    assert f"about {demo.MINUTES} minutes on 2 cores" in readme
+    assert f"mask AP of at least {demo.PROMISED_MASK_AP}" in readme
+
+
+def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
+    """The demo's command lines, captured instead of run (the demo itself takes about demo.MINUTES)."""
+    demo = _demo_module()
     ran: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda *args: ran.append(["python", *args]))
     (tmp_path / "labels").mkdir()

@@ -6,6 +6,7 @@ import pytest
 
 from maskrcnn import masks
 from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table, to_results
+from tests.conftest import run_job, small_model_file
 
 
 def _gt(coco_small):
@@ -72,3 +73,11 @@ def test_instances_become_coco_results():
     assert to_results(instances, image_id=7) == [
         {"image_id": 7, "category_id": 90, "bbox": [3.0, 2.0, 6.0, 3.0], "score": 0.8, "segmentation": rle}
     ]
+
+
+def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
+    model = small_model_file(tmp_path / "m.pt")
+    result = run_job("evaluate.py", "--checkpoint", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes"
+    ), result.stderr

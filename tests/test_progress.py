@@ -28,3 +28,19 @@ def test_a_total_found_later_is_used_from_then_on(capsys):
     first, second = capsys.readouterr().out.splitlines()
     assert first.startswith("[segment] 5 images, ") and "ETA" not in first
     assert second.startswith("[segment] 10/50 images (20%), ") and "ETA" in second
+
+
+def test_finish_prints_the_last_count_once(capsys):
+    p = Progress("segment", every=3600, find_total=lambda: 7)
+    p.add(3)  # first line: the total is asked for and found
+    p.add(4)  # reaches the total: printed
+    p.finish()  # already said
+    q = Progress("segment", every=3600)
+    q.add(2)
+    q.add(3)  # within `every`: silent
+    q.finish("0 errors")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "[segment] 3/7 images (43%)", "[segment] 7/7 images (100%)", "[segment] 2 images", "[segment] 5 images"
+    ]
+    assert lines[-1].endswith(", 0 errors")

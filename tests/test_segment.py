@@ -56,6 +56,10 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
     assert secret not in result.stdout + result.stderr + df.to_json() + storage.read_text(f"{out}/_summary.json")
     assert sorted(df.uri) == sorted(f"s3://{bucket}/{k}" for k in keys) and len(keys) == 6 + 80 + 45
     assert summary["images_in"] == summary["rows_out"] == len(df) and summary["resumed_rows"] == 0
+    # The terminal shows the job's own lines: progress with the total, and the summary; no Ray internals.
+    progress = [line for line in result.stdout.splitlines() if line.startswith("[segment] ") and "images/s" in line]
+    assert re.fullmatch(rf"\[segment\] 131/131 images \(100%\), .*, ETA 0:00, {len(UNUSABLE) + 1} errors", progress[-1])
+    assert not re.search(r"core_worker\.cc| INFO |Deprecat|Running Dataset", result.stdout + result.stderr), result.stderr
 
     errors = {u.rsplit("/", 1)[1]: e.split(":")[0] for u, e in zip(df.uri, df.error) if isinstance(e, str)}
     assert errors == {**UNUSABLE, "INDEX.tsv": "not_an_image"}
