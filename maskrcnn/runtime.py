@@ -63,16 +63,17 @@ def without_false_alarms() -> Iterator[None]:
     Every other line passes through unchanged. Enter it after Ray has started, so that
     Ray's own processes keep the real stderr."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, real = os.dup(2), os.dup(2)  # one to restore, one for the pump to write to
     read, write = os.pipe()
     os.dup2(write, 2)
     os.close(write)
 
-    def pump() -> None:
-        with os.fdopen(read, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+    def pump() -> None:  # must keep draining whatever happens, or a full pipe blocks the job
+        with os.fdopen(read, "rb") as lines, os.fdopen(real, "wb", buffering=0) as out:
             for line in lines:
                 if not any(alarm in line for alarm in FALSE_ALARMS):
-                    out.write(line)
+                    with contextlib.suppress(OSError):  # e.g. the terminal went away
+                        out.write(line)
 
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     thread.start()
