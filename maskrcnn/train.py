@@ -10,7 +10,9 @@ Resume: Ray Train restores the latest checkpoint after a worker failure
 
 Reproducible: the data order is the seed's (Ray Data keeps it: ``preserve_order``), and the
 random parts of a step (flip, scale, RPN and RoI sampling) draw from a generator seeded with
-(seed, step, rank), so two runs with the same seed, and a run and its resume, see the same data.
+(seed, step, rank), so two runs with the same seed see the same data, and a run resumed from
+an end-of-epoch checkpoint goes on exactly as the uninterrupted one. (A resume from a
+mid-epoch checkpoint re-reads that epoch's data from its start.)
 Everything a run writes lives in ``STORAGE/NAME/``: Ray's ``checkpoint_*`` directories,
 ``best.pt``, and the history (:mod:`maskrcnn.history`).
 """
