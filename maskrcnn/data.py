@@ -1,9 +1,11 @@
 """COCO instances JSON -> training records -> decoded, augmented examples.
 
-Indexing (:func:`load_coco`) runs on the driver and only reads the JSON. Fetching,
-decoding and augmentation (:func:`load_example`) run in Ray Data CPU tasks for training,
-and in the workers for evaluation. Bad annotations are dropped and counted when indexing;
-bad images become rows with ``error`` set, which the training loop counts and skips.
+Indexing (:func:`load_coco`) runs on the driver and only reads the JSON; it cleans the
+annotations for training and evaluation alike. Fetching, decoding and resizing
+(:func:`load_example`) run in Ray Data CPU tasks for training, and in the workers for
+evaluation; the random augmentation (:func:`train_transform`) runs on each training
+worker's device (:func:`to_model_inputs`). Bad annotations are dropped and counted when
+indexing; bad images become rows with ``error`` set, which the training loop counts and skips.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchvision.transforms import v2
 
 from maskrcnn import data
 
@@ -97,7 +98,7 @@ def train_step(
     clip_norm: float | None,
     amp: bool,
     step: int,
-    augment: Any = None,
+    augment: v2.Transform | None = None,
 ) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
