@@ -49,16 +49,20 @@ def versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     """The checkout's commit (with ``-dirty`` when it has changes), or None outside git."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
+        return None
+    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in this checkout, or None if git fails or is absent."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        run = lambda *args: subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)  # noqa: E731
-        head = run("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
+        done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 class History:

@@ -163,3 +163,16 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def ground_truth_as_results(gt: dict, category_of=lambda ann: ann["category_id"]) -> list[dict]:
+    """The non-crowd annotations of a COCO dict as COCO results with score 1 (``category_of``
+    may relabel them): what a perfect model would predict."""
+    from maskrcnn import masks
+
+    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
+    return [
+        {"image_id": a["image_id"], "category_id": category_of(a), "bbox": a["bbox"], "score": 1.0,
+         "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]])}
+        for a in gt["annotations"] if not a.get("iscrowd")
+    ]  # fmt: skip

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn import data, masks, storage
+from maskrcnn import data, storage
 from maskrcnn.evaluate import evaluate
-from tests.conftest import add_defects
+from tests.conftest import add_defects, ground_truth_as_results
 
 
 def test_coco_small_loads_completely(coco_small):
@@ -83,21 +83,12 @@ def test_every_defect_is_dropped_from_training_and_evaluation_alike(coco_small, 
     trained = sum(len(json.loads(r["annotations"])) for r in ds.records)
     assert trained == sum(len(json.loads(r["annotations"])) for r in original.records) + 2  # crowd: evaluation only
     # pycocotools cannot score the raw file (a 4-number polygon is read as a box)...
-    perfect = _ground_truth_as_results(ds.gt)
+    perfect = ground_truth_as_results(ds.gt)
     with pytest.raises(Exception):  # noqa: B017 - whichever defect it meets first
         evaluate(gt, perfect)
     # ...but scores the cleaned ground truth against itself perfectly.
     scores = evaluate(ds.gt, perfect)
     assert scores.stats["segm"][0] == pytest.approx(1.0) and scores.stats["bbox"][0] == pytest.approx(1.0)
-
-
-def _ground_truth_as_results(gt: dict) -> list[dict]:
-    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
-    return [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
-         "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]])}
-        for a in gt["annotations"] if not a["iscrowd"]
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

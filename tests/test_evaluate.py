@@ -6,7 +6,7 @@ import pytest
 
 from maskrcnn import masks
 from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table, to_results
-from tests.conftest import run_job, small_model_file
+from tests.conftest import ground_truth_as_results, run_job, small_model_file
 
 
 def _gt(coco_small):
@@ -14,24 +14,9 @@ def _gt(coco_small):
         return json.load(f)
 
 
-def _perfect_results(gt, category_of=lambda ann: ann["category_id"]):
-    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
-    return [
-        {
-            "image_id": a["image_id"],
-            "category_id": category_of(a),
-            "bbox": a["bbox"],
-            "score": 1.0,
-            "segmentation": masks.encode(masks.decode(a["segmentation"], *size[a["image_id"]])[None])[0],
-        }
-        for a in gt["annotations"]
-        if not a["iscrowd"]
-    ]
-
-
 def test_ground_truth_as_predictions_scores_ap_one(coco_small):
     gt = _gt(coco_small)
-    scores = evaluate(gt, _perfect_results(gt))
+    scores = evaluate(gt, ground_truth_as_results(gt))
     assert scores.stats["bbox"][0] == pytest.approx(1.0) and scores.stats["segm"][0] == pytest.approx(1.0)
     assert scores.stats["segm"][1] == pytest.approx(1.0)  # AP50
     with_gt = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
@@ -51,7 +36,7 @@ def test_shuffled_labels_score_low(coco_small):
     ids = [c["id"] for c in gt["categories"]]
     rng = np.random.default_rng(0)
     wrong = lambda ann: int(rng.choice([c for c in ids if c != ann["category_id"]]))  # noqa: E731
-    scores = evaluate(gt, _perfect_results(gt, wrong))
+    scores = evaluate(gt, ground_truth_as_results(gt, wrong))
     assert scores.stats["bbox"][0] < 0.05 and scores.stats["segm"][0] < 0.05
     assert max(ap for ap in scores.per_class["segm"].values() if not math.isnan(ap)) < 0.2
 
