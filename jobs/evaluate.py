@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a COCO set: COCO box and mask AP, overall and per category,
+"""Evaluate a model on a COCO set: COCO box and mask AP, overall and per category,
 printed and written as JSON.
 
 The driver checks and cleans the ground truth by the training rules and scores with
@@ -6,10 +6,10 @@ pycocotools; inference runs in --num-workers Ray actors, each with one GPU when 
 given, so under `ray job submit` it runs on the GPU nodes, not on the head node.
 
 Examples:
-  python jobs/evaluate.py --checkpoint runs/shapes/best.pt \\
+  python jobs/evaluate.py --model runs/shapes/best.pt \\
       --annotations data/val/annotations.json --images data/val/images --output runs/shapes/eval.json
 
-  ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint s3://bucket/runs/r50/best.pt \\
+  ray job submit --working-dir . -- python jobs/evaluate.py --model s3://bucket/runs/r50/best.pt \\
       --annotations s3://bucket/coco/annotations/instances_val2017.json --images s3://bucket/coco/val2017 \\
       --num-workers 4 --gpu --output s3://bucket/runs/r50/eval_val2017.json
 """
@@ -24,13 +24,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import storage  # noqa: E402
-from maskrcnn.cli import job_parser, run_main  # noqa: E402
+from maskrcnn.cli import add_model_arguments, job_parser, run_main  # noqa: E402
 from maskrcnn.evaluate import as_json, evaluate_model, format_table  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser("jobs/evaluate.py", __doc__)
-    p.add_argument("--checkpoint", required=True, help="project checkpoint (.pt), local path or s3:// URI")
+    add_model_arguments(p)
     p.add_argument("--annotations", required=True, help="COCO instances JSON with the ground truth")
     p.add_argument("--images", required=True, help="directory holding the images' file_names")
     p.add_argument("--output", help="write the AP tables as JSON here (local path or s3:// URI)")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers < 1 or args.batch_size < 1:
         parser().error("--num-workers and --batch-size must be at least 1")
     report = evaluate_model(
-        args.checkpoint, args.annotations, args.images, num_workers=args.num_workers, gpu=args.gpu,
+        args.model, args.annotations, args.images, arch=args.arch, num_workers=args.num_workers, gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
     )
     scores = report.pop("scores")

@@ -4,6 +4,9 @@
 Examples:
   python jobs/segment_bucket.py --input photos/ --output labels/run1/ --model runs/shapes/best.pt
 
+  # torchvision's COCO Mask R-CNN, no training (a local copy of the .pth where there is no internet)
+  python jobs/segment_bucket.py --input photos/ --output labels/coco/ --model COCO_V1
+
   ray job submit --working-dir . -- python jobs/segment_bucket.py \\
       --input s3://archive/photos/ --output s3://labels/run1/ --model s3://models/best.pt \\
       --num-gpus-per-actor 1 --concurrency 1,16 --batch-size 8
@@ -21,9 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn.cli import job_parser, run_main  # noqa: E402
-from maskrcnn.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from maskrcnn.listing import IMAGE_EXTENSIONS  # noqa: E402
+from maskrcnn.cli import add_model_arguments, job_parser, run_main  # noqa: E402
+from maskrcnn.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS  # noqa: E402
 from maskrcnn.segment import SegmentConfig, run  # noqa: E402
 
 
@@ -58,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     io = p.add_argument_group("input and output (local paths or s3:// URIs)")
     io.add_argument("--input", required=True, help="a directory or prefix (listed recursively), or a .parquet/.csv/.txt manifest of URIs")
     io.add_argument("--output", required=True, help="directory or prefix for the Parquet files")
-    io.add_argument("--model", required=True, help="project checkpoint (best.pt) written by jobs/train.py")
+    add_model_arguments(io)
     io.add_argument("--extensions", type=_extensions, default=IMAGE_EXTENSIONS,
                     help="comma-separated file extensions to keep when listing, case-insensitive; '*' keeps every file "
                          f"(default: {','.join(e[1:] for e in IMAGE_EXTENSIONS)})")  # fmt: skip
@@ -90,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = SegmentConfig(
-        input=args.input, output=args.output, model=args.model, extensions=args.extensions, limit=args.limit,
+        input=args.input, output=args.output, model=args.model, arch=args.arch, extensions=args.extensions, limit=args.limit,
         batch_size=args.batch_size, concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, actor_resources=args.actor_resources, decode_resources=args.decode_resources,
         score_threshold=args.score_threshold, max_detections=args.max_detections,

@@ -1,4 +1,6 @@
-"""The project checkpoint: one self-describing file that rebuilds its model offline.
+"""The project checkpoint: one self-describing file that rebuilds its model offline, and
+:func:`load`, the one way every job reads a model (``--model``): a project checkpoint, a
+torchvision weight name or a torchvision ``.pth`` all become such a checkpoint.
 
 Layout (a plain dict, written with ``torch.save``, read with ``torch.load(weights_only=True)``
 so loading never runs pickled code)::
@@ -23,17 +25,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
+from maskrcnn.errors import UserError
+from maskrcnn import model as model_lib
 from maskrcnn import storage
-from maskrcnn.model import build_model
+from maskrcnn.model import WeightsError, build_model
 
 FORMAT = "maskrcnn-ray-checkpoint"
 FORMAT_VERSION = 1
 FILENAME = "model.pt"
+ZOO_ARCH = "maskrcnn_resnet50_fpn"  # what a bare weight name (COCO_V1) means without --arch
+PLACEHOLDER = "N/A"  # torchvision's name for the unused COCO ids; never predicted or listed
+COCO_CATEGORIES: list[str] = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # [0] is background
 _REQUIRED = ("arch", "arch_kwargs", "classes", "category_ids", "state_dict", "step", "epoch", "metrics")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, unsafe or of an unknown format."""
 
 
@@ -77,11 +85,11 @@ def save(uri: str, ckpt: dict[str, Any]) -> None:
 
 
 def from_bytes(data: bytes, source: str) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refusing to load {source}: {first}") from err
+    """A project checkpoint from its bytes (what a job ships to its actors, and resume reads)."""
+    return _checked(model_lib.load_safely(data, source, CheckpointError), source)
+
+
+def _checked(ckpt: Any, source: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{source} is not a {FORMAT} file")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -92,12 +100,93 @@ def from_bytes(data: bytes, source: str) -> dict[str, Any]:
     return ckpt
 
 
-def load(uri: str) -> dict[str, Any]:
+def load(source: str, arch: str | None = None) -> dict[str, Any]:
+    """Any model a job takes (``--model``), as a project checkpoint:
+
+    - a project checkpoint (``best.pt``), local or s3://;
+    - a torchvision weight name: ``COCO_V1`` (of ``arch``, by default :data:`ZOO_ARCH`),
+      ``MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1``; downloaded, or found in torch's cache;
+    - a torchvision state dict or reference-script checkpoint (``.pth``), local or s3://.
+      Its architecture comes from ``arch``, else from the file (the reference script's
+      ``args.model``, or its layer names). 91 classes are COCO's, named from torchvision.
+    """
+    if not model_lib.is_path(source):
+        weights = model_lib.torchvision_weights(source, arch or ZOO_ARCH)
+        if weights is None:
+            raise CheckpointError(
+                f"unknown model {source!r}: not a file, nor a torchvision weight name like COCO_V1 "
+                "or MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
+            )
+        return _from_torchvision(weights, source)
     try:
-        data = storage.read_bytes(uri)
+        obj = model_lib.load_safely(storage.read_bytes(source), source, CheckpointError)
     except storage.StorageError as err:
         raise CheckpointError(str(err)) from err
-    return from_bytes(data, uri)
+    if isinstance(obj, dict) and "format" in obj:
+        ckpt = _checked(obj, source)
+        if arch and arch != ckpt["arch"]:
+            raise CheckpointError(f"{source} is a {ckpt['arch']} checkpoint, not --arch {arch}")
+        return ckpt
+    args = obj.get("args") if isinstance(obj, dict) else None
+    try:
+        state_dict = model_lib.state_dict_of(obj, source)
+    except WeightsError as err:
+        raise CheckpointError(f"{source} is neither a {FORMAT} file nor a torchvision state dict") from err
+    return _from_state_dict(state_dict, source, arch or getattr(args, "model", None))
+
+
+def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
+    arch = model_lib.arch_of_weights(weights)
+    if arch is None:
+        raise CheckpointError(f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights")
+    try:
+        state_dict = weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(str(model_lib.download_error(name, weights, err, "--model"))) from err
+    return _from_state_dict(state_dict, weights.url, arch, weights.meta["categories"])
+
+
+def _from_state_dict(
+    state_dict: dict[str, torch.Tensor], source: str, arch: str | None, categories: list[str] | None = None
+) -> dict[str, Any]:
+    """Wrap torchvision weights as a checkpoint, after checking that they fit ``arch``."""
+    arch = arch if arch in model_lib.ARCHS else model_lib.guess_arch(state_dict)
+    if arch is None:
+        raise CheckpointError(f"cannot tell which architecture {source} is for; pass --arch ({', '.join(model_lib.ARCHS)})")
+    scores = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    if scores is None:
+        raise CheckpointError(f"{source} is not a Mask R-CNN state dict: it has no roi_heads.box_predictor")
+    num_classes = scores.shape[0]
+    if categories is None and num_classes == len(COCO_CATEGORIES):
+        categories = COCO_CATEGORIES
+    names = categories[1:] if categories else [f"class_{i}" for i in range(1, num_classes)]
+    # torchvision's COCO models predict the COCO category id itself; "N/A" fills the gaps.
+    kwargs = {"num_classes": num_classes, "pretrained": "backbone.body.bn1.num_batches_tracked" not in state_dict}
+    model = build_model(arch, **kwargs)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit {arch}: {_mismatch(err)}; pass the right --arch") from err
+    return make(model, arch=arch, arch_kwargs=kwargs, classes=names, category_ids=list(range(1, num_classes)), step=0, epoch=0)
+
+
+def _mismatch(err: RuntimeError) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[1][:200] if len(lines) > 1 else lines[0][:200]
+
+
+def categories(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model's categories as COCO ``{"id", "name"}`` dicts, placeholders left out."""
+    return [{"id": i, "name": n} for i, n in zip(ckpt["category_ids"], ckpt["classes"]) if n != PLACEHOLDER]
+
+
+def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:
+    """:func:`categories` of any ``--model``; a torchvision weight name needs no download."""
+    weights = None if model_lib.is_path(source) else model_lib.torchvision_weights(source, arch or ZOO_ARCH)
+    if weights is not None and model_lib.arch_of_weights(weights):
+        names = weights.meta["categories"]
+        return [{"id": i, "name": n} for i, n in enumerate(names) if i and n != PLACEHOLDER]
+    return categories(load(source, arch))
 
 
 def build(ckpt: dict[str, Any]) -> nn.Module:

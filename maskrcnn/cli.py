@@ -6,15 +6,10 @@ import argparse
 import sys
 from typing import Callable
 
-from maskrcnn.checkpoint import CheckpointError
-from maskrcnn.data import DatasetError
-from maskrcnn.engine import NonFiniteLoss
-from maskrcnn.listing import ListingError
-from maskrcnn.model import WeightsError
-from maskrcnn.segment import SegmentError
-from maskrcnn.storage import StorageError
+from maskrcnn.errors import UserError
+from maskrcnn.model import ARCHS
 
-EXPECTED = (StorageError, DatasetError, WeightsError, CheckpointError, SegmentError, ListingError, NonFiniteLoss, ValueError)
+EXPECTED = (UserError, ValueError)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -62,3 +57,18 @@ def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
         epilog=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+MODEL_HELP = (
+    "the model: a checkpoint written by jobs/train.py (best.pt), a torchvision Mask R-CNN state dict "
+    "or reference-script checkpoint (.pth), local or s3://, or a torchvision weight name (COCO_V1, "
+    "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1), downloaded once by this process"
+)
+
+
+def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
+    """``--model`` and ``--arch``, declared once for every job that takes a model."""
+    group.add_argument("--model", required=required, help=MODEL_HELP)
+    group.add_argument("--arch", choices=ARCHS,
+                       help="the architecture of a .pth file that does not say (default: from the file; "
+                            "maskrcnn_resnet50_fpn for a bare weight name)")  # fmt: skip

@@ -21,10 +21,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from maskrcnn.errors import UserError
 from maskrcnn import images, masks, storage
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset that cannot be used (missing file, no images, a defect that cannot be
     cleaned). Names the file and, where there is one, the image or annotation id."""
 

@@ -16,10 +16,11 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.transforms import v2
 
+from maskrcnn.errors import UserError
 from maskrcnn import data
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; training cannot continue meaningfully."""
 
 

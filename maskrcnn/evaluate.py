@@ -1,5 +1,5 @@
-"""COCO box and mask AP (overall and per category) with pycocotools, and turning model
-outputs into COCO results."""
+"""COCO box and mask AP (overall and per category) with pycocotools, and scoring a model on
+a COCO set with Ray actors."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from ray.util import ActorPool
 
 from maskrcnn import checkpoint, data
+from maskrcnn.export import to_results
 from maskrcnn.predictor import Predictor
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import init_ray, without_false_alarms
@@ -67,14 +68,6 @@ def coco_api(gt: dict[str, Any]) -> COCO:
     with _quiet():
         api.createIndex()
     return api
-
-
-def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
-    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts."""
-    return [
-        {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"], "segmentation": i["mask"]}
-        for i in instances
-    ]
 
 
 @dataclass
@@ -152,20 +145,21 @@ def format_table(scores: Scores, columns: int = 3) -> str:
 
 
 def evaluate_model(
-    model_uri: str,
+    model: str,
     annotations: str,
     image_root: str,
     *,
+    arch: str | None = None,
     num_workers: int = 1,
     gpu: bool = False,
     cpus_per_worker: float = 1.0,
     batch_size: int = 2,
 ) -> dict[str, Any]:
-    """Score a project checkpoint on a COCO set. The driver checks the ground truth and
+    """Score a model (anything :func:`maskrcnn.checkpoint.load` takes) on a COCO set. The driver checks the ground truth and
     scores; ``num_workers`` Ray actors (one GPU each with ``gpu``) do the inference, so under
     ``ray job submit`` it runs where the GPUs are, not on the head node."""
-    ckpt = checkpoint.load(model_uri)  # fail fast, before any actor starts
-    model_id, known = checkpoint.identity(ckpt), set(ckpt["category_ids"])
+    ckpt = checkpoint.load(model, arch)  # fail fast (and fetch once), before any actor starts
+    model_id, known, weights = checkpoint.identity(ckpt), set(ckpt["category_ids"]), checkpoint.to_bytes(ckpt)
     del ckpt
     dataset = data.load_coco(annotations, image_root)
     unknown = sorted(set(dataset.category_ids) - known)
@@ -177,7 +171,9 @@ def evaluate_model(
         raise ValueError("--gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes")
     # On CPU actors Ray sets torch's thread count from num_cpus.
     actor = ray.remote(Evaluator).options(num_gpus=1 if gpu else 0, num_cpus=cpus_per_worker)
-    pool = ActorPool([actor.remote(model_uri, batch_size) for _ in range(num_workers)])
+    shared = [ray.put(weights)]  # every actor reads the weights from the object store
+    del weights
+    pool = ActorPool([actor.remote(shared, batch_size) for _ in range(num_workers)])
     chunk = 8 * batch_size
     chunks = [dataset.records[i : i + chunk] for i in range(0, len(dataset.records), chunk)]
     progress = Progress("evaluate", len(dataset.records))
@@ -189,7 +185,7 @@ def evaluate_model(
             skipped.update(part_skipped)
             progress.add(n)
     return {
-        "checkpoint": model_uri,
+        "model_source": model,
         "model": model_id,
         "annotations": annotations,
         "images": len(dataset.records),
@@ -204,8 +200,9 @@ class Evaluator:
     """A Ray actor (on a GPU node when it asks for a GPU): loads the model once, then
     predicts chunks of records for the driver."""
 
-    def __init__(self, model_uri: str, batch_size: int):
-        self.predictor = Predictor.load(model_uri, score_threshold=EVAL_SCORE_THRESHOLD)
+    def __init__(self, model: list[ray.ObjectRef], batch_size: int):
+        ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
+        self.predictor = Predictor.from_checkpoint(ckpt, score_threshold=EVAL_SCORE_THRESHOLD)
         self.batch_size = batch_size
 
     def predict(self, records: list[dict]) -> tuple[list[dict], Counter, int]:

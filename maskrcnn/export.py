@@ -1,107 +1,225 @@
-"""Segmentation Parquet -> COCO results JSON, a COCO dataset JSON, and overlay pictures."""
+"""Output rows -> COCO results JSON, a COCO dataset JSON, and pictures.
+
+Rows are the segmentation output's (:mod:`maskrcnn.output`): ``uri``, ``width``, ``height``,
+``instances``, ``model``, ``error``; ``predict.py`` makes the same rows in memory. Every
+writer here is a *sink*: it takes rows one at a time (:meth:`add`) and commits its file when
+closed, so one pass over the part files feeds them all, the driver holds one batch of rows
+at a time, and JSON goes to a local staging file before it is stored whole
+(:func:`maskrcnn.storage.staged`): no partial file appears, however large the output.
+"""
 
 from __future__ import annotations
 
-import io
+import contextlib
+import json
+import os
 import posixpath
-from typing import Any, Iterator
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import pyarrow.dataset as pads
-import torch
-from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
-from maskrcnn import images, masks, storage
-from maskrcnn.evaluate import to_results
+from maskrcnn import draw, images, masks, storage
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Stream the rows of a segmentation output (its part files), in URI order per file."""
-    fs, path = storage.filesystem(output)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=columns):
+    """Stream the rows of a segmentation output, part file by part file, in URI order per file."""
+    for batch in _dataset(output).to_batches(columns=columns, batch_size=256):
         yield from batch.to_pylist()
 
 
-def image_ids_from(gt: dict[str, Any]) -> dict[str, int]:
-    """Map file names (the last part of each URI) to the image ids of a COCO ground truth."""
-    return {posixpath.basename(img["file_name"]): img["id"] for img in gt["images"]}
+def count_rows(output: str) -> int:
+    """The rows of a segmentation output, from the part files' footers (no row is read)."""
+    return _dataset(output).count_rows()
 
 
-def _image_id(uri: str, ids: dict[str, int] | None, fallback: int) -> int | None:
-    return ids.get(posixpath.basename(uri)) if ids is not None else fallback
+def _dataset(output: str) -> pads.Dataset:
+    fs, path = storage.filesystem(output)
+    return pads.dataset(path, filesystem=fs, format="parquet")
 
 
-def to_coco_results(rows: Iterator[dict], ids: dict[str, int] | None = None, min_score: float = 0.0) -> list[dict]:
-    """COCO results (what ``COCO.loadRes`` takes). With ``ids`` the image ids are the ground
-    truth's, matched by file name; otherwise images are numbered 1.. in row order."""
-    results = []
-    for n, row in enumerate(r for r in rows if not r["error"]):
-        image_id = _image_id(row["uri"], ids, n + 1)
+def job_input(output: str) -> str | None:
+    """The directory or prefix a segmentation output was made from (None for a manifest)."""
+    record = storage.join(output, "_job.json")
+    source = json.loads(storage.read_text(record))["input"] if storage.exists(record) else None
+    return None if source is None or source.lower().endswith((".parquet", ".csv", ".txt")) else source
+
+
+def relative(uri: str, root: str) -> str | None:
+    """``uri``'s path under ``root``, with ``/`` separators; None when it is not under it."""
+    root = root.rstrip("/\\")
+    for sep in ("/", os.sep):
+        if uri.startswith(root + sep):
+            return uri[len(root) + 1 :].replace(os.sep, "/")
+    return None
+
+
+# ---------------------------------------------------------------- COCO JSON
+
+
+def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts."""
+    return [
+        {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"], "segmentation": i["mask"]}
+        for i in instances
+    ]
+
+
+
+class _JsonList:
+    """A JSON array written item by item to a local file."""
+
+    def __init__(self, f: Any):
+        self.f, self.count = f, 0
+
+    def add(self, item: Any) -> None:
+        self.f.write(("," if self.count else "") + json.dumps(item))
+        self.count += 1
+
+
+class CocoResults(contextlib.ExitStack):
+    """COCO results (what ``COCO.loadRes`` takes): image ids from ``image_id(row)``, which
+    returns None for rows to leave out; by default rows are numbered 1.. in order, as
+    :class:`CocoDataset` numbers them."""
+
+    def __init__(self, uri: str, image_id: Callable[[dict], int | None] | None = None, min_score: float = 0.0):
+        super().__init__()
+        self.uri, self.image_id, self.min_score, self.rows, self.unmatched = uri, image_id, min_score, 0, []
+        self.file = open(self.enter_context(storage.staged(uri)), "w")
+        self.callback(self.file.close)
+        self.file.write("[")
+        self.items = _JsonList(self.file)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["error"]:
+            return
+        self.rows += 1
+        image_id = self.image_id(row) if self.image_id else self.rows
         if image_id is None:
-            continue
-        results.extend(to_results([i for i in row["instances"] if i["score"] >= min_score], image_id))
-    return results
+            self.unmatched.append(row["uri"])
+            return
+        for result in to_results([i for i in row["instances"] if i["score"] >= self.min_score], image_id):
+            self.items.add(result)
+
+    def __exit__(self, *exc: Any) -> bool:
+        if exc[0] is None:
+            self.file.write("]")
+        return super().__exit__(*exc)
 
 
-def to_coco_dataset(rows: Iterator[dict], min_score: float = 0.0) -> dict[str, Any]:
-    """A full COCO instances file (images, annotations, categories) for labelling tools.
-    ``file_name`` is the image's URI; each annotation keeps its ``score``."""
-    gt: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
-    categories: dict[int, str] = {}
-    for row in (r for r in rows if not r["error"]):
-        image_id = len(gt["images"]) + 1
-        gt["images"].append({"id": image_id, "file_name": row["uri"], "width": row["width"], "height": row["height"]})
+def ground_truth_ids(annotations: str, root: str) -> Callable[[dict], int | None]:
+    """Match rows to a COCO ground truth's image ids by the path relative to ``root``
+    (the image root its ``file_name``\\ s are relative to), never by bare file name."""
+    gt = json.loads(storage.read_text(annotations))
+    ids = {posixpath.normpath(img["file_name"]): img["id"] for img in gt["images"]}
+
+    def image_id(row: dict) -> int | None:
+        path = relative(row["uri"], root)
+        return None if path is None else ids.get(posixpath.normpath(path))
+
+    return image_id
+
+
+class CocoDataset(contextlib.ExitStack):
+    """A COCO instances file (images, annotations with their ``score``, categories) for
+    labelling tools. ``file_name`` is the image's URI, or its path relative to ``root``.
+    ``categories`` (the model's) are listed even where nothing was found."""
+
+    def __init__(self, uri: str, root: str | None = None, min_score: float = 0.0, categories: list[dict] | None = None):
+        super().__init__()
+        self.root, self.min_score = root, min_score
+        self.categories = {c["id"]: c["name"] for c in categories or []}
+        self.file = open(self.enter_context(storage.staged(uri)), "w")
+        self.callback(self.file.close)
+        # Annotations wait in a second file until the images are written.
+        self.anns_file = self.enter_context(tempfile.TemporaryFile("w+"))
+        self.file.write('{"images": [')
+        self.images, self.annotations = _JsonList(self.file), _JsonList(self.anns_file)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["error"]:
+            return
+        file_name = row["uri"] if self.root is None else relative(row["uri"], self.root)
+        if file_name is None:
+            raise ValueError(f"{row['uri']} is not under --images {self.root}")
+        image_id = self.images.count + 1
+        self.images.add({"id": image_id, "file_name": file_name, "width": row["width"], "height": row["height"]})
         for inst in row["instances"]:
-            if inst["score"] < min_score:
-                continue
-            categories[inst["category_id"]] = inst["category"]
-            gt["annotations"].append({
-                "id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": inst["category_id"],
-                "bbox": inst["bbox"], "area": masks.area(inst["mask"]), "segmentation": inst["mask"],
-                "iscrowd": 0, "score": inst["score"],
-            })  # fmt: skip
-    gt["categories"] = [{"id": i, "name": n} for i, n in sorted(categories.items())]
-    return gt
+            if inst["score"] >= self.min_score:
+                self.categories[inst["category_id"]] = inst["category"]
+                self.annotations.add({
+                    "id": self.annotations.count + 1, "image_id": image_id, "category_id": inst["category_id"],
+                    "bbox": inst["bbox"], "area": masks.area(inst["mask"]), "segmentation": inst["mask"],
+                    "iscrowd": 0, "score": inst["score"],
+                })  # fmt: skip
+
+    def __exit__(self, *exc: Any) -> bool:
+        if exc[0] is None:
+            self.file.write('], "annotations": [')
+            self.anns_file.seek(0)
+            shutil.copyfileobj(self.anns_file, self.file)
+            categories = [{"id": i, "name": n} for i, n in sorted(self.categories.items())]
+            self.file.write(f'], "categories": {json.dumps(categories)}}}')
+        return super().__exit__(*exc)
 
 
-def render(row: dict[str, Any], min_score: float = 0.0) -> bytes:
-    """One output row drawn over its image (masks and labelled boxes), as PNG bytes."""
-    rgb = images.decode(storage.read_bytes(row["uri"]), exif=True)
-    picture = torch.from_numpy(rgb).permute(2, 0, 1)
+# ---------------------------------------------------------------- pictures
+
+
+def picture(row: dict[str, Any], rgb: Any, *, min_score: float = 0.0, **style: Any):
+    """One row's instances at or above ``min_score`` drawn over its image ``rgb`` (``style``:
+    :func:`maskrcnn.draw.picture`'s keywords)."""
     kept = [i for i in row["instances"] if i["score"] >= min_score]
-    if kept:
-        h, w = rgb.shape[:2]
-        binary = torch.from_numpy(np.stack([masks.decode(i["mask"], h, w) for i in kept]).astype(bool))
-        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (i["bbox"] for i in kept)])
-        labels = [f"{i['category']} {i['score']:.2f}" for i in kept]
-        picture = draw_segmentation_masks(picture, binary, alpha=0.5)
-        picture = draw_bounding_boxes(picture, boxes, labels=labels, width=2)
-    return _png(picture.permute(1, 2, 0).numpy())
+    return draw.picture(rgb, kept, (row["height"], row["width"]), **style)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
+def read_image(row: dict[str, Any], max_side: int) -> Any:
+    """A row's image again, decoded no larger than needed to draw it ``max_side`` wide."""
+    decoded, error = images.read(row["uri"], (max_side, max_side))
+    if error:
+        raise storage.StorageError(f"cannot draw {row['uri']}: {error}")
+    return decoded.pixels
 
 
-def _cell(png: bytes, size: int) -> torch.Tensor:
-    """A picture scaled to fit a ``size`` square, centred on black (aspect ratio kept).
-    Small pictures are enlarged with nearest-neighbour sampling, so mask edges stay sharp."""
-    picture = Image.open(io.BytesIO(png)).convert("RGB")
-    scale = size / max(picture.size)
-    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
-    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
-    cell = Image.new("RGB", (size, size))
-    cell.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
-    return torch.from_numpy(np.asarray(cell).copy()).permute(2, 0, 1)
+def source_name(uri: str, root: str | None) -> str:
+    """How pictures name an image: its path relative to the input ``root``, so that equal
+    file names in different folders stay apart; its file name when not under it."""
+    return (relative(uri, root) if root else None) or posixpath.basename(uri)
 
 
-def contact_sheet(pictures: list[bytes], columns: int = 4, cell: int = 256) -> bytes:
-    """Rendered PNGs (from :func:`render`) laid out in one grid PNG, ``columns`` wide."""
-    if not pictures:
-        raise ValueError("no pictures for the contact sheet")
-    grid = make_grid([_cell(p, cell) for p in pictures], nrow=columns, padding=4, pad_value=255)
-    return _png(grid.permute(1, 2, 0).numpy())
+def picture_name(uri: str, root: str | None) -> str:
+    """Where a picture of ``uri`` goes under an output directory: :func:`source_name` as ``.png``."""
+    return posixpath.splitext(source_name(uri, root))[0] + ".png"
+
+
+class Pictures(contextlib.AbstractContextManager):
+    """The first ``count`` rows with instances at or above ``min_score``, drawn: one PNG each
+    under ``directory`` and/or, on close, one contact sheet PNG at ``sheet``."""
+
+    def __init__(
+        self, count: int, directory: str | None = None, sheet: str | None = None, *, root: str | None = None,
+        columns: int = 4, cell: int = 320, max_side: int = 1024, min_score: float = 0.0, boxes: bool = False,
+    ):  # fmt: skip
+        self.count, self.directory, self.sheet, self.root, self.columns, self.cell = count, directory, sheet, root, columns, cell
+        self.style = {"min_score": min_score, "boxes": boxes}
+        self.max_side, self.drawn, self.cells = max_side, 0, []
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.drawn >= self.count or row["error"] or not any(i["score"] >= self.style["min_score"] for i in row["instances"]):
+            return
+        self.drawn += 1
+        name = picture_name(row["uri"], self.root)
+        rgb = read_image(row, self.max_side if self.directory else self.cell)
+        if self.directory:
+            target = storage.join(self.directory, *name.split("/"))
+            storage.write_bytes(target, draw.png(picture(row, rgb, max_side=self.max_side, **self.style)))
+            print(f"[export] {target}", flush=True)
+        if self.sheet:
+            cell = picture(row, rgb, max_side=self.cell, enlarge_to=self.cell, **self.style)
+            self.cells.append((cell, source_name(row["uri"], self.root)))
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None and self.sheet and self.cells:
+            storage.write_bytes(self.sheet, draw.contact_sheet(self.cells, self.columns, self.cell))
+            print(f"[export] contact sheet of {len(self.cells)} images -> {self.sheet}", flush=True)

@@ -1,4 +1,5 @@
-"""Image decoding: bytes -> an RGB uint8 array, or an :class:`ImageError` that names the kind."""
+"""Image decoding: bytes -> an RGB uint8 array, or an :class:`ImageError` that names the kind;
+and :func:`read`, which fetches and decodes one image for every job that predicts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from maskrcnn import storage
+
 DEFAULT_MAX_PIXELS = 100_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a listing keeps
 
 
 class ImageError(ValueError):
@@ -36,6 +40,29 @@ class Decoded(NamedTuple):
     pixels: np.ndarray  # (h, w, 3) uint8 RGB as displayed; smaller than height x width when reduced
     height: int  # the full displayed image's size: the coordinates predictions are given in
     width: int
+
+
+NOTHING = Decoded(np.zeros((0, 0, 3), np.uint8), 0, 0)
+
+
+def read(uri: str, fit: tuple[int, int] | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Decoded, str | None]:
+    """Fetch and decode an image as the model will see it (see :func:`decode_to_fit`), with
+    EXIF orientation. A failure is returned, not raised, as an output row's ``error``:
+    ``"kind: message"``, the kind being ``missing``, ``read_failed`` or an :class:`ImageError`'s."""
+    try:
+        return decode_to_fit(storage.read_bytes(uri), fit, exif=True, max_pixels=max_pixels), None
+    except storage.StorageError as err:
+        return NOTHING, _read_error(uri, err)
+    except ImageError as err:
+        return NOTHING, f"{err.kind}: {err}"
+
+
+def _read_error(uri: str, err: Exception) -> str:
+    try:
+        missing = not storage.exists(uri)
+    except storage.StorageError:
+        missing = False
+    return f"missing: {uri} no longer exists" if missing else f"read_failed: {err}"
 
 
 def decode(data: bytes, *, exif: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

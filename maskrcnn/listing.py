@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from maskrcnn.errors import UserError
 from maskrcnn import output, storage
+from maskrcnn.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 KEYS = pa.schema([("shard", pa.int64()), ("index", pa.int64()), ("shard_rows", pa.int64())])
 LISTED = "_listing.json"  # written into the output when the listing ends: {"images": N, "part_files": K}
@@ -33,7 +34,7 @@ BLOCK_ROWS = 64
 BLOCK_BYTES = 1 << 12
 
 
-class ListingError(RuntimeError):
+class ListingError(UserError):
     """An input that cannot be listed as given, or that changed since a resumed run began."""
 
 

@@ -7,8 +7,10 @@ which is what a checkpoint stores, so any checkpoint can rebuild its model offli
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
+import os
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from maskrcnn.errors import UserError
 from maskrcnn import storage
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ _DEFAULT_SIZES = {SMALL: (320, 512)}
 SMALL_FPN_CHANNELS = 64
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError):
     """Initial weights that cannot be found, downloaded or matched to the model."""
 
 
@@ -147,18 +150,19 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return left
 
 
-def _download_error(name: str, weights: Any, err: Exception) -> WeightsError:
+def download_error(name: str, weights: Any, err: Exception, flag: str) -> WeightsError:
+    """The offline error: names the URL and says what to pass instead."""
     return WeightsError(
         f"cannot download weights {name} from {weights.url} ({type(err).__name__}: {err}); "
-        "where there is no internet, fetch that file elsewhere and pass its local path or "
-        "s3:// URI to --weights"
+        f"where there is no internet, fetch that file elsewhere and pass its local path or "
+        f"s3:// URI to {flag} (or put it in $TORCH_HOME/hub/checkpoints/)"
     )
 
 
-def _torchvision_weights(name: str, arch: str) -> Any | None:
+def torchvision_weights(name: str, arch: str) -> Any | None:
     """Resolve ``Enum.VALUE`` or a bare value of ``arch``'s own weights; None if not a weight name."""
     try:
-        if "." in name:
+        if "." in name and not is_path(name):
             return get_weight(name)
         if arch != SMALL:
             return get_model_weights(arch)[name]
@@ -167,25 +171,58 @@ def _torchvision_weights(name: str, arch: str) -> Any | None:
     return None
 
 
-def _is_uri(name: str) -> bool:
-    return "/" in name or name.endswith((".pt", ".pth"))
+def arch_of_weights(weights: Any) -> str | None:
+    """The architecture whose torchvision weights these are; None for backbone weights."""
+    return next((a for a in ARCHS if a != SMALL and get_model_weights(a) is type(weights)), None)
+
+
+def is_path(name: str) -> bool:
+    """A file name (local or s3://), as opposed to a torchvision weight name."""
+    return "/" in name or name.endswith((".pt", ".pth")) or os.path.exists(name)
 
 
 def read_state_dict(uri: str) -> dict[str, Any]:
     """Read a ``.pth`` state dict or a project checkpoint, never executing pickled code."""
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        data = storage.read_bytes(uri)
     except storage.StorageError as err:
         raise WeightsError(str(err)) from err
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise WeightsError(f"cannot load {uri}: {str(err).splitlines()[0]}") from err
+    return state_dict_of(load_safely(data, uri, WeightsError), uri)
+
+
+def load_safely(data: bytes, source: str, error: type[Exception]) -> Any:
+    """``torch.load`` with ``weights_only`` (no pickled code runs), also for torchvision's
+    reference-script checkpoints, which hold their ``argparse.Namespace`` of arguments."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"refusing to load {source}: {first}") from err
+
+
+def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The weights in a loaded file: a project checkpoint, a reference-script checkpoint
+    (``model``) or a bare state dict; a DDP ``module.`` prefix is dropped."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"]
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"]  # torchvision reference scripts' checkpoints
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise WeightsError(f"{uri} holds no state_dict")
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # torchvision reference scripts' checkpoints
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise WeightsError(f"{source} holds no state_dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def guess_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Which of :data:`ARCHS` a state dict is for, from its layer names; None if none fits."""
+    if "roi_heads.box_head.0.0.weight" in state_dict:
+        return "maskrcnn_resnet50_fpn_v2"
+    if "roi_heads.box_head.fc6.weight" not in state_dict:
+        return None
+    if "backbone.body.layer1.0.conv3.weight" in state_dict:
+        return "maskrcnn_resnet50_fpn"
+    fpn = state_dict.get("backbone.fpn.inner_blocks.0.0.weight")
+    return SMALL if fpn is not None and fpn.shape[0] == SMALL_FPN_CHANNELS else None
 
 
 def init_model(
@@ -201,20 +238,20 @@ def init_model(
     kwargs = dict(arch_kwargs, pretrained=weights is not None)
     if weights is None:
         return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    tv = None if _is_uri(weights) else _torchvision_weights(weights, arch)
-    if tv is None and not _is_uri(weights):
+    tv = None if is_path(weights) else torchvision_weights(weights, arch)
+    if tv is None and not is_path(weights):
         raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
     if tv is not None and type(tv).__name__.startswith("ResNet"):
         try:
             return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
         except (OSError, RuntimeError) as err:
-            raise _download_error(weights, tv, err) from err
+            raise download_error(weights, tv, err, "--weights") from err
     model = build_model(arch, skip_resize=skip_resize, **kwargs)
     if tv is not None:
         try:
             state_dict = tv.get_state_dict(progress=False)
         except (OSError, RuntimeError) as err:
-            raise _download_error(weights, tv, err) from err
+            raise download_error(weights, tv, err, "--weights") from err
     else:
         state_dict = read_state_dict(weights)
     load_matching(model, state_dict, weights)

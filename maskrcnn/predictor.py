@@ -28,9 +28,10 @@ from maskrcnn import checkpoint, masks
 
 
 def check_classes(names: list[str], classes: list[str] | None) -> None:
-    unknown = sorted(set(classes or ()) - set(names))
+    real = [n for n in names if n != checkpoint.PLACEHOLDER]
+    unknown = sorted(set(classes or ()) - set(real))
     if unknown:
-        raise ValueError(f"--classes {', '.join(unknown)} not among the model's classes: {', '.join(names)}")
+        raise ValueError(f"--classes {', '.join(unknown)} not among the model's classes: {', '.join(real)}")
 
 
 class Predictor:
@@ -56,20 +57,26 @@ class Predictor:
     ):
         check_classes(classes, keep_classes)
         self.model, self.names, self.category_ids, self.model_id = model, classes, category_ids, model_id
-        self.keep = torch.tensor([i + 1 for i, n in enumerate(classes) if n in keep_classes]) if keep_classes else None
+        # Labels kept: those of --classes, never torchvision's "N/A" placeholders.
+        wanted = set(keep_classes or classes) - {checkpoint.PLACEHOLDER}
+        self.keep = None if wanted >= set(classes) else torch.tensor([i + 1 for i, n in enumerate(classes) if n in wanted])
         self.device = next(model.parameters()).device
         model.roi_heads.score_thresh = score_threshold
         # With a class filter, take more candidates so the cap applies after filtering.
-        model.roi_heads.detections_per_img = max(max_detections, 300) if keep_classes else max_detections
+        model.roi_heads.detections_per_img = max(max_detections, 300) if self.keep is not None else max_detections
         self.max_detections = max_detections
         self.fp16 = fp16 and self.device.type == "cuda"
         self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
         self.calls = 0  # forward passes, for tests and benchmarks
 
     @classmethod
-    def load(cls, uri: str, *, device: str | None = None, **kwargs: Any) -> "Predictor":
-        """A predictor for a checkpoint file (local or s3://), on ``device`` (default: GPU if any)."""
-        ckpt = checkpoint.load(uri)
+    def load(cls, model: str, *, arch: str | None = None, **kwargs: Any) -> "Predictor":
+        """A predictor for any ``--model`` (see :func:`maskrcnn.checkpoint.load`)."""
+        return cls.from_checkpoint(checkpoint.load(model, arch), **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], *, device: str | None = None, **kwargs: Any) -> "Predictor":
+        """A predictor for a loaded checkpoint, on ``device`` (default: the GPU if there is one)."""
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = checkpoint.build(ckpt).to(target)
         return cls(model, ckpt["classes"], ckpt["category_ids"], model_id=checkpoint.identity(ckpt), **kwargs)

@@ -26,18 +26,19 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from maskrcnn.errors import UserError
 from maskrcnn import checkpoint, images, listing, output, storage
-from maskrcnn.listing import IMAGE_EXTENSIONS, KEYS, LISTED
-from maskrcnn.model import inference_size
+from maskrcnn.images import IMAGE_EXTENSIONS
+from maskrcnn.listing import KEYS, LISTED
+from maskrcnn.model import inference_size, is_path
 from maskrcnn.predictor import Predictor, check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import init_ray, without_false_alarms
 
 WORK_SCHEMA = pa.schema([*KEYS, *output.SCHEMA])
-_EMPTY = np.zeros((0, 0, 3), np.uint8)
 
 
-class SegmentError(RuntimeError):
+class SegmentError(UserError):
     """Input or output that stops the job, before the actor pool starts where it can."""
 
 
@@ -45,7 +46,8 @@ class SegmentError(RuntimeError):
 class SegmentConfig:
     input: str
     output: str
-    model: str
+    model: str  # anything checkpoint.load takes: a checkpoint, a .pth, a torchvision weight name
+    arch: str | None = None  # for a .pth whose architecture the file does not tell
     extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS  # None keeps every file
     limit: int | None = None
     batch_size: int = 4
@@ -67,25 +69,30 @@ class SegmentConfig:
     fp16: bool = True
 
     def __post_init__(self) -> None:
-        self.input, self.output, self.model = (storage.absolute(u) for u in (self.input, self.output, self.model))
+        self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
+        self.model = storage.absolute(self.model) if is_path(self.model) else self.model
 
 
 def run(cfg: SegmentConfig) -> dict[str, Any]:
     """Segment every input image; return (and write as _summary.json) the summary."""
     start = time.perf_counter()
-    # 1. Fail fast, before any actor starts: the model, its classes, the input, the output.
-    ckpt = checkpoint.load(cfg.model)
+    # 1. Fail fast, before any actor starts: the model (fetched once, here), its classes,
+    #    the input, the output.
+    ckpt = checkpoint.load(cfg.model, cfg.arch)
     check_classes(ckpt["classes"], cfg.classes)
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
+    weights = checkpoint.to_bytes(ckpt)
     del ckpt
     if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
         raise SegmentError(f"no images found in {cfg.input}")
     done = {k: output.read_stats(uri) for k, uri in prepare_output(cfg, model_id).items()}
     # 2. One pipeline for the whole input; the driver writes each shard once it is whole.
     init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
+    model = [ray.put(weights)]  # the actors read the weights from the object store, not the source
+    del weights
     progress = _progress(cfg, resumed=sum(s["rows"] for s in done.values()))
     with without_false_alarms():
-        written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit), progress)
+        written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit, model), progress)
     listed = json.loads(storage.read_text(storage.join(cfg.output, LISTED)))
     missing = sorted(set(range(listed["part_files"])) - set(done) - set(written))
     if missing:
@@ -132,8 +139,11 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
 # ---------------------------------------------------------------- pipeline
 
 
-def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | None) -> ray.data.Dataset:
-    """Listing -> decode tasks -> actor pool, as one Ray Data execution."""
+def pipeline(
+    cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | None, model: list[ray.ObjectRef]
+) -> ray.data.Dataset:
+    """Listing -> decode tasks -> actor pool, as one Ray Data execution. ``model`` holds the
+    reference to the checkpoint's bytes in the object store."""
     place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
     source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, done)
     ds = ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args=place)
@@ -147,7 +157,7 @@ def pipeline(cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | N
     )
     ds = ds.map_batches(
         InferenceActor,
-        fn_constructor_args=(cfg.model,),
+        fn_constructor_args=(model,),
         fn_constructor_kwargs={
             "score_threshold": cfg.score_threshold,
             "max_detections": cfg.max_detections,
@@ -171,31 +181,19 @@ def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[i
     out: dict[str, list] = {k: [batch[k][i].item() for i in range(len(batch["uri"]))] for k in KEYS.names}
     out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
     for uri in out["uri"]:
-        decoded, error = images.Decoded(_EMPTY, 0, 0), None
-        try:
-            decoded = images.decode_to_fit(storage.read_bytes(uri), fit, exif=True, max_pixels=max_pixels)
-        except storage.StorageError as err:
-            error = _read_error(uri, err)
-        except images.ImageError as err:
-            error = f"{err.kind}: {err}"
+        decoded, error = images.read(uri, fit, max_pixels)
         for key, value in (("image", decoded.pixels), ("height", decoded.height), ("width", decoded.width), ("error", error)):
             out[key].append(value)
     return out
 
 
-def _read_error(uri: str, err: Exception) -> str:
-    try:
-        missing = not storage.exists(uri)
-    except storage.StorageError:
-        missing = False
-    return f"missing: {uri} no longer exists" if missing else f"read_failed: {err}"
-
-
 class InferenceActor:
-    """The Ray Data actor: loads the model once per job; decoded rows in, output rows out."""
+    """The Ray Data actor: builds the model once, from the checkpoint bytes the driver put in
+    the object store (a list, so Ray passes the reference); decoded rows in, output rows out."""
 
-    def __init__(self, model_uri: str, **predictor_kwargs: Any):
-        self.predictor = Predictor.load(model_uri, **predictor_kwargs)
+    def __init__(self, model: list[ray.ObjectRef], **predictor_kwargs: Any):
+        ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
+        self.predictor = Predictor.from_checkpoint(ckpt, **predictor_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])

@@ -8,16 +8,22 @@ same filesystem object through :func:`filesystem`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import re
+import shutil
+import tempfile
 import uuid
 from functools import lru_cache
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from maskrcnn.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError):
     """A URI that cannot be read, written or listed. The message names the URI."""
 
 
@@ -127,6 +133,34 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def staged(uri: str) -> Iterator[str]:
+    """A local file path to write ``uri``'s content into, for output too large to hold in
+    memory; on a clean exit it becomes ``uri`` atomically (locally by ``os.replace``, on S3
+    by one streamed upload), and on an error it is deleted, so no partial file appears."""
+    fs, path = filesystem(uri)
+    local = os.path.dirname(path) if not is_s3(uri) else None
+    try:
+        if local is not None:
+            os.makedirs(local, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.tmp-", dir=local)
+        os.close(fd)
+    except OSError as err:
+        raise _fail("write", uri, err) from err
+    try:
+        yield tmp
+        if local is not None:
+            os.replace(tmp, path)
+            return
+        with open(tmp, "rb") as src, fs.open_output_stream(path) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+    except OSError as err:
+        raise _fail("write", uri, err) from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
@@ -189,6 +223,43 @@ def iter_files(prefix: str, extensions: tuple[str, ...] | None = None, page_size
         if isinstance(err, StorageError):
             raise
         raise _fail("list", prefix, err) from err
+
+
+def expand(spec: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """The files one command-line input names, each with the root its relative name starts
+    from: a file (root: its folder); a folder or prefix, listed recursively for
+    ``extensions``; or a glob (``*`` and ``?`` within a name, ``**`` across folders),
+    listed from the folder before its first wildcard."""
+    spec = absolute(spec)
+    wild = [spec.index(c) for c in "*?" if c in spec]
+    if not wild:
+        fs, path = filesystem(spec)
+        try:
+            kind = fs.get_file_info(path).type
+        except OSError as err:
+            raise _fail("reach", spec, err) from err
+        if kind == pafs.FileType.NotFound and not is_s3(spec):
+            raise StorageError(f"cannot read {spec}: no such file or directory")
+        if kind == pafs.FileType.File:
+            yield spec, spec.rsplit("/" if is_s3(spec) else os.sep, 1)[0]
+        else:
+            yield from ((uri, spec) for uri in iter_files(spec, extensions))
+        return
+    sep = "/" if is_s3(spec) else os.sep
+    root = spec[: min(wild)].rpartition(sep)[0]
+    pattern = re.compile(_glob_regex(spec, sep))
+    yield from ((uri, root) for uri in iter_files(root) if pattern.fullmatch(uri))
+
+
+def _glob_regex(pattern: str, sep: str) -> str:
+    s = re.escape(sep)
+    parts = {"**" + sep: f"(?:.*{s})?", "**": ".*", "*": f"[^{s}]*", "?": f"[^{s}]"}
+    out, i = "", 0
+    while i < len(pattern):
+        token = next((t for t in parts if pattern.startswith(t, i)), None)
+        out += parts[token] if token else re.escape(pattern[i])
+        i += len(token) if token else 1
+    return out
 
 
 def check_readable_dir(uri: str) -> None:

@@ -94,7 +94,7 @@ def demo(root: str, local: Path) -> dict:
     model, metrics = f"{runs}/shapes/best.pt", f"{root}/evaluation.json"
     with step("evaluate"):
         say("3/5 evaluate: COCO AP of the best checkpoint on the val split")
-        run("jobs/evaluate.py", "--checkpoint", model, "--annotations", f"{data}/val/annotations.json",
+        run("jobs/evaluate.py", "--model", model, "--annotations", f"{data}/val/annotations.json",
             "--images", f"{data}/val/images", "--cpus-per-worker", "2", "--output", metrics)  # fmt: skip
     with step("segment"):
         if storage.exists(storage.join(labels, "_SUCCESS")):
@@ -105,13 +105,16 @@ def demo(root: str, local: Path) -> dict:
                 "--model", model, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")  # fmt: skip
     summary = json.loads(storage.read_text(storage.join(labels, "_summary.json")))
     drawable = summary["instances"] > 0
-    pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures"), "--contact-sheet", str(local / "contact_sheet.png")]
+    pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures"),
+                "--contact-sheet", str(local / "contact_sheet.png"), "--html", str(local / "report")]  # fmt: skip
     with step("export"):
-        say("5/5 show: COCO JSON, overlay pictures and a contact sheet")
+        say("5/5 show: COCO JSON, overlay pictures, a contact sheet and an HTML report; then quick predictions, no Ray")
         if not drawable:
             say("no instances above the score threshold, so nothing to draw: train longer (DEMO_EPOCHS)")
         run("jobs/export.py", "--predictions", labels, "--coco-dataset", f"{root}/labels.coco.json",
             *(pictures if drawable else []))  # fmt: skip
+        run("jobs/predict.py", "--input", storage.join(data, "val", "images", "00000*.jpg"), "--model", model,
+            "--output", str(local / "predictions"))  # fmt: skip
     return {"root": root, "local": local, "metrics": metrics, "labels": labels, "model": model, "timings": timings,
             "drawn": drawable, "summary": summary}  # fmt: skip
 
@@ -131,6 +134,8 @@ def report(result: dict, wall: float) -> None:
         f"coco json:    {result['root']}/labels.coco.json",
         f"pictures:     {local / 'pictures'}/ ({PICTURES} overlays)" if result["drawn"] else "pictures:     none (no instances)",
         f"contact sheet: {local / 'contact_sheet.png'}" if result["drawn"] else "",
+        f"report:       {local / 'report' / 'index.html'}" if result["drawn"] else "",
+        f"predictions:  {local / 'predictions'}/ (jobs/predict.py on 9 val images)",
         "step times (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()),
         f"demo wall time: {wall / 60:.1f} min (about {MINUTES} min from a clean start on 2 cores)",
     ]

@@ -51,7 +51,7 @@ def test_a_file_with_pickled_code_is_refused_and_not_run(tmp_path, monkeypatch):
 
 def test_other_files_are_refused_with_the_reason(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="not a maskrcnn-ray-checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="neither a maskrcnn-ray-checkpoint file nor a torchvision state dict"):
         checkpoint.load(str(tmp_path / "plain.pt"))
     (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"junk")
     with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):

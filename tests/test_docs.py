@@ -15,7 +15,7 @@ from tests.conftest import REPO
 from tests.test_cluster import check_command, job_parser
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
-JOBS = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py"]
+JOBS = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py", "jobs/predict.py"]
 
 
 def shell_commands(path: Path) -> list[list[str]]:
@@ -105,4 +105,4 @@ def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
     assert [a[1] if a[1] != "-m" else a[2] for a in ran] == ["maskrcnn.synthetic", *JOBS]
     for argv in ran:
         check(argv)
-    assert "--contact-sheet" in ran[-1]
+    assert "--contact-sheet" in ran[-2] and "--html" in ran[-2]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from maskrcnn import masks
-from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table, to_results
+from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table
+from maskrcnn.export import to_results
 from tests.conftest import ground_truth_as_results, run_job, small_model_file
 
 
@@ -62,7 +63,7 @@ def test_instances_become_coco_results():
 
 def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
     model = small_model_file(tmp_path / "m.pt")
-    result = run_job("evaluate.py", "--checkpoint", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu")
+    result = run_job("evaluate.py", "--model", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu")
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes"
     ), result.stderr

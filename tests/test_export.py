@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn import images, output, storage
+from maskrcnn import images, masks, output, storage
 from maskrcnn.predictor import Predictor
 from tests.conftest import run_job, small_model_file
 
@@ -50,16 +50,62 @@ def test_pandas_reads_the_output_directly(predictions):
 def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp_path):
     out, rows = predictions
     target = tmp_path / "results.json"
-    result = run_job("export.py", "--predictions", out, "--coco-results", str(target), "--annotations", coco_small[0])
+    result = run_job("export.py", "--predictions", out, "--coco-results", str(target), "--annotations", coco_small[0],
+                     "--images", coco_small[1])  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "[export] 7/7 rows (100%)" in result.stdout  # progress over the rows, from the part files' footers
     results = json.loads(target.read_text())
     assert len(results) == sum(len(r["instances"]) for r in rows) > 0
     gt = COCO(coco_small[0])
+    ids = {img["file_name"]: img["id"] for img in gt.dataset["images"]}
+    assert {r["image_id"] for r in results} <= {ids[r["uri"].rsplit("/", 1)[1]] for r in rows[:6]}
     detections = gt.loadRes(str(target))
     ev = COCOeval(gt, detections, "segm")
     ev.params.imgIds = sorted({r["image_id"] for r in results})
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert 0.0 <= ev.stats[0] <= 1.0
+
+
+def _row(uri: str, instances: list[dict]) -> dict:
+    return {"uri": uri, "width": 4, "height": 2, "instances": instances, "model": "m", "error": None}
+
+
+def _instance(category_id: int, name: str, score: float) -> dict:
+    return {"category_id": category_id, "category": name, "score": score, "bbox": [0.0, 0.0, 2.0, 1.0],
+            "mask": masks.encode(np.ones((1, 2, 4), np.uint8))[0]}  # fmt: skip
+
+
+def test_images_are_matched_by_their_path_under_the_image_root_not_their_file_name(tmp_path):
+    """Two folders hold a 1.jpg each: ids come from the relative path; the root defaults to
+    the segmentation's --input (its _job.json)."""
+    root = tmp_path / "photos"
+    out = str(tmp_path / "out")
+    output.write_part(out, 0, [_row(f"{root}/a/1.jpg", [_instance(1, "person", 0.9)]),
+                               _row(f"{root}/b/1.jpg", [_instance(3, "car", 0.8)]),
+                               _row(f"{root}/c/2.jpg", [_instance(1, "person", 0.7)])])  # fmt: skip
+    storage.write_text(f"{out}/_job.json", json.dumps({"input": str(root)}))
+    gt = {"images": [{"id": 11, "file_name": "b/1.jpg", "width": 4, "height": 2},
+                     {"id": 12, "file_name": "a/1.jpg", "width": 4, "height": 2}],
+          "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]}  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    result = run_job("export.py", "--predictions", out, "--coco-results", str(tmp_path / "r.json"),
+                     "--annotations", str(tmp_path / "gt.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {(r["image_id"], r["category_id"]) for r in json.loads((tmp_path / "r.json").read_text())} == {(12, 1), (11, 3)}
+    assert f"1 images not in {tmp_path / 'gt.json'}, e.g. {root}/c/2.jpg" in result.stdout
+
+
+def test_coco_dataset_names_files_relative_to_the_image_root_and_lists_the_models_categories(predictions, tmp_path, coco_small):
+    out, rows = predictions
+    model = small_model_file(tmp_path / "m.pt", classes=("person", "car", "dog"), category_ids=(1, 3, 18))
+    result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "rel.json"),
+                     "--images", coco_small[1], "--model", model)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    dataset = json.loads((tmp_path / "rel.json").read_text())
+    assert [img["file_name"] for img in dataset["images"]] == [r["uri"].rsplit("/", 1)[1] for r in rows[:6]]
+    assert dataset["categories"] == [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
+    result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "full.json"))
+    assert [img["file_name"] for img in json.loads((tmp_path / "full.json").read_text())["images"]] == [r["uri"] for r in rows[:6]]
 
 
 def test_coco_dataset_and_pictures(predictions, tmp_path):
@@ -81,23 +127,63 @@ def test_coco_dataset_and_pictures(predictions, tmp_path):
     drawn = [r for r in rows if any(i["score"] >= cut for i in r["instances"])][:2]
     for pic, row in zip(pictures, sorted(drawn, key=lambda r: r["uri"])):
         arr = images.decode(pic.read_bytes())
-        assert arr.shape == (row["height"], row["width"], 3)
-        assert not np.array_equal(arr, images.decode(storage.read_bytes(row["uri"])))  # something was drawn
+        assert arr.shape[1] == row["width"] and arr.shape[0] > row["height"]  # full width, a legend strip under it
+        assert not np.array_equal(arr[: row["height"]], images.decode(storage.read_bytes(row["uri"])))  # drawn on
     sheet = images.decode((tmp_path / "sheet.png").read_bytes())
-    assert sheet.shape == (4 + 256 + 4, 4 + 2 * (256 + 4), 3)  # one row of two 256 px cells, 4 px padding
-    assert sheet[4:260, 4:260].std() > 0 and sheet[4:260, 264:520].std() > 0  # both cells hold a picture
+    assert sheet.shape[1] == 6 + 2 * (320 + 6)  # one row of two 320 px cells, 6 px padding
+    assert sheet[6:326, 6:326].std() > 0 and sheet[6:326, 332:652].std() > 0  # both cells hold a picture
+
+
+def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_path):
+    from html.parser import HTMLParser
+
+    out, rows = predictions
+    result = run_job("export.py", "--predictions", out, "--html", str(tmp_path / "report"), "--render", "3")
+    assert result.returncode == 0, result.stderr
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links, self.text, self.open = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.links += [v for k, v in attrs if k in ("src", "href")]
+            if tag not in ("img", "meta"):
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open.pop() == tag  # well nested
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Links()
+    page.feed((tmp_path / "report" / "index.html").read_text())
+    assert page.open == [] and len(page.links) == 3
+    assert all((tmp_path / "report" / link).is_file() for link in page.links)
+    text = " ".join(page.text)
+    assert f"{rows[6]['uri']} missing: gone" in text  # the error row, with its URI and reason
+    assert f"instances {sum(len(r['instances']) for r in rows)}" in text and "images 7" in text
 
 
 def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
     result = run_job("export.py", "--predictions", predictions[0], "--render", "3", "--contact-sheet",
-                     str(tmp_path / "sheet.png"), "--min-score", "1.1")  # fmt: skip
+                     str(tmp_path / "sheet.png"), "--coco-results", str(tmp_path / "r.json"), "--min-score", "1.1")  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().startswith("error: nothing to draw: no image in")
-    assert not (tmp_path / "sheet.png").exists()
+    assert not (tmp_path / "sheet.png").exists() and json.loads((tmp_path / "r.json").read_text()) == []
 
 
 def test_export_needs_something_to_do(predictions):
     result = run_job("export.py", "--predictions", predictions[0])
-    assert result.returncode == 2 and result.stderr.strip() == "error: nothing to do: give --coco-results, --coco-dataset or --render N"
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("error: nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
+
+
+def test_coco_results_go_to_s3_whole(predictions, bucket):
+    out, rows = predictions
+    result = run_job("export.py", "--predictions", out, "--coco-results", f"s3://{bucket}/export/r.json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(storage.read_text(f"s3://{bucket}/export/r.json"))) == sum(len(r["instances"]) for r in rows)
 
 
 def test_duckdb_reads_the_output_with_no_project_code(predictions):

@@ -65,7 +65,7 @@ def test_unknown_weights_and_foreign_state_dicts_are_refused(tmp_path):
         init_model(SMALL, {"num_classes": 3}, str(tmp_path / "foreign.pth"))
     with pytest.raises(WeightsError, match="missing.pth"):
         init_model(SMALL, {"num_classes": 3}, str(tmp_path / "missing.pth"))
-    assert model_lib._torchvision_weights("COCO_V1", SMALL) is None
+    assert model_lib.torchvision_weights("COCO_V1", SMALL) is None
 
 
 def test_a_model_started_from_weights_rebuilds_from_its_arch_kwargs(tmp_path):

@@ -95,7 +95,7 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert (final["step"], final["epoch"]) == (24, 3)
     _check_history(run_dir, steps=24, evaluations=3)
 
-    evaluated = run_job("evaluate.py", "--checkpoint", str(run_dir / "best.pt"), "--annotations",
+    evaluated = run_job("evaluate.py", "--model", str(run_dir / "best.pt"), "--annotations",
                         str(defective_val / "annotations.json"), "--images", str(defective_val / "images"),
                         "--num-workers", "2", "--output", str(tmp_path / "eval.json"))  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

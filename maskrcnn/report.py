@@ -1,0 +1,106 @@
+"""A browsable report of a segmentation output: one static HTML page (no server, no
+JavaScript) with the summary, drawn images with their instance tables, and the error rows.
+
+:class:`Report` is a sink like those of :mod:`maskrcnn.export`: it counts every row, draws
+the first few, keeps the first error rows, and writes ``index.html`` beside its pictures
+when closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections import Counter
+from typing import Any
+
+from maskrcnn import draw, export, masks, output, storage
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }
+td.n { text-align: right; }
+figure { display: inline-block; margin: 0 1.5em 1.5em 0; vertical-align: top; }
+figure img { max-width: 640px; display: block; }
+figcaption { font-family: monospace; word-break: break-all; max-width: 640px; }
+"""
+
+
+class Report(contextlib.AbstractContextManager):
+    def __init__(
+        self, directory: str, source: str, *, pictures: int = 24, root: str | None = None,
+        min_score: float = 0.0, max_errors: int = 1000, max_side: int = 640,
+    ):  # fmt: skip
+        self.directory, self.source, self.root, self.min_score = directory, source, root, min_score
+        self.limits = {"pictures": pictures, "errors": max_errors}
+        self.max_side = max_side
+        self.images, self.instances, self.errors, self.classes = 0, 0, Counter(), Counter()
+        self.error_rows: list[tuple[str, str]] = []
+        self.figures: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.images += 1
+        if row["error"]:
+            self.errors[output.error_kind(row["error"])] += 1
+            if len(self.error_rows) < self.limits["errors"]:
+                self.error_rows.append((row["uri"], row["error"]))
+            return
+        kept = [i for i in row["instances"] if i["score"] >= self.min_score]
+        self.instances += len(kept)
+        self.classes.update(i["category"] for i in kept)
+        if kept and len(self.figures) < self.limits["pictures"]:
+            self.figures.append(self._figure(row, kept))
+
+    def _figure(self, row: dict[str, Any], kept: list[dict]) -> str:
+        name = "pictures/" + export.picture_name(row["uri"], self.root)
+        rgb = export.read_image(row, self.max_side)
+        png = draw.png(export.picture(row, rgb, max_side=self.max_side, min_score=self.min_score))
+        storage.write_bytes(storage.join(self.directory, *name.split("/")), png)
+        rows = [
+            (i["category"], f"{i['score']:.3f}", ", ".join(f"{v:.0f}" for v in i["bbox"]), f"{masks.area(i['mask']):.0f}")
+            for i in sorted(kept, key=lambda i: -i["score"])
+        ]
+        table = _table(("category", "score", "box x, y, w, h", "mask area"), rows)
+        return (
+            f'<figure><img src="{html.escape(name)}" alt="{html.escape(row["uri"])}">'
+            f"<figcaption>{html.escape(row['uri'])}</figcaption>{table}</figure>"
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            storage.write_text(storage.join(self.directory, "index.html"), self.page())
+
+    def page(self) -> str:
+        summary = [("images", self.images), ("instances", self.instances), ("error rows", sum(self.errors.values()))]
+        parts = [
+            f"<h1>Segmentation report</h1><p><code>{html.escape(self.source)}</code></p>",
+            "<h2>Summary</h2>" + _table(("", "count"), summary),
+            "<h3>Errors by kind</h3>" + _table(("kind", "rows"), sorted(self.errors.items())),
+            "<h3>Instances by category</h3>" + _table(("category", "instances"), self.classes.most_common()),
+            f"<h2>Pictures</h2><p>The first {len(self.figures)} images with instances"
+            + (f" scoring at least {self.min_score}" if self.min_score else "") + ".</p>" + "".join(self.figures),
+            "<h2>Errors</h2>" + _table(("URI", "reason"), self.error_rows) + self._more_errors(),
+        ]  # fmt: skip
+        body = "\n".join(parts)
+        return (
+            '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>Segmentation report: {html.escape(self.source)}</title><style>{STYLE}</style></head>"
+            f"<body>\n{body}\n</body></html>\n"
+        )
+
+    def _more_errors(self) -> str:
+        more = sum(self.errors.values()) - len(self.error_rows)
+        return f"<p>… and {more} more error rows, not listed.</p>" if more > 0 else ""
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value: Any) -> str:
+    css = ' class="n"' if isinstance(value, (int, float)) else ""
+    return f"<td{css}>{html.escape(str(value))}</td>"
