@@ -19,6 +19,7 @@ so loading never runs pickled code)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from typing import Any
@@ -139,8 +140,10 @@ def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
     arch = model_lib.arch_of_weights(weights)
     if arch is None:
         raise CheckpointError(f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights")
+    print(f"[model] {name}: torchvision's weights from {weights.url} (or torch's cache)", flush=True)
     try:
-        state_dict = weights.get_state_dict(progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch hub's own "Downloading: ..." line
+            state_dict = weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as err:
         raise CheckpointError(str(model_lib.download_error(name, weights, err, "--model"))) from err
     return _from_state_dict(state_dict, weights.url, arch, weights.meta["categories"])

@@ -101,15 +101,45 @@ def small_model_file(
     return str(path)
 
 
-def run_job(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``jobs/<script>`` as a user would, capturing its output."""
+def run_job(script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables."""
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
+
+
+TOOTHBRUSH = 90  # COCO's last category id: the 80th class, label 90 in torchvision's COCO models
+
+
+@pytest.fixture(scope="session")
+def torchvision_pth(tmp_path_factory) -> str:
+    """torchvision's ``maskrcnn_resnet50_fpn`` with random weights (nothing can be downloaded
+    here), saved as a bare state dict, as torchvision publishes its COCO weights. Its class
+    scores are biased so that every detection is a toothbrush (COCO id 90, which an 80-class
+    numbering would call 80), ahead of torchvision's ``N/A`` placeholder 12."""
+    import torch
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    scores = model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():
+        scores.weight.zero_()
+        scores.bias.fill_(-10.0)
+        scores.bias[TOOTHBRUSH], scores.bias[12] = 5.0, 4.0
+    path = tmp_path_factory.mktemp("zoo") / "maskrcnn_resnet50_fpn_random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+# No internet, whatever the machine has: downloads go to a proxy port that refuses them,
+# and torch's weight cache is empty.
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
 def add_defects(gt: dict) -> Counter:

@@ -6,6 +6,7 @@ import torch
 
 from maskrcnn import checkpoint
 from maskrcnn.model import SMALL, build_model
+from tests.conftest import OFFLINE, TOOTHBRUSH
 
 ARCH_KWARGS = {"num_classes": 3, "min_size": 96, "max_size": 128}
 
@@ -58,3 +59,69 @@ def test_other_files_are_refused_with_the_reason(tmp_path):
         checkpoint.load(str(tmp_path / "junk.pt"))
     with pytest.raises(checkpoint.CheckpointError, match="missing.pt"):
         checkpoint.load(str(tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------- every --model form
+
+
+def test_a_torchvision_state_dict_loads_with_coco_names_and_real_ids(torchvision_pth):
+    ckpt = checkpoint.load(torchvision_pth)
+    assert ckpt["arch"] == "maskrcnn_resnet50_fpn"  # told by its layer names
+    assert (ckpt["classes"][0], ckpt["category_ids"][0]) == ("person", 1)
+    assert (ckpt["classes"][TOOTHBRUSH - 1], ckpt["category_ids"][TOOTHBRUSH - 1]) == ("toothbrush", TOOTHBRUSH)
+    categories = checkpoint.categories(ckpt)
+    assert len(categories) == 80 and all(c["name"] != "N/A" for c in categories)
+    assert categories == checkpoint.categories_of("COCO_V1")  # from torchvision's metadata, no download
+    reloaded = checkpoint.from_bytes(checkpoint.to_bytes(ckpt), "bytes")
+    assert checkpoint.identity(reloaded) == checkpoint.identity(ckpt) and reloaded["step"] == 0
+
+
+def test_a_reference_script_checkpoint_names_its_architecture(torchvision_pth, tmp_path):
+    """torchvision's references/detection/train.py saves model, optimizer, epoch and its
+    argparse arguments; DDP runs prefix every weight with ``module.``."""
+    import argparse
+
+    state = torch.load(torchvision_pth, weights_only=True)
+    path = tmp_path / "model_25.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 25, "args": argparse.Namespace(model="maskrcnn_resnet50_fpn", lr=0.02)}, path)  # fmt: skip
+    ckpt = checkpoint.load(str(path))
+    assert ckpt["arch"] == "maskrcnn_resnet50_fpn" and len(ckpt["classes"]) == 90
+    assert checkpoint.identity(ckpt).split(":")[1] == checkpoint.identity(checkpoint.load(torchvision_pth)).split(":")[1]
+
+
+def test_a_state_dict_of_another_shape_asks_for_the_right_arch(torchvision_pth, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit maskrcnn_resnet50_fpn_v2: .*pass the right --arch"):
+        checkpoint.load(torchvision_pth, arch="maskrcnn_resnet50_fpn_v2")
+    torch.save({"roi_heads.box_predictor.cls_score.weight": torch.zeros(3, 8)}, tmp_path / "odd.pth")
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot tell which architecture .*odd.pth is for; pass --arch"):
+        checkpoint.load(str(tmp_path / "odd.pth"))
+
+
+def test_a_small_state_dict_is_recognised_and_gets_generic_class_names(tmp_path):
+    m, _ = _checkpoint()
+    torch.save(m.state_dict(), tmp_path / "small.pth")
+    ckpt = checkpoint.load(str(tmp_path / "small.pth"))
+    assert ckpt["arch"] == SMALL and ckpt["classes"] == ["class_1", "class_2"] and ckpt["category_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "name, url",
+    [("COCO_V1", "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
+     ("MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth")],
+)  # fmt: skip
+def test_offline_a_weight_name_fails_naming_the_url(name, url, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load(name)
+    assert f"cannot download weights {name} from {url}" in str(err.value)
+    assert "pass its local path or s3:// URI to --model" in str(err.value)
+
+
+def test_names_that_are_not_whole_models_are_refused():
+    with pytest.raises(checkpoint.CheckpointError, match="ResNet50_Weights.IMAGENET1K_V1 are backbone weights"):
+        checkpoint.load("ResNet50_Weights.IMAGENET1K_V1")
+    with pytest.raises(checkpoint.CheckpointError, match="unknown model 'COCO_V9'"):
+        checkpoint.load("COCO_V9")

@@ -67,3 +67,18 @@ def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes"
     ), result.stderr
+
+
+def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, coco_small, tmp_path):
+    """COCO ids, not contiguous labels: the toothbrush detections are scored as category 90."""
+    gt = json.loads(open(coco_small[0]).read())
+    image = next(i for i in gt["images"] if any(a["image_id"] == i["id"] for a in gt["annotations"]))
+    subset = dict(gt, images=[image], annotations=[a for a in gt["annotations"] if a["image_id"] == image["id"]])
+    (tmp_path / "one.json").write_text(json.dumps(subset))
+    result = run_job("evaluate.py", "--model", torchvision_pth, "--annotations", str(tmp_path / "one.json"),
+                     "--images", coco_small[1], "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["model_source"] == torchvision_pth and report["model"].startswith("maskrcnn_resnet50_fpn@0:")
+    assert report["detections"] > 0 and "[evaluate] 1/1 images (100%)" in result.stdout
+    assert "does not know category ids" not in result.stdout  # the model knows all 80 COCO ids

@@ -47,6 +47,16 @@ def test_class_filter_cap_and_unknown_classes(small_checkpoint, shared_data):
         Predictor.load(small_checkpoint, keep_classes=["zebra"])
 
 
+def test_torchvisions_placeholder_classes_are_never_predicted_nor_listed(tmp_path, shared_data):
+    """torchvision's COCO models have "N/A" classes for the unused COCO ids."""
+    model = small_model_file(tmp_path / "gaps.pt", classes=("a", "N/A", "c"), category_ids=(1, 2, 3))
+    rgb = images.decode((shared_data / "photos" / "dog2.jpg").read_bytes())
+    found = Predictor.load(model, score_threshold=0.0, max_detections=100).predict([rgb])[0]
+    assert len(found) == 100 and {i["category"] for i in found} == {"a", "c"}
+    with pytest.raises(ValueError, match="--classes N/A not among the model's classes: a, c$"):
+        Predictor.load(model, keep_classes=["N/A"])
+
+
 MIXED = ["photos/dog1.jpg", "odd_images/hopper_orientation_6.jpg", "odd_images/wizard_low-interlaced.png",
          "photos/person1.jpg", "photos/astronaut.jpg", "photos/FudanPed00054.png"]  # fmt: skip
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn import images, masks, storage
-from tests.conftest import REPO, large_jpeg, run_job, small_model_file, upload_dir
+from tests.conftest import OFFLINE, REPO, TOOTHBRUSH, large_jpeg, run_job, small_model_file, upload_dir
 from tests.test_images import UNUSABLE
 
 pytestmark = pytest.mark.slow
@@ -150,11 +150,15 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
         ("unwritable_output", r"error: cannot write .*blocker/out/_job\.json"),
         ("other_model", r"error: .*holds output of another job \(model="),
         ("unknown_class", r"error: --classes zebra not among the model's classes"),
+        ("offline_weights", r"error: cannot download weights COCO_V1 from "
+                            r"https://download\.pytorch\.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e\.pth .*"
+                            r"pass its local path or s3:// URI to --model"),
     ],
-)
+)  # fmt: skip
 def test_bad_job_input_stops_before_the_pool_starts(case, expected, shared_data, model_file, tmp_path, s3_server):
     photos, out, model = str(shared_data / "photos"), str(tmp_path / "out"), model_file
     extra: list[str] = []
+    env: dict[str, str] = {}
     if case == "missing_model":
         model = str(tmp_path / "nope.pt")
     elif case == "empty_input":
@@ -169,12 +173,27 @@ def test_bad_job_input_stops_before_the_pool_starts(case, expected, shared_data,
         out = str(tmp_path / "blocker" / "out")
     elif case == "other_model":
         storage.write_text(f"{out}/_job.json", json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000}))
+    elif case == "offline_weights":
+        model, env = "COCO_V1", {**OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}
     else:
         extra = ["--classes", "zebra"]
-    result = run_job("segment_bucket.py", "--input", photos, "--output", out, "--model", model, *extra)
+    result = run_job("segment_bucket.py", "--input", photos, "--output", out, "--model", model, *extra, env=env)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
     assert "testing-secret" not in result.stdout + result.stderr
+
+
+def test_a_torchvision_state_dict_labels_with_coco_names_and_ids(torchvision_pth, shared_data, tmp_path):
+    """The first thing most users want: torchvision's COCO Mask R-CNN (here its .pth with
+    random weights, biased to toothbrushes) labelling images, with no training run."""
+    out = str(tmp_path / "out")
+    result = run_job("segment_bucket.py", "--input", str(shared_data / "photos"), "--output", out,
+                     "--model", torchvision_pth, "--limit", "1", "--log-every", "600")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = _read(out).to_dict("records")
+    found = {(i["category"], i["category_id"]) for i in row["instances"]}
+    assert found == {("toothbrush", TOOTHBRUSH)} and len(row["instances"]) > 0
+    assert row["model"].startswith("maskrcnn_resnet50_fpn@0:")
 
 
 def test_help_lists_every_flag():
