@@ -113,6 +113,32 @@ def run_job(script: str, *args: str, timeout: float = 600, env: dict[str, str] |
     )
 
 
+def call_job(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``jobs/<script>`` run in this process, for a job that ends before Ray starts (bad
+    input, --help, export): the same exit status and output as :func:`run_job`, without
+    paying for a new interpreter that imports torch and Ray."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from maskrcnn.cli import run_main
+
+    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", REPO / "jobs" / script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(lambda: job.main(list(args)))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    if "ray" in sys.modules:
+        import ray
+
+        assert not ray.is_initialized(), f"jobs/{script} started Ray: use run_job"
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 TOOTHBRUSH = 90  # COCO's last category id: the 80th class, label 90 in torchvision's COCO models
 
 

@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn import images, masks, output, storage
 from maskrcnn.predictor import Predictor
-from tests.conftest import run_job, small_model_file
+from tests.conftest import call_job, small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_pandas_reads_the_output_directly(predictions):
 def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp_path):
     out, rows = predictions
     target = tmp_path / "results.json"
-    result = run_job("export.py", "--predictions", out, "--coco-results", str(target), "--annotations", coco_small[0],
+    result = call_job("export.py", "--predictions", out, "--coco-results", str(target), "--annotations", coco_small[0],
                      "--images", coco_small[1])  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "[export] 7/7 rows (100%)" in result.stdout  # progress over the rows, from the part files' footers
@@ -88,7 +88,7 @@ def test_images_are_matched_by_their_path_under_the_image_root_not_their_file_na
                      {"id": 12, "file_name": "a/1.jpg", "width": 4, "height": 2}],
           "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]}  # fmt: skip
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    result = run_job("export.py", "--predictions", out, "--coco-results", str(tmp_path / "r.json"),
+    result = call_job("export.py", "--predictions", out, "--coco-results", str(tmp_path / "r.json"),
                      "--annotations", str(tmp_path / "gt.json"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert {(r["image_id"], r["category_id"]) for r in json.loads((tmp_path / "r.json").read_text())} == {(12, 1), (11, 3)}
@@ -98,13 +98,13 @@ def test_images_are_matched_by_their_path_under_the_image_root_not_their_file_na
 def test_coco_dataset_names_files_relative_to_the_image_root_and_lists_the_models_categories(predictions, tmp_path, coco_small):
     out, rows = predictions
     model = small_model_file(tmp_path / "m.pt", classes=("person", "car", "dog"), category_ids=(1, 3, 18))
-    result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "rel.json"),
+    result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "rel.json"),
                      "--images", coco_small[1], "--model", model)  # fmt: skip
     assert result.returncode == 0, result.stderr
     dataset = json.loads((tmp_path / "rel.json").read_text())
     assert [img["file_name"] for img in dataset["images"]] == [r["uri"].rsplit("/", 1)[1] for r in rows[:6]]
     assert dataset["categories"] == [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
-    result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "full.json"))
+    result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "full.json"))
     assert [img["file_name"] for img in json.loads((tmp_path / "full.json").read_text())["images"]] == [r["uri"] for r in rows[:6]]
 
 
@@ -113,7 +113,7 @@ def test_coco_dataset_and_pictures(predictions, tmp_path):
     scores = sorted(i["score"] for r in rows for i in r["instances"])
     cut = scores[len(scores) // 2]  # half the instances pass, half do not
     assert scores[0] < cut and sum(any(i["score"] >= cut for i in r["instances"]) for r in rows) >= 2
-    result = run_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "coco.json"),
+    result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "coco.json"),
                      "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", repr(cut),
                      "--contact-sheet", str(tmp_path / "sheet.png"))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -138,7 +138,7 @@ def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_
     from html.parser import HTMLParser
 
     out, rows = predictions
-    result = run_job("export.py", "--predictions", out, "--html", str(tmp_path / "report"), "--render", "3")
+    result = call_job("export.py", "--predictions", out, "--html", str(tmp_path / "report"), "--render", "3")
     assert result.returncode == 0, result.stderr
 
     class Links(HTMLParser):
@@ -167,21 +167,21 @@ def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_
 
 
 def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
-    result = run_job("export.py", "--predictions", predictions[0], "--render", "3", "--contact-sheet",
+    result = call_job("export.py", "--predictions", predictions[0], "--render", "3", "--contact-sheet",
                      str(tmp_path / "sheet.png"), "--coco-results", str(tmp_path / "r.json"), "--min-score", "1.1")  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().startswith("error: nothing to draw: no image in")
     assert not (tmp_path / "sheet.png").exists() and json.loads((tmp_path / "r.json").read_text()) == []
 
 
 def test_export_needs_something_to_do(predictions):
-    result = run_job("export.py", "--predictions", predictions[0])
+    result = call_job("export.py", "--predictions", predictions[0])
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
 
 
 def test_coco_results_go_to_s3_whole(predictions, bucket):
     out, rows = predictions
-    result = run_job("export.py", "--predictions", out, "--coco-results", f"s3://{bucket}/export/r.json")
+    result = call_job("export.py", "--predictions", out, "--coco-results", f"s3://{bucket}/export/r.json")
     assert result.returncode == 0, result.stderr
     assert len(json.loads(storage.read_text(f"s3://{bucket}/export/r.json"))) == sum(len(r["instances"]) for r in rows)
 

@@ -1,6 +1,7 @@
 """jobs/predict.py: quick predictions on files, folders and globs, with no Ray."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from maskrcnn import images
-from tests.conftest import REPO, TOOTHBRUSH, small_model_file
+from tests.conftest import OFFLINE, REPO, TOOTHBRUSH, small_model_file
 
 PHOTOS = ["FudanPed00054", "FudanPed00054_mask", "astronaut", "dog1", "dog2", "person1"]
 
@@ -62,9 +63,21 @@ def test_globs_repeated_names_and_unreadable_images(shared_data, tmp_path):
         _predict("--input", str(tmp_path / "nowhere.jpg"), "--model", model, "--output", str(out))
 
 
-def test_a_torchvision_state_dict_labels_with_coco_classes(torchvision_pth, shared_data, tmp_path):
+@pytest.mark.parametrize("form", ["pth", "weight name, offline, from torch's cache"])
+def test_torchvision_models_label_with_coco_classes(form, torchvision_pth, shared_data, tmp_path, monkeypatch):
+    """A .pth file, and ``COCO_V1`` with no internet: found in torch's cache, where a
+    machine that once downloaded it (or a user who copied it there) keeps it."""
+    model = torchvision_pth
+    if form != "pth":
+        cache = tmp_path / "torch" / "hub" / "checkpoints"
+        cache.mkdir(parents=True)
+        os.symlink(torchvision_pth, cache / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
+        for key, value in {**OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}.items():
+            monkeypatch.setenv(key, value)
+        model = "COCO_V1"
     out = tmp_path / "out"
-    _predict("--input", str(shared_data / "photos" / "dog1.jpg"), "--model", torchvision_pth, "--output", str(out))
+    _predict("--input", str(shared_data / "photos" / "dog1.jpg"), "--model", model, "--output", str(out),
+             "--max-detections", "10")  # fmt: skip
     dataset = json.loads((out / "coco_dataset.json").read_text())
     assert len(dataset["categories"]) == 80 and {"id": TOOTHBRUSH, "name": "toothbrush"} in dataset["categories"]
-    assert dataset["annotations"] and {a["category_id"] for a in dataset["annotations"]} == {TOOTHBRUSH}
+    assert len(dataset["annotations"]) == 10 and {a["category_id"] for a in dataset["annotations"]} == {TOOTHBRUSH}

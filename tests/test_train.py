@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from maskrcnn import checkpoint, storage
-from tests.conftest import REPO, add_defects, run_job, tensorboard_scalars, upload_dir
+from tests.conftest import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
@@ -234,24 +234,24 @@ def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, t
         val["annotations"].append(dict(val["annotations"][3]))
         (tmp_path / "val.json").write_text(json.dumps(val))
         extra = ["--val-annotations", str(tmp_path / "val.json"), "--val-images", str(shapes / "val" / "images")]
-    result = run_job("train.py", "--train-annotations", ann, "--train-images", images,
-                     "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2", *extra)  # fmt: skip
+    result = call_job("train.py", "--train-annotations", ann, "--train-images", images,
+                      "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2", *extra)  # fmt: skip
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
 
 
 def test_unreachable_storage_bucket_stops_the_job(shapes, s3_server):
-    result = run_job("train.py", *_args(str(shapes / "train"), None, "s3://no-such-bucket-anywhere/runs", "x"))
+    result = call_job("train.py", *_args(str(shapes / "train"), None, "s3://no-such-bucket-anywhere/runs", "x"))
     assert result.returncode == 2 and "no-such-bucket-anywhere" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_help_explains_every_flag():
-    result = run_job("train.py", "--help")
+    result = call_job("train.py", "--help")
     assert result.returncode == 0
     for flag in ("--train-annotations", "--storage", "--name", "--weights", "--num-workers", "--gpu", "--max-failures", "--schedule"):
         assert flag in result.stdout
     assert "ray job submit" in result.stdout
-    result = run_job("evaluate.py", "--help")
-    assert result.returncode == 0 and "--checkpoint" in result.stdout and "--output" in result.stdout
+    result = call_job("evaluate.py", "--help")
+    assert result.returncode == 0 and "--model" in result.stdout and "--output" in result.stdout
