@@ -18,25 +18,31 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterator
 
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from maskrcnn import draw, images, masks, storage
+from maskrcnn.output import shard_of
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Stream the rows of a segmentation output, part file by part file, in URI order per file."""
-    for batch in _dataset(output).to_batches(columns=columns, batch_size=256):
-        yield from batch.to_pylist()
+    """Stream the rows of a segmentation output, part file by part file, a batch at a time:
+    memory depends on the size of a part file, never on how many there are."""
+    for uri in part_files(output):
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+                yield from batch.to_pylist()
+
+
+def part_files(output: str) -> list[str]:
+    """The output's ``part-NNNNNN.parquet`` files, in order."""
+    parts = {k: uri for uri in storage.iter_files(output) if (k := shard_of(posixpath.basename(uri))) is not None}
+    return [parts[k] for k in sorted(parts)]
 
 
 def count_rows(output: str) -> int:
     """The rows of a segmentation output, from the part files' footers (no row is read)."""
-    return _dataset(output).count_rows()
-
-
-def _dataset(output: str) -> pads.Dataset:
-    fs, path = storage.filesystem(output)
-    return pads.dataset(path, filesystem=fs, format="parquet")
+    return sum(pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(storage.filesystem, part_files(output)))
 
 
 def job_input(output: str) -> str | None:
