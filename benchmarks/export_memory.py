@@ -17,7 +17,6 @@ should stay flat (about 1x) while the whole-list way grows with the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

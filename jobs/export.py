@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     for sink in sinks:
         print(f"[export] {describe(sink, args)}")
     if any(isinstance(s, export.Pictures) and not s.drawn for s in sinks):
-        raise ValueError(f"nothing to draw: no image in {args.predictions} has instances at or above --min-score {args.min_score}")
+        raise ValueError(
+            f"nothing to draw: no image in {args.predictions} has instances at or above --min-score {args.min_score}"
+        )
 
 
 def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -113,7 +115,8 @@ def sinks_for(args: argparse.Namespace, root: str | None) -> list:
 
 def describe(sink: object, args: argparse.Namespace) -> str:
     if isinstance(sink, export.CocoResults):
-        unmatched = f"; {len(sink.unmatched)} images not in {args.annotations}, e.g. {sink.unmatched[0]}" if sink.unmatched else ""
+        missing = sink.unmatched
+        unmatched = f"; {len(missing)} images not in {args.annotations}, e.g. {missing[0]}" if missing else ""
         return f"{sink.items.count} detections of {sink.rows} images -> {args.coco_results}{unmatched}"
     if isinstance(sink, export.CocoDataset):
         return f"{sink.images.count} images, {sink.annotations.count} annotations -> {args.coco_dataset}"

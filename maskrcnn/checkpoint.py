@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-from maskrcnn.errors import UserError
 from maskrcnn import model as model_lib
 from maskrcnn import storage
+from maskrcnn.errors import UserError
 from maskrcnn.model import WeightsError, build_model
 
 FORMAT = "maskrcnn-ray-checkpoint"

@@ -21,8 +21,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn.errors import UserError
 from maskrcnn import images, masks, storage
+from maskrcnn.errors import UserError
 
 
 class DatasetError(UserError):

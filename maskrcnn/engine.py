@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.transforms import v2
 
-from maskrcnn.errors import UserError
 from maskrcnn import data
+from maskrcnn.errors import UserError
 
 
 class NonFiniteLoss(UserError):

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from maskrcnn.errors import UserError
 from maskrcnn import output, storage
+from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")

@@ -15,19 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import get_model_weights, get_weight
+from torchvision.models import get_model_weights, get_weight, resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maskrcnn.errors import UserError
 from maskrcnn import storage
+from maskrcnn.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from maskrcnn.errors import UserError
 from maskrcnn import checkpoint, images, listing, output, storage
+from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
 from maskrcnn.listing import KEYS, LISTED
 from maskrcnn.model import inference_size, is_path
