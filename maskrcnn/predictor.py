@@ -37,8 +37,9 @@ def check_classes(names: list[str], classes: list[str] | None) -> None:
 class Predictor:
     """Wraps a Mask R-CNN (in eval mode while predicting) with its class names and ids.
 
-    Used by the segmentation actors (:meth:`load` from a checkpoint) and by evaluation,
-    in training too (the live model), so both share one inference and post-processing path.
+    Used by the segmentation and evaluation actors and ``jobs/predict.py``
+    (:meth:`from_checkpoint`), and by evaluation in training (the live model), so all share
+    one inference and post-processing path.
     ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only).
     """
 

@@ -13,7 +13,7 @@ import html
 from collections import Counter
 from typing import Any
 
-from maskrcnn import draw, export, masks, output, storage
+from maskrcnn import export, masks, output, storage
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
@@ -32,8 +32,9 @@ class Report(contextlib.AbstractContextManager):
         min_score: float = 0.0, max_errors: int = 1000, max_side: int = 640,
     ):  # fmt: skip
         self.directory, self.source, self.root, self.min_score = directory, source, root, min_score
-        self.limits = {"pictures": pictures, "errors": max_errors}
-        self.max_side = max_side
+        self.max_errors = max_errors
+        self.pictures = export.Pictures(pictures, storage.join(directory, "pictures"), root=root, max_side=max_side,
+                                        min_score=min_score)  # fmt: skip
         self.images, self.instances, self.errors, self.classes = 0, 0, Counter(), Counter()
         self.error_rows: list[tuple[str, str]] = []
         self.figures: list[str] = []
@@ -42,20 +43,20 @@ class Report(contextlib.AbstractContextManager):
         self.images += 1
         if row["error"]:
             self.errors[output.error_kind(row["error"])] += 1
-            if len(self.error_rows) < self.limits["errors"]:
+            if len(self.error_rows) < self.max_errors:
                 self.error_rows.append((row["uri"], row["error"]))
             return
         kept = [i for i in row["instances"] if i["score"] >= self.min_score]
         self.instances += len(kept)
         self.classes.update(i["category"] for i in kept)
-        if kept and len(self.figures) < self.limits["pictures"]:
+        drawn = self.pictures.drawn
+        self.pictures.add(row)
+        if self.pictures.drawn > drawn:
             self.figures.append(self._figure(row, kept))
 
     def _figure(self, row: dict[str, Any], kept: list[dict]) -> str:
+        """The HTML of a picture :class:`maskrcnn.export.Pictures` has just drawn, and its instances."""
         name = "pictures/" + export.picture_name(row["uri"], self.root)
-        rgb = export.read_image(row, self.max_side)
-        png = draw.png(export.picture(row, rgb, max_side=self.max_side, min_score=self.min_score))
-        storage.write_bytes(storage.join(self.directory, *name.split("/")), png)
         rows = [
             (i["category"], f"{i['score']:.3f}", ", ".join(f"{v:.0f}" for v in i["bbox"]), f"{masks.area(i['mask']):.0f}")
             for i in sorted(kept, key=lambda i: -i["score"])
