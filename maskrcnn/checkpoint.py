@@ -187,8 +187,8 @@ def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:
     """:func:`categories` of any ``--model``; a torchvision weight name needs no download."""
     weights = None if model_lib.is_path(source) else model_lib.torchvision_weights(source, arch or ZOO_ARCH)
     if weights is not None and model_lib.arch_of_weights(weights):
-        names = weights.meta["categories"]
-        return [{"id": i, "name": n} for i, n in enumerate(names) if i and n != PLACEHOLDER]
+        names = weights.meta["categories"][1:]  # label i is COCO id i, as in _from_state_dict
+        return categories({"classes": names, "category_ids": range(1, len(names) + 1)})
     return categories(load(source, arch))
 
 

@@ -155,9 +155,9 @@ def evaluate_model(
     cpus_per_worker: float = 1.0,
     batch_size: int = 2,
 ) -> dict[str, Any]:
-    """Score a model (anything :func:`maskrcnn.checkpoint.load` takes) on a COCO set. The driver checks the ground truth and
-    scores; ``num_workers`` Ray actors (one GPU each with ``gpu``) do the inference, so under
-    ``ray job submit`` it runs where the GPUs are, not on the head node."""
+    """Score a model (anything :func:`maskrcnn.checkpoint.load` takes) on a COCO set. The
+    driver checks the ground truth and scores; ``num_workers`` Ray actors (one GPU each with
+    ``gpu``) do the inference, so under ``ray job submit`` it runs where the GPUs are."""
     ckpt = checkpoint.load(model, arch)  # fail fast (and fetch once), before any actor starts
     model_id, known, weights = checkpoint.identity(ckpt), set(ckpt["category_ids"]), checkpoint.to_bytes(ckpt)
     del ckpt

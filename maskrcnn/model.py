@@ -161,7 +161,7 @@ def download_error(name: str, weights: Any, err: Exception, flag: str) -> Weight
 def torchvision_weights(name: str, arch: str) -> Any | None:
     """Resolve ``Enum.VALUE`` or a bare value of ``arch``'s own weights; None if not a weight name."""
     try:
-        if "." in name and not is_path(name):
+        if "." in name:
             return get_weight(name)
         if arch != SMALL:
             return get_model_weights(arch)[name]

@@ -14,7 +14,6 @@ import posixpath
 import re
 import shutil
 import tempfile
-import uuid
 from functools import lru_cache
 from typing import Any, Iterator
 
@@ -104,27 +103,17 @@ def exists(uri: str) -> bool:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old content or the new, never a part.
 
-    Locally the bytes go to a hidden temporary file beside the target, then ``os.replace``.
-    On S3 a single PUT (or a completed multipart upload) is already atomic.
+    On S3 a single PUT (or a completed multipart upload) is already atomic; locally the
+    bytes go through :func:`staged`.
     """
+    if not is_s3(uri):
+        with staged(uri) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+        return
     fs, path = filesystem(uri)
     try:
-        if is_s3(uri):
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Hidden name: Parquet readers (pyarrow, pandas, DuckDB globs) skip dot-files.
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
     except OSError as err:
         raise _fail("write", uri, err) from err
 
@@ -136,10 +125,12 @@ def write_text(uri: str, text: str) -> None:
 @contextlib.contextmanager
 def staged(uri: str) -> Iterator[str]:
     """A local file path to write ``uri``'s content into, for output too large to hold in
-    memory; on a clean exit it becomes ``uri`` atomically (locally by ``os.replace``, on S3
-    by one streamed upload), and on an error it is deleted, so no partial file appears."""
+    memory; on a clean exit it becomes ``uri`` atomically, and on an error it is deleted, so
+    no partial file appears. Locally the file is hidden beside the target (Parquet readers
+    such as pyarrow, pandas and DuckDB globs skip dot-files), flushed to disk, then renamed
+    with ``os.replace``; on S3 it is uploaded in one stream."""
     fs, path = filesystem(uri)
-    local = os.path.dirname(path) if not is_s3(uri) else None
+    local = None if is_s3(uri) else os.path.dirname(path)
     try:
         if local is not None:
             os.makedirs(local, exist_ok=True)
@@ -150,6 +141,8 @@ def staged(uri: str) -> Iterator[str]:
     try:
         yield tmp
         if local is not None:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
             return
         with open(tmp, "rb") as src, fs.open_output_stream(path) as out:
