@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-clean test install clean
+.PHONY: demo demo-clean test lint install clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,12 @@ demo: install
 demo-clean:
 	rm -rf demo_out demo_out_s3
 
-test: install
+test: lint
 	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

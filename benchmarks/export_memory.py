@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from maskrcnn import masks, output  # noqa: E402
+from maskrcnn import masks, output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURE = """
@@ -68,14 +68,38 @@ def make_output(path: str, rows: int, per_image: int, rng: np.random.Generator) 
         part = []
         for i in range(shard, min(rows, shard + 1000)):
             if i % 50 == 49:
-                part.append({"uri": f"s3://archive/{i:07d}.jpg", "width": None, "height": None, "instances": [],
-                             "model": "m", "error": "corrupt: truncated"})  # fmt: skip
+                part.append(
+                    {
+                        "uri": f"s3://archive/{i:07d}.jpg",
+                        "width": None,
+                        "height": None,
+                        "instances": [],
+                        "model": "m",
+                        "error": "corrupt: truncated",
+                    }
+                )
                 continue
             chosen = rng.choice(len(shapes), per_image, replace=False)
-            instances = [{"category_id": int(k % 80) + 1, "category": f"class{k % 80}", "score": float(rng.uniform(0.5, 1)),
-                          "bbox": shapes[k][1], "mask": shapes[k][0]} for k in chosen]  # fmt: skip
-            part.append({"uri": f"s3://archive/{i:07d}.jpg", "width": 640, "height": 480, "instances": instances,
-                         "model": "m", "error": None})  # fmt: skip
+            instances = [
+                {
+                    "category_id": int(k % 80) + 1,
+                    "category": f"class{k % 80}",
+                    "score": float(rng.uniform(0.5, 1)),
+                    "bbox": shapes[k][1],
+                    "mask": shapes[k][0],
+                }
+                for k in chosen
+            ]
+            part.append(
+                {
+                    "uri": f"s3://archive/{i:07d}.jpg",
+                    "width": 640,
+                    "height": 480,
+                    "instances": instances,
+                    "model": "m",
+                    "error": None,
+                }
+            )
         output.write_part(path, shard // 1000, part)
 
 
@@ -103,12 +127,26 @@ def main() -> None:
             out = os.path.join(tmp, f"out{rows}")
             make_output(out, rows, args.instances, np.random.default_rng(0))
             res, ds = os.path.join(tmp, f"r{rows}.json"), os.path.join(tmp, f"d{rows}.json")
-            streaming = peak([sys.executable, "-c", MEASURE, "jobs/export.py", "--predictions", out,
-                              "--coco-results", res, "--coco-dataset", ds])  # fmt: skip
+            streaming = peak(
+                [
+                    sys.executable,
+                    "-c",
+                    MEASURE,
+                    "jobs/export.py",
+                    "--predictions",
+                    out,
+                    "--coco-results",
+                    res,
+                    "--coco-dataset",
+                    ds,
+                ]
+            )
             size = (os.path.getsize(res) + os.path.getsize(ds)) / 2**20
             whole = peak([sys.executable, "-c", WHOLE_LIST, REPO, out, tmp])
             figures.append((streaming[0], whole[0]))
-            print(f"{rows:>7} {size:>9.1f} {streaming[0]:>14.0f} {streaming[1]:>6.1f} {whole[0]:>15.0f} {whole[1]:>6.1f}")
+            print(
+                f"{rows:>7} {size:>9.1f} {streaming[0]:>14.0f} {streaming[1]:>6.1f} {whole[0]:>15.0f} {whole[1]:>6.1f}"
+            )
     (s0, w0), (s1, w1) = figures[0], figures[-1]
     print(f"peak RSS at {sizes[-1]} rows over {sizes[0]}: streaming {s1 / s0:.2f}x, whole-list {w1 / w0:.2f}x")
 

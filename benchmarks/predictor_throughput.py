@@ -20,6 +20,7 @@ the model as the same 800 px input and differ only in what grows with photo pixe
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -27,17 +28,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks  # noqa: E402
-from torchvision.models.detection.transform import resize_boxes  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import resize_boxes
 
-from maskrcnn import masks  # noqa: E402
-from maskrcnn.model import SMALL, build_model  # noqa: E402
-from maskrcnn.predictor import Predictor  # noqa: E402
-from maskrcnn.synthetic import make_image  # noqa: E402
+from maskrcnn import masks
+from maskrcnn.model import SMALL, build_model
+from maskrcnn.predictor import Predictor
+from maskrcnn.synthetic import make_image
 
 SIZES = {"1280x960": (960, 1280), "4032x3024": (3024, 4032)}
 
@@ -48,17 +49,25 @@ def main() -> None:
     p.add_argument("--arch", help=f"default: maskrcnn_resnet50_fpn on CUDA, {SMALL} on CPU")
     p.add_argument("--size", type=int, default=800, help="the model's shortest side")
     p.add_argument("--batch-sizes", default="1,4,8")
-    p.add_argument("--images", type=int, default=8, help="images per timed round of a throughput figure (default: %(default)s)")
+    p.add_argument(
+        "--images", type=int, default=8, help="images per timed round of a throughput figure (default: %(default)s)"
+    )
     p.add_argument("--detections", type=int, default=20, help="instances per image to aim for")
     args = p.parse_args()
     device = torch.device(args.device)
     arch = args.arch or ("maskrcnn_resnet50_fpn" if device.type == "cuda" else SMALL)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
-    print(f"machine: {name}; torch {torch.__version__}; {arch} at {args.size} px, random weights, "
-          f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}")  # fmt: skip
+    name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(
+        f"machine: {name}; torch {torch.__version__}; {arch} at {args.size} px, random weights, "
+        f"{'fp16 autocast' if device.type == 'cuda' else 'fp32'}"
+    )
 
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=91, min_size=args.size, max_size=int(args.size * 1333 / 800)).to(device).eval()
+    model = (
+        build_model(arch, num_classes=91, min_size=args.size, max_size=int(args.size * 1333 / 800)).to(device).eval()
+    )
     predictor = Predictor(model, [f"c{i}" for i in range(1, 91)], list(range(1, 91)), score_threshold=0.0)
     photos = _photos()
     threshold = _calibrate(predictor, photos["1280x960"], args.detections)
@@ -106,10 +115,14 @@ def throughput(predictor: Predictor, photos: dict, threshold: float, batch_sizes
     heads = predictor.model.roi_heads
     heads.score_thresh, heads.detections_per_img, predictor.max_detections = threshold, 100, 100
     default = predictor.batch_images
-    print(f"\n1. throughput (images/s); the predictor {'batches same-canvas images' if default else 'runs each image alone'}, "
-          "as it does by default on this device")  # fmt: skip
-    print("| input | batch | instances/image | model, each image alone | model, same-canvas batch | predictor "
-          "| predictor / model | post-processing share |")  # fmt: skip
+    print(
+        "\n1. throughput (images/s); the predictor "
+        f"{'batches same-canvas images' if default else 'runs each image alone'}, as it does by default on this device"
+    )
+    print(
+        "| input | batch | instances/image | model, each image alone | model, same-canvas batch | predictor "
+        "| predictor / model | post-processing share |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, photo in photos.items():
         for batch in batch_sizes:
@@ -117,20 +130,28 @@ def throughput(predictor: Predictor, photos: dict, threshold: float, batch_sizes
             canvases = [predictor._canvas(im) for im in imgs]
             n = len(predictor.predict(imgs[:1])[0])
 
-            def model_only(batched: bool):
+            def model_only(batched: bool, canvases=canvases):
                 predictor.batch_images = batched
                 for group in predictor._groups(canvases):
                     predictor._forward([canvases[i] for i in group])
 
-            def full():
+            def full(imgs=imgs):
                 predictor.batch_images = default
                 predictor.predict(imgs)
 
-            alone, batched, full_s = (t / batch for t in _best_times(
-                [lambda: model_only(False), lambda: model_only(True), full], predictor.device, max(count // batch, 1)))  # fmt: skip
+            alone, batched, full_s = (
+                t / batch
+                for t in _best_times(
+                    [lambda: model_only(False), lambda: model_only(True), full],
+                    predictor.device,
+                    max(count // batch, 1),
+                )
+            )
             model_s = batched if default else alone
-            print(f"| {name} | {batch} | {n} | {1 / alone:.2f} | {1 / batched:.2f} | {1 / full_s:.2f} | "
-                  f"{model_s / full_s:.2f} | {1 - model_s / full_s:.0%} |")  # fmt: skip
+            print(
+                f"| {name} | {batch} | {n} | {1 / alone:.2f} | {1 / batched:.2f} | {1 / full_s:.2f} | "
+                f"{model_s / full_s:.2f} | {1 - model_s / full_s:.0%} |"
+            )
     predictor.batch_images = default
 
 
@@ -167,8 +188,13 @@ def postprocessing(predictor: Predictor, photos: dict) -> None:
         for n in (10, 50, 100):
             probs, boxes = _detections(predictor, photo, n)
             assert masks.paste_and_encode(probs, boxes, h, w) == _canvas_encode(probs, boxes, h, w)  # byte-identical
-            before, after = _best_times([lambda: _canvas_encode(probs, boxes, h, w),
-                                         lambda: masks.paste_and_encode(probs, boxes, h, w)], predictor.device)  # fmt: skip
+            before, after = _best_times(
+                [
+                    functools.partial(_canvas_encode, probs, boxes, h, w),
+                    functools.partial(masks.paste_and_encode, probs, boxes, h, w),
+                ],
+                predictor.device,
+            )
             print(f"| {name} | {len(probs)} | {before * 1000:.1f} | {after * 1000:.1f} | {before / after:.1f}x |")
 
 
@@ -176,10 +202,14 @@ def pixel_ratio(predictor: Predictor, photos: dict) -> None:
     heads = predictor.model.roi_heads
     heads.score_thresh, heads.detections_per_img, predictor.max_detections = 0.0, 100, 100
     (small, large), pictures = zip(*photos.items())
-    t_small, t_large = _best_times([lambda: predictor.predict([pictures[0]]), lambda: predictor.predict([pictures[1]])],
-                                   predictor.device)  # fmt: skip
-    print(f"\n3. predictor per image with 100 instances: {small} {t_small * 1000:.0f} ms, {large} {t_large * 1000:.0f} ms; "
-          f"ratio {t_large / t_small:.2f} (goal <= 2)")  # fmt: skip
+    t_small, t_large = _best_times(
+        [functools.partial(predictor.predict, [pictures[0]]), functools.partial(predictor.predict, [pictures[1]])],
+        predictor.device,
+    )
+    print(
+        f"\n3. predictor per image with 100 instances: {small} {t_small * 1000:.0f} ms, "
+        f"{large} {t_large * 1000:.0f} ms; ratio {t_large / t_small:.2f} (goal <= 2)"
+    )
 
 
 if __name__ == "__main__":

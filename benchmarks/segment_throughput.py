@@ -27,15 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import psutil
+import torch
+from PIL import Image
 
-from maskrcnn import checkpoint, images, masks, storage  # noqa: E402
-from maskrcnn.model import SMALL, build_model, inference_size  # noqa: E402
-from maskrcnn.predictor import Predictor  # noqa: E402
-from maskrcnn.segment import SegmentConfig, run  # noqa: E402
+from maskrcnn import checkpoint, images, masks, storage
+from maskrcnn.model import SMALL, build_model, inference_size
+from maskrcnn.predictor import Predictor
+from maskrcnn.segment import SegmentConfig, run
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -53,14 +53,22 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: throughput,parts,memory,decode")
     args = p.parse_args()
     device = "cuda" if args.gpu else "cpu"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if args.gpu else ""))
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if args.gpu else "")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = make_checkpoint(f"{tmp}/model.pt", args.arch, args.size)
         uris = sorted(storage.iter_files(args.images_dir, (".jpg", ".png")))
         if "throughput" not in args.skip:
             throughput(model, uris * args.repeat, args.batch_size, tmp, device)
         if "parts" not in args.skip:
-            part_files(model, uris + sorted(storage.iter_files(str(SHARED / "coco_small_train" / "images"))), args.batch_size, tmp)
+            part_files(
+                model,
+                uris + sorted(storage.iter_files(str(SHARED / "coco_small_train" / "images"))),
+                args.batch_size,
+                tmp,
+            )
         if "memory" not in args.skip:
             memory(make_checkpoint(f"{tmp}/model64.pt", SMALL, 64), tmp)
         if "decode" not in args.skip:
@@ -72,8 +80,15 @@ def main() -> None:
 def make_checkpoint(path: str, arch: str, size: int) -> str:
     torch.manual_seed(0)
     kwargs = {"num_classes": 4, "min_size": size, "max_size": int(size * 1.667)}
-    ckpt = checkpoint.make(build_model(arch, **kwargs), arch=arch, arch_kwargs=kwargs, classes=["a", "b", "c"],
-                           category_ids=[1, 2, 3], step=0, epoch=0)  # fmt: skip
+    ckpt = checkpoint.make(
+        build_model(arch, **kwargs),
+        arch=arch,
+        arch_kwargs=kwargs,
+        classes=["a", "b", "c"],
+        category_ids=[1, 2, 3],
+        step=0,
+        epoch=0,
+    )
     checkpoint.save(path, ckpt)
     return path
 
@@ -107,14 +122,25 @@ def throughput(model: str, uris: list[str], batch: int, tmp: str, device: str) -
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.perf_counter()
     # On CPU the actor gets every core (Ray sets its torch threads from num_cpus), like the loop above.
-    summary = run(SegmentConfig(input=_manifest(tmp, "all", uris), output=out, model=model, batch_size=batch,
-                                rows_per_file=batch * 4, log_every=1e9, num_gpus_per_actor=1.0 if device == "cuda" else 0.0,
-                                cpus_per_actor=1.0 if device == "cuda" else float(os.cpu_count() or 1)))  # fmt: skip
+    summary = run(
+        SegmentConfig(
+            input=_manifest(tmp, "all", uris),
+            output=out,
+            model=model,
+            batch_size=batch,
+            rows_per_file=batch * 4,
+            log_every=1e9,
+            num_gpus_per_actor=1.0 if device == "cuda" else 0.0,
+            cpus_per_actor=1.0 if device == "cuda" else float(os.cpu_count() or 1),
+        )
+    )
     t1 = time.perf_counter()
     steady = (summary["rows_out"] - batch * 4) / (t1 - first_part[0])
-    print(f"\n1. model-only (Predictor on decoded images, batch {batch}): {model_rate:.2f} img/s; "
-          f"whole job after its first part file: {steady:.2f} img/s; ratio {steady / model_rate:.2f} (goal >= 0.9); "
-          f"wall clock with Ray start-up: {summary['rows_out'] / (t1 - t0):.2f} img/s ({summary['rows_out']} images)")  # fmt: skip
+    print(
+        f"\n1. model-only (Predictor on decoded images, batch {batch}): {model_rate:.2f} img/s; "
+        f"whole job after its first part file: {steady:.2f} img/s; ratio {steady / model_rate:.2f} (goal >= 0.9); "
+        f"wall clock with Ray start-up: {summary['rows_out'] / (t1 - t0):.2f} img/s ({summary['rows_out']} images)"
+    )
 
 
 def part_files(model: str, uris: list[str], batch: int, tmp: str) -> None:
@@ -124,12 +150,24 @@ def part_files(model: str, uris: list[str], batch: int, tmp: str) -> None:
     for _ in range(2):
         for rows in walls:
             start = time.perf_counter()
-            run(SegmentConfig(input=manifest, output=f"{tmp}/parts{rows}", model=model, batch_size=batch,
-                              rows_per_file=rows, log_every=1e9, overwrite=True, score_threshold=0.3))  # fmt: skip
+            run(
+                SegmentConfig(
+                    input=manifest,
+                    output=f"{tmp}/parts{rows}",
+                    model=model,
+                    batch_size=batch,
+                    rows_per_file=rows,
+                    log_every=1e9,
+                    overwrite=True,
+                    score_threshold=0.3,
+                )
+            )
             walls[rows].append(time.perf_counter() - start)
     one, many = min(walls[len(uris)]), min(walls[1])
-    print(f"\n2. {len(uris)} images as 1 part file: {one:.1f} s; as {len(uris)} part files: {many:.1f} s; "
-          f"ratio {many / one:.2f} (goal <= 1.15; best of 2 runs each)")  # fmt: skip
+    print(
+        f"\n2. {len(uris)} images as 1 part file: {one:.1f} s; as {len(uris)} part files: {many:.1f} s; "
+        f"ratio {many / one:.2f} (goal <= 1.15; best of 2 runs each)"
+    )
 
 
 def memory(model: str, tmp: str) -> None:
@@ -145,13 +183,27 @@ def memory(model: str, tmp: str) -> None:
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
     peaks = {}
     for count in (1000, 10000):
-        peaks[count] = _peak_memory(lambda: run(SegmentConfig(
-            input=_manifest(tmp, f"m{count}", [picture] * count), output=f"{tmp}/mem{count}", model=model, batch_size=16,
-            rows_per_file=500, score_threshold=1.0, log_every=1e9, concurrency=(2, 2), num_gpus_per_actor=1.0)))  # fmt: skip
+        peaks[count] = _peak_memory(
+            lambda count=count: run(
+                SegmentConfig(
+                    input=_manifest(tmp, f"m{count}", [picture] * count),
+                    output=f"{tmp}/mem{count}",
+                    model=model,
+                    batch_size=16,
+                    rows_per_file=500,
+                    score_threshold=1.0,
+                    log_every=1e9,
+                    concurrency=(2, 2),
+                    num_gpus_per_actor=1.0,
+                )
+            )
+        )
     ray.shutdown()
     (d1, o1), (d10, o10) = peaks[1000], peaks[10000]
-    print(f"\n3. one 320x240 image listed 1,000 / 10,000 times: driver peak RSS {d1:.0f} / {d10:.0f} MiB "
-          f"({d10 / d1:.2f}x); object store peak {o1:.0f} / {o10:.0f} MiB ({o10 / max(o1, 1e-9):.2f}x) (goal <= 1.2x)")  # fmt: skip
+    print(
+        f"\n3. one 320x240 image listed 1,000 / 10,000 times: driver peak RSS {d1:.0f} / {d10:.0f} MiB "
+        f"({d10 / d1:.2f}x); object store peak {o1:.0f} / {o10:.0f} MiB ({o10 / max(o1, 1e-9):.2f}x) (goal <= 1.2x)"
+    )
 
 
 def _peak_memory(job) -> tuple[float, float]:
@@ -167,7 +219,7 @@ def _peak_memory(job) -> tuple[float, float]:
             try:
                 used = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
                 store[0] = max(store[0], float(used.group(1)) if used else 0.0)
-            except Exception:  # noqa: BLE001 - Ray not started yet, or shutting down
+            except Exception:  # Ray not started yet, or shutting down
                 pass
             time.sleep(0.2)
 
@@ -197,8 +249,11 @@ def decode_times() -> None:
         for _ in range(3):
             shapes = [images.decode_to_fit(d, fit).pixels.shape for d in data]
         times[label] = (time.perf_counter() - start) / (3 * len(data))
-    print(f"\n4. decoding a 4032x3024 JPEG for an 800 px model: full {times['full'] * 1000:.0f} ms, "
-          f"reduced to {shapes[0][1]}x{shapes[0][0]} {times['reduced'] * 1000:.0f} ms ({times['full'] / times['reduced']:.1f}x)")  # fmt: skip
+    print(
+        f"\n4. decoding a 4032x3024 JPEG for an 800 px model: full {times['full'] * 1000:.0f} ms, "
+        f"reduced to {shapes[0][1]}x{shapes[0][0]} {times['reduced'] * 1000:.0f} ms "
+        f"({times['full'] / times['reduced']:.1f}x)"
+    )
 
 
 def _shape_scenes(count: int = 6) -> list[bytes]:
@@ -225,12 +280,19 @@ def drift(model: str, device: str) -> None:
     ious = []
     for data in _shape_scenes():
         full, reduced = images.decode_to_fit(data, None), images.decode_to_fit(data, fit)
-        (a,), (b,) = predictor.predict([full.pixels]), predictor.predict([reduced.pixels], [(reduced.height, reduced.width)])
+        (a,), (b,) = (
+            predictor.predict([full.pixels]),
+            predictor.predict([reduced.pixels], [(reduced.height, reduced.width)]),
+        )
         for inst in a:
             same_class = [j["mask"] for j in b if j["category_id"] == inst["category_id"]]
             ious.append(masks.iou([inst["mask"]], same_class).max(initial=0.0))
-    print(f"\n5. {model}: mean mask IoU of reduced against full decoding on 9-12 MP JPEGs (fit {fit}): "
-          f"{np.mean(ious):.3f} over {len(ious)} instances" if ious else "\n5. no instances above the threshold")
+    print(
+        f"\n5. {model}: mean mask IoU of reduced against full decoding on 9-12 MP JPEGs (fit {fit}): "
+        f"{np.mean(ious):.3f} over {len(ious)} instances"
+        if ious
+        else "\n5. no instances above the threshold"
+    )
 
 
 if __name__ == "__main__":

@@ -19,21 +19,31 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ray  # noqa: E402
-import torch  # noqa: E402
+import ray
+import torch
 
-from maskrcnn.synthetic import generate_split  # noqa: E402
-from maskrcnn.train import TrainConfig, run  # noqa: E402
+from maskrcnn.synthetic import generate_split
+from maskrcnn.train import TrainConfig, run
 
 
 def measure(root: str, arch: str, workers: int, args: argparse.Namespace) -> float:
     cfg = TrainConfig(
-        train_annotations=f"{root}/train/annotations.json", train_images=f"{root}/train/images",
-        storage=f"{root}/runs", name=f"{arch}-{workers}-{time.time_ns()}", arch=arch,
-        num_workers=workers, use_gpu=args.gpu, batch_size=args.batch_size, epochs=2,
-        scales=(args.size,), max_size=int(args.size * 1.5), log_every=1000, checkpoint_every=10**6,
-        warmup_steps=2, lr=0.005,
-    )  # fmt: skip
+        train_annotations=f"{root}/train/annotations.json",
+        train_images=f"{root}/train/images",
+        storage=f"{root}/runs",
+        name=f"{arch}-{workers}-{time.time_ns()}",
+        arch=arch,
+        num_workers=workers,
+        use_gpu=args.gpu,
+        batch_size=args.batch_size,
+        epochs=2,
+        scales=(args.size,),
+        max_size=int(args.size * 1.5),
+        log_every=1000,
+        checkpoint_every=10**6,
+        warmup_steps=2,
+        lr=0.005,
+    )
     result = run(cfg)
     if result.error:
         raise result.error
@@ -51,8 +61,14 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
         generate_split(f"{root}/train", args.images, seed=0, size_range=(args.size, int(args.size * 1.25)))
-        rows = [(a, int(w), measure(root, a, int(w), args)) for a in args.archs.split(",") for w in args.workers.split(",")]
-    device = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        rows = [
+            (a, int(w), measure(root, a, int(w), args)) for a in args.archs.split(",") for w in args.workers.split(",")
+        ]
+    device = (
+        torch.cuda.get_device_name()
+        if args.gpu
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     print(f"\nmachine: {device}; torch {torch.__version__}; ray {ray.__version__}")
     print(f"images ~{args.size} px, batch {args.batch_size} per worker\n")
     print(f"{'arch':32} {'workers':>7} {'images/s':>9}")

@@ -23,9 +23,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import storage  # noqa: E402
-from maskrcnn.cli import add_model_arguments, job_parser, run_main  # noqa: E402
-from maskrcnn.evaluate import as_json, evaluate_model, format_table  # noqa: E402
+from maskrcnn import storage
+from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.evaluate import as_json, evaluate_model, format_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers < 1 or args.batch_size < 1:
         parser().error("--num-workers and --batch-size must be at least 1")
     report = evaluate_model(
-        args.model, args.annotations, args.images, arch=args.arch, num_workers=args.num_workers, gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+        args.model,
+        args.annotations,
+        args.images,
+        arch=args.arch,
+        num_workers=args.num_workers,
+        gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
     )
     scores = report.pop("scores")
     print(f"[evaluate] {report['model']} on {report['images']} images; skipped: {report['skipped_images'] or 'none'}")

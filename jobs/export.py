@@ -26,33 +26,43 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import checkpoint, export, storage  # noqa: E402
-from maskrcnn.cli import add_model_arguments, job_parser, run_main  # noqa: E402
-from maskrcnn.progress import Progress  # noqa: E402
-from maskrcnn.report import Report  # noqa: E402
+from maskrcnn import checkpoint, export, storage
+from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.progress import Progress
+from maskrcnn.report import Report
 
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser("jobs/export.py", __doc__)
     p.add_argument("--predictions", required=True, help="the --output of jobs/segment_bucket.py")
-    p.add_argument("--images", help="the image root: --coco-results matches the ground truth's file_names relative to "
-                                    "it (default: the segmentation's --input), --coco-dataset writes file_names "
-                                    "relative to it (default: full URIs), pictures are named by it")  # fmt: skip
+    p.add_argument(
+        "--images",
+        help="the image root: --coco-results matches the ground truth's file_names relative to "
+        "it (default: the segmentation's --input), --coco-dataset writes file_names "
+        "relative to it (default: full URIs), pictures are named by it",
+    )
     p.add_argument("--min-score", type=float, default=0.0, help="leave out instances below this score")
     coco = p.add_argument_group("COCO JSON")
     coco.add_argument("--coco-results", help="write COCO results JSON (what loadRes takes) here")
     coco.add_argument("--annotations", help="COCO ground truth whose image ids --coco-results uses")
-    coco.add_argument("--coco-dataset", help="write a COCO dataset JSON (images, annotations with scores, categories) here")
+    coco.add_argument(
+        "--coco-dataset", help="write a COCO dataset JSON (images, annotations with scores, categories) here"
+    )
     add_model_arguments(coco, required=False)
     pics = p.add_argument_group("pictures")
     pics.add_argument("--render", type=int, default=0, metavar="N", help="draw the first N images with instances")
     pics.add_argument("--render-dir", help="write the N pictures here, one PNG each")
     pics.add_argument("--contact-sheet", help="write the N pictures as one grid PNG here")
     pics.add_argument("--columns", type=int, default=4, help="contact sheet columns (default: %(default)s)")
-    pics.add_argument("--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)")
+    pics.add_argument(
+        "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
+    )
     pics.add_argument("--boxes", action="store_true", help="draw boxes as well as masks and labels")
-    pics.add_argument("--html", metavar="DIR", help="write a report (index.html and its pictures) here; "
-                                                    "it shows --render N pictures (default 24)")  # fmt: skip
+    pics.add_argument(
+        "--html",
+        metavar="DIR",
+        help="write a report (index.html and its pictures) here; it shows --render N pictures (default 24)",
+    )
     return p
 
 
@@ -106,10 +116,22 @@ def sinks_for(args: argparse.Namespace, root: str | None) -> list:
         categories = checkpoint.categories_of(args.model, args.arch) if args.model else None
         sinks.append(export.CocoDataset(args.coco_dataset, args.images, args.min_score, categories))
     if args.render_dir or args.contact_sheet:
-        sinks.append(export.Pictures(args.render, args.render_dir, args.contact_sheet, root=root, columns=args.columns,
-                                     max_side=args.max_side, min_score=args.min_score, boxes=args.boxes))  # fmt: skip
+        sinks.append(
+            export.Pictures(
+                args.render,
+                args.render_dir,
+                args.contact_sheet,
+                root=root,
+                columns=args.columns,
+                max_side=args.max_side,
+                min_score=args.min_score,
+                boxes=args.boxes,
+            )
+        )
     if args.html:
-        sinks.append(Report(args.html, args.predictions, pictures=args.render or 24, root=root, min_score=args.min_score))
+        sinks.append(
+            Report(args.html, args.predictions, pictures=args.render or 24, root=root, min_score=args.min_score)
+        )
     return sinks
 
 

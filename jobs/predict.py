@@ -24,24 +24,27 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import checkpoint, draw, export, images, storage  # noqa: E402
-from maskrcnn.cli import add_model_arguments, job_parser, run_main  # noqa: E402
-from maskrcnn.model import inference_size  # noqa: E402
-from maskrcnn.predictor import Predictor  # noqa: E402
-from maskrcnn.progress import Progress  # noqa: E402
+from maskrcnn import checkpoint, draw, export, images, storage
+from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.model import inference_size
+from maskrcnn.predictor import Predictor
+from maskrcnn.progress import Progress
 
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser("jobs/predict.py", __doc__)
-    p.add_argument("--input", nargs="+", required=True,
-                   help="image files, folders, globs ('photos/**/*.jpg') or s3:// prefixes")  # fmt: skip
+    p.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders, globs ('photos/**/*.jpg') or s3:// prefixes"
+    )
     add_model_arguments(p)
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the pictures and JSON")
     p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score")
     p.add_argument("--max-detections", type=int, default=100, help="keep at most this many instances per image")
     p.add_argument("--classes", help="comma-separated class names to keep (default: all)")
     p.add_argument("--device", help="torch device (default: cuda if there is one, else cpu)")
-    p.add_argument("--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)")
+    p.add_argument(
+        "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
+    )
     p.add_argument("--boxes", action="store_true", help="draw boxes as well as masks and labels")
     p.add_argument("--json-per-image", action="store_true", help="also write one JSON per image beside its picture")
     return p
@@ -56,9 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     short, long = inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
     fit = (max(short, args.max_side), max(long, args.max_side))  # decode once, big enough for both
     predictor = Predictor.from_checkpoint(
-        ckpt, device=args.device, score_threshold=args.score_threshold, max_detections=args.max_detections,
+        ckpt,
+        device=args.device,
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
         keep_classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
-    )  # fmt: skip
+    )
     categories = checkpoint.categories(ckpt)
     del ckpt
     # 3. Each image: predict, draw, and add its row to the COCO files.
@@ -66,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     failed: list[dict] = []
     names: set[str] = set()
     with contextlib.ExitStack() as stack:
-        dataset = stack.enter_context(export.CocoDataset(storage.join(args.output, "coco_dataset.json"), categories=categories))
+        dataset = stack.enter_context(
+            export.CocoDataset(storage.join(args.output, "coco_dataset.json"), categories=categories)
+        )
         results = stack.enter_context(export.CocoResults(storage.join(args.output, "coco_results.json")))
         for uri, root in inputs:
             row, rgb = _predict(predictor, uri, fit)
@@ -100,8 +108,14 @@ def _predict(predictor: Predictor, uri: str, fit: tuple[int, int]) -> tuple[dict
     """One image -> an output row (as jobs/segment_bucket.py writes it) and its pixels."""
     decoded, error = images.read(uri, fit)
     instances = [] if error else predictor.predict([decoded.pixels], [(decoded.height, decoded.width)])[0]
-    row = {"uri": uri, "width": None if error else decoded.width, "height": None if error else decoded.height,
-           "instances": instances, "model": predictor.model_id, "error": error}  # fmt: skip
+    row = {
+        "uri": uri,
+        "width": None if error else decoded.width,
+        "height": None if error else decoded.height,
+        "instances": instances,
+        "model": predictor.model_id,
+        "error": error,
+    }
     return row, decoded.pixels
 
 
@@ -111,7 +125,9 @@ def _write(args: argparse.Namespace, row: dict, rgb: object, name: str) -> str:
     if row["error"]:
         return f"{label}: {row['error']}"
     target = storage.join(args.output, *name.split("/"))
-    picture = draw.picture(rgb, row["instances"], (row["height"], row["width"]), max_side=args.max_side, boxes=args.boxes)
+    picture = draw.picture(
+        rgb, row["instances"], (row["height"], row["width"]), max_side=args.max_side, boxes=args.boxes
+    )
     storage.write_bytes(target, draw.png(picture))
     if args.json_per_image:
         storage.write_text(target.removesuffix(".png") + ".json", json.dumps(row))

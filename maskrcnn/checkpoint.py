@@ -139,7 +139,9 @@ def load(source: str, arch: str | None = None) -> dict[str, Any]:
 def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
     arch = model_lib.arch_of_weights(weights)
     if arch is None:
-        raise CheckpointError(f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights")
+        raise CheckpointError(
+            f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights"
+        )
     print(f"[model] {name}: torchvision's weights from {weights.url} (or torch's cache)", flush=True)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch hub's own "Downloading: ..." line
@@ -155,7 +157,9 @@ def _from_state_dict(
     """Wrap torchvision weights as a checkpoint, after checking that they fit ``arch``."""
     arch = arch if arch in model_lib.ARCHS else model_lib.guess_arch(state_dict)
     if arch is None:
-        raise CheckpointError(f"cannot tell which architecture {source} is for; pass --arch ({', '.join(model_lib.ARCHS)})")
+        raise CheckpointError(
+            f"cannot tell which architecture {source} is for; pass --arch ({', '.join(model_lib.ARCHS)})"
+        )
     scores = state_dict.get("roi_heads.box_predictor.cls_score.weight")
     if scores is None:
         raise CheckpointError(f"{source} is not a Mask R-CNN state dict: it has no roi_heads.box_predictor")
@@ -170,7 +174,9 @@ def _from_state_dict(
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         raise CheckpointError(f"{source} does not fit {arch}: {_mismatch(err)}; pass the right --arch") from err
-    return make(model, arch=arch, arch_kwargs=kwargs, classes=names, category_ids=list(range(1, num_classes)), step=0, epoch=0)
+    return make(
+        model, arch=arch, arch_kwargs=kwargs, classes=names, category_ids=list(range(1, num_classes)), step=0, epoch=0
+    )
 
 
 def _mismatch(err: RuntimeError) -> str:

@@ -41,7 +41,7 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the top of a command-line program
+    except Exception as err:  # the top of a command-line program
         cause = _root_cause(err)
         text = str(cause).strip().splitlines()
         print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
@@ -69,6 +69,9 @@ MODEL_HELP = (
 def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
     """``--model`` and ``--arch``, declared once for every job that takes a model."""
     group.add_argument("--model", required=required, help=MODEL_HELP)
-    group.add_argument("--arch", choices=ARCHS,
-                       help="the architecture of a .pth file that does not say (default: from the file; "
-                            "maskrcnn_resnet50_fpn for a bare weight name)")  # fmt: skip
+    group.add_argument(
+        "--arch",
+        choices=ARCHS,
+        help="the architecture of a .pth file that does not say (default: from the file; "
+        "maskrcnn_resnet50_fpn for a bare weight name)",
+    )

@@ -121,7 +121,13 @@ def _checked_images(gt: dict, path: str) -> dict[int, dict]:
 
 def _categories(gt: dict, path: str) -> list[dict]:
     if not gt.get("categories"):  # e.g. torchvision's gallery files: name them by id
-        ids = sorted({a["category_id"] for a in gt.get("annotations") or [] if isinstance(a, dict) and _is_int(a.get("category_id"))})
+        ids = sorted(
+            {
+                a["category_id"]
+                for a in gt.get("annotations") or []
+                if isinstance(a, dict) and _is_int(a.get("category_id"))
+            }
+        )
         return [{"id": i, "name": f"category_{i}"} for i in ids]
     seen = set()
     for c in gt["categories"]:
@@ -188,7 +194,11 @@ def _clipped(box: list[float], img: dict) -> list[float] | None:
 
 
 def _training_annotation(ann: dict, img: dict, label_of: dict[int, int]) -> dict:
-    return {"box": _clipped(ann["bbox"], img), "label": label_of[ann["category_id"]], "segmentation": ann["segmentation"]}
+    return {
+        "box": _clipped(ann["bbox"], img),
+        "label": label_of[ann["category_id"]],
+        "segmentation": ann["segmentation"],
+    }
 
 
 def resize_transform(size: int, max_size: int) -> v2.Transform:
@@ -196,7 +206,11 @@ def resize_transform(size: int, max_size: int) -> v2.Transform:
     longest side at most ``max_size``. No randomness, so the data a worker receives depends
     only on the dataset and the seed's order."""
     return v2.Compose(
-        [v2.RandomShortestSize(min_size=[size], max_size=max_size), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
+        [
+            v2.RandomShortestSize(min_size=[size], max_size=max_size),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+        ]
     )
 
 
@@ -241,7 +255,9 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
     image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
     target = {
         "boxes": tv_tensors.BoundingBoxes(
-            torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(h, w)
+            torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(h, w),
         ),
         "masks": tv_tensors.Mask(
             torch.from_numpy(np.stack([masks.decode(a["segmentation"], h, w) for a in anns]))
@@ -272,7 +288,9 @@ def to_model_inputs(
         image = tv_tensors.Image(torch.as_tensor(r["image"]).to(device, non_blocking=True))
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(r["boxes"], dtype=torch.float32).to(device), format="XYXY", canvas_size=tuple(image.shape[-2:])
+                torch.as_tensor(r["boxes"], dtype=torch.float32).to(device),
+                format="XYXY",
+                canvas_size=tuple(image.shape[-2:]),
             ),
             "labels": torch.as_tensor(r["labels"], dtype=torch.int64).to(device),
             "masks": tv_tensors.Mask(torch.as_tensor(r["masks"], dtype=torch.uint8).to(device)),

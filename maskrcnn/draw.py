@@ -23,18 +23,38 @@ ALPHA = 0.5
 # Sasha Trubetskoy's 20 distinct colours, in his order (neighbours differ most), minus
 # white, black and grey.
 PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
     (0, 0, 128),
-]  # fmt: skip
+]
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in picture pixels, exclusive ends
 
 
 def picture(
-    rgb: np.ndarray, instances: list[dict[str, Any]], size: tuple[int, int] | None = None,
-    *, max_side: int = 1024, enlarge_to: int = 512, boxes: bool = False,
-) -> Image.Image:  # fmt: skip
+    rgb: np.ndarray,
+    instances: list[dict[str, Any]],
+    size: tuple[int, int] | None = None,
+    *,
+    max_side: int = 1024,
+    enlarge_to: int = 512,
+    boxes: bool = False,
+) -> Image.Image:
     """Draw ``instances`` (output rows' instances, in the coordinates of ``size`` = the full
     image's ``(height, width)``, by default the array's own) over ``rgb``, with a strip below
     that counts them. The picture is scaled down to fit ``max_side``, and a small image is
@@ -83,7 +103,10 @@ def _fill(canvas: np.ndarray, inst: dict, size: tuple[int, int], scale: float, c
     fx0, fy0 = max(0, math.floor(x)), max(0, math.floor(y))
     fx1, fy1 = min(size[1], math.ceil(x + w) + 1), min(size[0], math.ceil(y + h) + 1)
     ox0, oy0 = math.floor(fx0 * scale), math.floor(fy0 * scale)
-    ox1, oy1 = min(canvas.shape[1], max(ox0 + 1, math.ceil(fx1 * scale))), min(canvas.shape[0], max(oy0 + 1, math.ceil(fy1 * scale)))
+    ox1, oy1 = (
+        min(canvas.shape[1], max(ox0 + 1, math.ceil(fx1 * scale))),
+        min(canvas.shape[0], max(oy0 + 1, math.ceil(fy1 * scale))),
+    )
     if fx1 <= fx0 or fy1 <= fy0 or ox1 <= ox0 or oy1 <= oy0:
         return
     crop = masks.decode(inst["mask"], *size)[fy0:fy1, fx0:fx1]
@@ -117,7 +140,7 @@ def place_labels(boxes: list[Box], sizes: list[tuple[int, int]], picture_size: t
     width, height = picture_size
     placed: list[Box] = []
     spots: list[Box | None] = []
-    for (x0, y0, x1, y1), (lw, lh) in zip(boxes, sizes):
+    for (x0, y0, _, y1), (lw, lh) in zip(boxes, sizes):
         spot = None
         if lw <= width and lh <= height:
             for left, top in ((x0, y0 - lh), (x0, y0), (x0, y1), (x0, y1 - lh)):
@@ -184,7 +207,9 @@ def contact_sheet(pictures: list[tuple[Image.Image, str]], columns: int = 4, cel
     for k, (pic, text) in enumerate(pictures):
         left, top = pad + (k % columns) * (cell + pad), pad + (k // columns) * (cell + caption + pad)
         scale = min(1.0, cell / max(pic.size))
-        fitted = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.Resampling.LANCZOS)
+        fitted = pic.resize(
+            (max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.Resampling.LANCZOS
+        )
         sheet.paste(fitted, (left + (cell - fitted.width) // 2, top + cell - fitted.height))
         pen.text((left, top + cell + 2), _fit(text, font, cell), font=font, fill=(0, 0, 0))
     return png(sheet)

@@ -28,9 +28,19 @@ from maskrcnn.runtime import init_ray, without_false_alarms
 EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
-    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
-)  # fmt: skip
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
 _STAT_LABELS = (
     "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
     "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]",
@@ -87,7 +97,9 @@ def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int
     api = gt if isinstance(gt, COCO) else coco_api(gt)
     names = {c["id"]: c["name"] for c in api.dataset.get("categories", [])}
     if not results:
-        return Scores({t: [0.0] * len(STAT_NAMES) for t in IOU_TYPES}, {t: dict.fromkeys(names.values(), 0.0) for t in IOU_TYPES})
+        return Scores(
+            {t: [0.0] * len(STAT_NAMES) for t in IOU_TYPES}, {t: dict.fromkeys(names.values(), 0.0) for t in IOU_TYPES}
+        )
     scores = Scores({}, {})
     with _quiet():
         detections = api.loadRes(copy.deepcopy(results))
@@ -165,7 +177,9 @@ def evaluate_model(
     unknown = sorted(set(dataset.category_ids) - known)
     if unknown and dataset.gt["annotations"]:
         print(f"[evaluate] warning: the model does not know category ids {unknown}; they score 0 AP", flush=True)
-    print(f"[evaluate] {len(dataset.records)} images; dropped annotations: {dict(dataset.dropped) or 'none'}", flush=True)
+    print(
+        f"[evaluate] {len(dataset.records)} images; dropped annotations: {dict(dataset.dropped) or 'none'}", flush=True
+    )
     init_ray(min_cpus=int(num_workers * cpus_per_worker) + 1)
     if gpu and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
         raise ValueError("--gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes")

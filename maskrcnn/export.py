@@ -42,7 +42,9 @@ def part_files(output: str) -> list[str]:
 
 def count_rows(output: str) -> int:
     """The rows of a segmentation output, from the part files' footers (no row is read)."""
-    return sum(pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(storage.filesystem, part_files(output)))
+    return sum(
+        pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(storage.filesystem, part_files(output))
+    )
 
 
 def job_input(output: str) -> str | None:
@@ -67,10 +69,15 @@ def relative(uri: str, root: str) -> str | None:
 def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
     """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts."""
     return [
-        {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"], "segmentation": i["mask"]}
+        {
+            "image_id": int(image_id),
+            "category_id": i["category_id"],
+            "bbox": i["bbox"],
+            "score": i["score"],
+            "segmentation": i["mask"],
+        }
         for i in instances
     ]
-
 
 
 class _JsonList:
@@ -154,11 +161,18 @@ class CocoDataset(contextlib.ExitStack):
         for inst in row["instances"]:
             if inst["score"] >= self.min_score:
                 self.categories[inst["category_id"]] = inst["category"]
-                self.annotations.add({
-                    "id": self.annotations.count + 1, "image_id": image_id, "category_id": inst["category_id"],
-                    "bbox": inst["bbox"], "area": masks.area(inst["mask"]), "segmentation": inst["mask"],
-                    "iscrowd": 0, "score": inst["score"],
-                })  # fmt: skip
+                self.annotations.add(
+                    {
+                        "id": self.annotations.count + 1,
+                        "image_id": image_id,
+                        "category_id": inst["category_id"],
+                        "bbox": inst["bbox"],
+                        "area": masks.area(inst["mask"]),
+                        "segmentation": inst["mask"],
+                        "iscrowd": 0,
+                        "score": inst["score"],
+                    }
+                )
 
     def __exit__(self, *exc: Any) -> bool:
         if exc[0] is None:
@@ -204,15 +218,35 @@ class Pictures(contextlib.AbstractContextManager):
     under ``directory`` and/or, on close, one contact sheet PNG at ``sheet``."""
 
     def __init__(
-        self, count: int, directory: str | None = None, sheet: str | None = None, *, root: str | None = None,
-        columns: int = 4, cell: int = 320, max_side: int = 1024, min_score: float = 0.0, boxes: bool = False,
-    ):  # fmt: skip
-        self.count, self.directory, self.sheet, self.root, self.columns, self.cell = count, directory, sheet, root, columns, cell
+        self,
+        count: int,
+        directory: str | None = None,
+        sheet: str | None = None,
+        *,
+        root: str | None = None,
+        columns: int = 4,
+        cell: int = 320,
+        max_side: int = 1024,
+        min_score: float = 0.0,
+        boxes: bool = False,
+    ):
+        self.count, self.directory, self.sheet, self.root, self.columns, self.cell = (
+            count,
+            directory,
+            sheet,
+            root,
+            columns,
+            cell,
+        )
         self.style = {"min_score": min_score, "boxes": boxes}
         self.max_side, self.drawn, self.cells = max_side, 0, []
 
     def add(self, row: dict[str, Any]) -> None:
-        if self.drawn >= self.count or row["error"] or not any(i["score"] >= self.style["min_score"] for i in row["instances"]):
+        if (
+            self.drawn >= self.count
+            or row["error"]
+            or not any(i["score"] >= self.style["min_score"] for i in row["instances"])
+        ):
             return
         self.drawn += 1
         name = picture_name(row["uri"], self.root)

@@ -21,7 +21,6 @@ from ray.data.block import BlockMetadata
 
 from maskrcnn import output, storage
 from maskrcnn.errors import UserError
-from maskrcnn.images import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 KEYS = pa.schema([("shard", pa.int64()), ("index", pa.int64()), ("shard_rows", pa.int64())])
@@ -86,17 +85,34 @@ class Listing(Datasource):
     :func:`maskrcnn.output.part_stats`); those shards are checked and skipped. When the
     listing ends it writes :data:`LISTED` into ``output`` for the driver to check against."""
 
-    def __init__(self, input: str, extensions: tuple[str, ...] | None, limit: int | None, rows_per_file: int,
-                 output: str, done: dict[int, dict]):  # fmt: skip
+    def __init__(
+        self,
+        input: str,
+        extensions: tuple[str, ...] | None,
+        limit: int | None,
+        rows_per_file: int,
+        output: str,
+        done: dict[int, dict],
+    ):
         super().__init__()
-        self.input, self.extensions, self.limit, self.rows_per_file, self.output = input, extensions, limit, rows_per_file, output
+        self.input, self.extensions, self.limit, self.rows_per_file, self.output = (
+            input,
+            extensions,
+            limit,
+            rows_per_file,
+            output,
+        )
         self.done = {k: (s["rows"], s["first_uri"], s["last_uri"]) for k, s in done.items()}
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(self._blocks, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        return [
+            ReadTask(self._blocks, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))
+        ]
 
     def _blocks(self) -> Iterator[pa.Table]:
         """Blocks of BLOCK_ROWS rows, which may span shards, so that small part files do not

@@ -38,8 +38,11 @@ def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
 def serve() -> Iterator[str]:
     """Start the endpoint, point the AWS variables at it, and yield its URL; undo both after."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     settings = {
         "AWS_ENDPOINT_URL": endpoint,

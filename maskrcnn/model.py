@@ -120,7 +120,9 @@ def build_model(
     )
 
 
-def inference_size(arch: str, min_size: int | tuple[int, ...] | None = None, max_size: int | None = None, **_: Any) -> tuple[int, int]:
+def inference_size(
+    arch: str, min_size: int | tuple[int, ...] | None = None, max_size: int | None = None, **_: Any
+) -> tuple[int, int]:
     """The shortest side and the longest-side cap that :func:`build_model`'s model resizes
     images to when predicting (the last of several training scales), from its ``arch_kwargs``."""
     min_size, max_size = _sizes(arch, min_size, max_size)
@@ -195,7 +197,7 @@ def load_safely(data: bytes, source: str, error: type[Exception]) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise error(f"refusing to load {source}: {first}") from err
 

@@ -58,8 +58,13 @@ def part_stats(table: pa.Table) -> dict[str, Any]:
     uris = table.column("uri")
     errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
     instances = sum(len(v) for v in table.column("instances").to_pylist())
-    return {"rows": table.num_rows, "errors": dict(errors), "instances": instances,
-            "first_uri": uris[0].as_py(), "last_uri": uris[-1].as_py()}  # fmt: skip
+    return {
+        "rows": table.num_rows,
+        "errors": dict(errors),
+        "instances": instances,
+        "first_uri": uris[0].as_py(),
+        "last_uri": uris[-1].as_py(),
+    }
 
 
 def write_part(output: str, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:

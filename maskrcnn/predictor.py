@@ -60,7 +60,9 @@ class Predictor:
         self.model, self.names, self.category_ids, self.model_id = model, classes, category_ids, model_id
         # Labels kept: those of --classes, never torchvision's "N/A" placeholders.
         wanted = set(keep_classes or classes) - {checkpoint.PLACEHOLDER}
-        self.keep = None if wanted >= set(classes) else torch.tensor([i + 1 for i, n in enumerate(classes) if n in wanted])
+        self.keep = (
+            None if wanted >= set(classes) else torch.tensor([i + 1 for i, n in enumerate(classes) if n in wanted])
+        )
         self.device = next(model.parameters()).device
         model.roi_heads.score_thresh = score_threshold
         # With a class filter, take more candidates so the cap applies after filtering.
@@ -83,7 +85,9 @@ class Predictor:
         return cls(model, ckpt["classes"], ckpt["category_ids"], model_id=checkpoint.identity(ckpt), **kwargs)
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> list[list[dict[str, Any]]]:
+    def predict(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None
+    ) -> list[list[dict[str, Any]]]:
         """``(H, W, 3)`` uint8 RGB images -> per image, a list of instance dicts.
 
         Boxes and masks are in the coordinates of ``sizes`` (each image's full ``(height,

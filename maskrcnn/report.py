@@ -28,13 +28,21 @@ figcaption { font-family: monospace; word-break: break-all; max-width: 640px; }
 
 class Report(contextlib.AbstractContextManager):
     def __init__(
-        self, directory: str, source: str, *, pictures: int = 24, root: str | None = None,
-        min_score: float = 0.0, max_errors: int = 1000, max_side: int = 640,
-    ):  # fmt: skip
+        self,
+        directory: str,
+        source: str,
+        *,
+        pictures: int = 24,
+        root: str | None = None,
+        min_score: float = 0.0,
+        max_errors: int = 1000,
+        max_side: int = 640,
+    ):
         self.directory, self.source, self.root, self.min_score = directory, source, root, min_score
         self.max_errors = max_errors
-        self.pictures = export.Pictures(pictures, storage.join(directory, "pictures"), root=root, max_side=max_side,
-                                        min_score=min_score)  # fmt: skip
+        self.pictures = export.Pictures(
+            pictures, storage.join(directory, "pictures"), root=root, max_side=max_side, min_score=min_score
+        )
         self.images, self.instances, self.errors, self.classes = 0, 0, Counter(), Counter()
         self.error_rows: list[tuple[str, str]] = []
         self.figures: list[str] = []
@@ -58,7 +66,12 @@ class Report(contextlib.AbstractContextManager):
         """The HTML of a picture :class:`maskrcnn.export.Pictures` has just drawn, and its instances."""
         name = "pictures/" + export.picture_name(row["uri"], self.root)
         rows = [
-            (i["category"], f"{i['score']:.3f}", ", ".join(f"{v:.0f}" for v in i["bbox"]), f"{masks.area(i['mask']):.0f}")
+            (
+                i["category"],
+                f"{i['score']:.3f}",
+                ", ".join(f"{v:.0f}" for v in i["bbox"]),
+                f"{masks.area(i['mask']):.0f}",
+            )
             for i in sorted(kept, key=lambda i: -i["score"])
         ]
         table = _table(("category", "score", "box x, y, w, h", "mask area"), rows)
@@ -79,9 +92,11 @@ class Report(contextlib.AbstractContextManager):
             "<h3>Errors by kind</h3>" + _table(("kind", "rows"), sorted(self.errors.items())),
             "<h3>Instances by category</h3>" + _table(("category", "instances"), self.classes.most_common()),
             f"<h2>Pictures</h2><p>The first {len(self.figures)} images with instances"
-            + (f" scoring at least {self.min_score}" if self.min_score else "") + ".</p>" + "".join(self.figures),
+            + (f" scoring at least {self.min_score}" if self.min_score else "")
+            + ".</p>"
+            + "".join(self.figures),
             "<h2>Errors</h2>" + _table(("URI", "reason"), self.error_rows) + self._more_errors(),
-        ]  # fmt: skip
+        ]
         body = "\n".join(parts)
         return (
             '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -104,7 +104,12 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
 
 
 def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
-    return {"input": cfg.input, "model": model_id, "rows_per_file": cfg.rows_per_file, "schema_version": output.SCHEMA_VERSION}
+    return {
+        "input": cfg.input,
+        "model": model_id,
+        "rows_per_file": cfg.rows_per_file,
+        "schema_version": output.SCHEMA_VERSION,
+    }
 
 
 def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
@@ -182,7 +187,12 @@ def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[i
     out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
     for uri in out["uri"]:
         decoded, error = images.read(uri, fit, max_pixels)
-        for key, value in (("image", decoded.pixels), ("height", decoded.height), ("width", decoded.width), ("error", error)):
+        for key, value in (
+            ("image", decoded.pixels),
+            ("height", decoded.height),
+            ("width", decoded.width),
+            ("error", error),
+        ):
             out[key].append(value)
     return out
 
@@ -206,27 +216,29 @@ class InferenceActor:
         for i in range(n):
             result = predicted.get(i, errors[i])
             failed = isinstance(result, str)
-            rows.append({
-                **{k: int(batch[k][i]) for k in KEYS.names},
-                "uri": str(batch["uri"][i]),
-                "width": None if failed else sizes[i][1],
-                "height": None if failed else sizes[i][0],
-                "instances": [] if failed else result,
-                "model": self.predictor.model_id,
-                "error": result if failed else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    **{k: int(batch[k][i]) for k in KEYS.names},
+                    "uri": str(batch["uri"][i]),
+                    "width": None if failed else sizes[i][1],
+                    "height": None if failed else sizes[i][0],
+                    "instances": [] if failed else result,
+                    "model": self.predictor.model_id,
+                    "error": result if failed else None,
+                }
+            )
         return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
     def _predict_each(self, imgs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict] | str]:
         """Batch first; if the batch fails, one at a time so one bad image fails alone."""
         try:
             return list(self.predictor.predict(imgs, sizes))
-        except Exception:  # noqa: BLE001
+        except Exception:
             results: list[list[dict] | str] = []
             for img, size in zip(imgs, sizes):
                 try:
                     results.extend(self.predictor.predict([img], [size]))
-                except Exception as err:  # noqa: BLE001 - recorded in the row, never lost
+                except Exception as err:  # recorded in the row, never lost
                     results.append(f"inference_failed: {type(err).__name__}: {err}")
             return results
 
@@ -275,7 +287,13 @@ def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
 
 
 def _finish(
-    cfg: SegmentConfig, model_id: str, images_in: int, stats: dict[int, dict], done: dict, progress: Progress, wall: float
+    cfg: SegmentConfig,
+    model_id: str,
+    images_in: int,
+    stats: dict[int, dict],
+    done: dict,
+    progress: Progress,
+    wall: float,
 ) -> dict:
     errors: Counter = Counter()
     for s in stats.values():

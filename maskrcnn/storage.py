@@ -62,13 +62,13 @@ def absolute(uri: str) -> str:
 
 
 def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path)`` for a URI, for pyarrow, Parquet and Ray Train."""
     if is_s3(uri):
-        return _s3(), uri[len("s3://"):].rstrip("/")
+        return _s3(), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
 
 
@@ -187,11 +187,13 @@ def _walk_local(root: str) -> Iterator[str]:
 
 
 def _walk_s3(prefix: str, page_size: int) -> Iterator[str]:
-    bucket, _, key_prefix = prefix[len("s3://"):].partition("/")
+    bucket, _, key_prefix = prefix[len("s3://") :].partition("/")
     if key_prefix and not key_prefix.endswith("/"):
         key_prefix += "/"
-    pages = _boto3_s3().get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": page_size}
+    pages = (
+        _boto3_s3()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=key_prefix, PaginationConfig={"PageSize": page_size})
     )
     for page in pages:
         for obj in page.get("Contents", []):
@@ -212,7 +214,7 @@ def iter_files(prefix: str, extensions: tuple[str, ...] | None = None, page_size
         for uri in walk:
             if exts is None or uri.lower().endswith(exts):
                 yield uri
-    except Exception as err:  # noqa: BLE001 - botocore and OS errors alike
+    except Exception as err:  # botocore and OS errors alike
         if isinstance(err, StorageError):
             raise
         raise _fail("list", prefix, err) from err

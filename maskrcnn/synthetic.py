@@ -45,12 +45,17 @@ def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarra
         draw.rectangle([cx - hw, cy - hh, cx + hw, cy + hh], fill=1)
     else:
         rot = rng.uniform(0, 2 * np.pi)
-        pts = [(cx + size / 2 * np.cos(rot + k * 2 * np.pi / 3), cy + size / 2 * np.sin(rot + k * 2 * np.pi / 3)) for k in range(3)]
+        pts = [
+            (cx + size / 2 * np.cos(rot + k * 2 * np.pi / 3), cy + size / 2 * np.sin(rot + k * 2 * np.pi / 3))
+            for k in range(3)
+        ]
         draw.polygon(pts, fill=1)
     return np.array(canvas, dtype=bool)
 
 
-def make_image(rng: np.random.Generator, size_range: tuple[int, int], max_instances: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+def make_image(
+    rng: np.random.Generator, size_range: tuple[int, int], max_instances: int
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Return an RGB image and its visible instances as ``(class index, mask)``."""
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
     image = _background(rng, h, w)
@@ -87,7 +92,9 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def generate_split(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), max_instances: int = 6) -> str:
+def generate_split(
+    out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), max_instances: int = 6
+) -> str:
     """Write ``count`` images under ``out/images`` and ``out/annotations.json``; return the JSON's URI."""
     rng = np.random.default_rng(seed)
     gt = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
@@ -143,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         uri = generate_split(storage.join(args.out, split), count, seed, (args.min_side, args.max_side))
         print(f"{split}: {count} images -> {uri}")
     if args.archive:
-        uri = generate_archive(storage.join(args.out, "archive"), args.archive, args.seed + 2, (args.min_side, args.max_side))
+        uri = generate_archive(
+            storage.join(args.out, "archive"), args.archive, args.seed + 2, (args.min_side, args.max_side)
+        )
         print(f"archive: {args.archive} images + 3 damaged files -> {uri}")
 
 

@@ -36,8 +36,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.data import ExecutionOptions
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from maskrcnn import checkpoint, data, engine, history, storage
@@ -147,7 +147,9 @@ class _Worker:
             model, self.arch_kwargs = init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
         self.model = ray.train.torch.prepare_model(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = engine.make_optimizer(cfg.optimizer, params, self.schedule.base_lr, cfg.momentum, cfg.weight_decay)
+        self.optimizer = engine.make_optimizer(
+            cfg.optimizer, params, self.schedule.base_lr, cfg.momentum, cfg.weight_decay
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if state:
             self._restore(state)
@@ -226,9 +228,12 @@ class _Worker:
         cfg, spe = self.cfg, self.meta["steps_per_epoch"]
         start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
         batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + self.epoch,
-        )  # fmt: skip
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=cfg.seed + self.epoch,
+        )
         window_images, window_start = 0, time.perf_counter()
         epoch_images, epoch_start = 0, window_start
         self.model.train()
@@ -239,9 +244,17 @@ class _Worker:
             lr = self.schedule.lr(self.step)
             torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
             result = engine.train_step(
-                self.model, self.optimizer, self.scaler, rows, self.device,
-                lr=lr, clip_norm=cfg.clip_norm, amp=self.amp, step=self.step, augment=self.augment,
-            )  # fmt: skip
+                self.model,
+                self.optimizer,
+                self.scaler,
+                rows,
+                self.device,
+                lr=lr,
+                clip_norm=cfg.clip_norm,
+                amp=self.amp,
+                step=self.step,
+                augment=self.augment,
+            )
             self.step += 1
             window_images += result.images
             epoch_images += result.images
@@ -276,9 +289,12 @@ class _Worker:
         if self.val is None:
             self.val = data.load_coco(cfg.val_annotations, cfg.val_images)
         predictor = Predictor(
-            getattr(self.model, "module", self.model), self.meta["classes"], self.meta["category_ids"],
-            score_threshold=EVAL_SCORE_THRESHOLD, fp16=self.amp,
-        )  # fmt: skip
+            getattr(self.model, "module", self.model),
+            self.meta["classes"],
+            self.meta["category_ids"],
+            score_threshold=EVAL_SCORE_THRESHOLD,
+            fp16=self.amp,
+        )
         results, skipped = predict_records(predictor, self.val.records[self.rank :: self.world])
         gathered: list[Any] = [None] * self.world
         if dist.is_initialized():
@@ -401,7 +417,9 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},

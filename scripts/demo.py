@@ -28,7 +28,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from maskrcnn import local_s3, storage  # noqa: E402
+from maskrcnn import local_s3, storage
 
 # The recipe: small images, the small model from random weights, AdamW (several times
 # faster than SGD from scratch), 2 CPU workers (DEMO_EPOCHS=N shortens it for a quick look).
@@ -38,9 +38,30 @@ MINUTES = 18  # the whole demo from a clean start on 2 cores, install excluded (
 DATA = ["--train", "400", "--val", "48", "--archive", "40", "--min-side", "96", "--max-side", "160", "--seed", "0"]
 # Batch 4 per worker, not 2: batch norm trained from scratch needs the larger batches
 # (mask AP 0.19 after 8 epochs at batch 2; 0.50 after 8 of 10 epochs at batch 4).
-TRAIN = ["--epochs", os.environ.get("DEMO_EPOCHS", "10"), "--batch-size", "4", "--scales", "128", "--max-size", "192",
-         "--optimizer", "adamw", "--lr", "0.002", "--schedule", "cosine", "--warmup-steps", "30",
-         "--log-every", "25", "--eval-every", "5", "--num-workers", "2"]  # fmt: skip
+TRAIN = [
+    "--epochs",
+    os.environ.get("DEMO_EPOCHS", "10"),
+    "--batch-size",
+    "4",
+    "--scales",
+    "128",
+    "--max-size",
+    "192",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "0.002",
+    "--schedule",
+    "cosine",
+    "--warmup-steps",
+    "30",
+    "--log-every",
+    "25",
+    "--eval-every",
+    "5",
+    "--num-workers",
+    "2",
+]
 PICTURES = 12
 BUCKET = "maskrcnn-demo"
 
@@ -88,35 +109,103 @@ def demo(root: str, local: Path) -> dict:
             storage.write_text(storage.join(data, "_COMPLETE"), "")
     with step("train"):
         say("2/5 train: the small Mask R-CNN on 2 Ray Train CPU workers (re-running resumes or says complete)")
-        run("jobs/train.py", "--train-annotations", f"{data}/train/annotations.json", "--train-images", f"{data}/train/images",
-            "--val-annotations", f"{data}/val/annotations.json", "--val-images", f"{data}/val/images",
-            "--storage", runs, "--name", "shapes", *TRAIN)  # fmt: skip
+        run(
+            "jobs/train.py",
+            "--train-annotations",
+            f"{data}/train/annotations.json",
+            "--train-images",
+            f"{data}/train/images",
+            "--val-annotations",
+            f"{data}/val/annotations.json",
+            "--val-images",
+            f"{data}/val/images",
+            "--storage",
+            runs,
+            "--name",
+            "shapes",
+            *TRAIN,
+        )
     model, metrics = f"{runs}/shapes/best.pt", f"{root}/evaluation.json"
     with step("evaluate"):
         say("3/5 evaluate: COCO AP of the best checkpoint on the val split")
-        run("jobs/evaluate.py", "--model", model, "--annotations", f"{data}/val/annotations.json",
-            "--images", f"{data}/val/images", "--cpus-per-worker", "2", "--output", metrics)  # fmt: skip
+        run(
+            "jobs/evaluate.py",
+            "--model",
+            model,
+            "--annotations",
+            f"{data}/val/annotations.json",
+            "--images",
+            f"{data}/val/images",
+            "--cpus-per-worker",
+            "2",
+            "--output",
+            metrics,
+        )
     with step("segment"):
         if storage.exists(storage.join(labels, "_SUCCESS")):
             say(f"4/5 segment: reusing the finished output in {labels}")
         else:
             say("4/5 segment: the archive (including damaged files) -> Parquet, one row per file")
-            run("jobs/segment_bucket.py", "--input", f"{data}/archive", "--extensions", "*", "--output", labels,
-                "--model", model, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")  # fmt: skip
+            run(
+                "jobs/segment_bucket.py",
+                "--input",
+                f"{data}/archive",
+                "--extensions",
+                "*",
+                "--output",
+                labels,
+                "--model",
+                model,
+                "--rows-per-file",
+                "16",
+                "--concurrency",
+                "1",
+                "--log-every",
+                "10",
+            )
     summary = json.loads(storage.read_text(storage.join(labels, "_summary.json")))
     drawable = summary["instances"] > 0
-    pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures"),
-                "--contact-sheet", str(local / "contact_sheet.png"), "--html", str(local / "report")]  # fmt: skip
+    pictures = [
+        "--render",
+        str(PICTURES),
+        "--render-dir",
+        str(local / "pictures"),
+        "--contact-sheet",
+        str(local / "contact_sheet.png"),
+        "--html",
+        str(local / "report"),
+    ]
     with step("export"):
         say("5/5 show: COCO JSON, overlay pictures, a contact sheet and an HTML report; then quick predictions, no Ray")
         if not drawable:
             say("no instances above the score threshold, so nothing to draw: train longer (DEMO_EPOCHS)")
-        run("jobs/export.py", "--predictions", labels, "--coco-dataset", f"{root}/labels.coco.json",
-            *(pictures if drawable else []))  # fmt: skip
-        run("jobs/predict.py", "--input", storage.join(data, "val", "images", "00000*.jpg"), "--model", model,
-            "--output", str(local / "predictions"))  # fmt: skip
-    return {"root": root, "local": local, "metrics": metrics, "labels": labels, "model": model, "timings": timings,
-            "drawn": drawable, "summary": summary}  # fmt: skip
+        run(
+            "jobs/export.py",
+            "--predictions",
+            labels,
+            "--coco-dataset",
+            f"{root}/labels.coco.json",
+            *(pictures if drawable else []),
+        )
+        run(
+            "jobs/predict.py",
+            "--input",
+            storage.join(data, "val", "images", "00000*.jpg"),
+            "--model",
+            model,
+            "--output",
+            str(local / "predictions"),
+        )
+    return {
+        "root": root,
+        "local": local,
+        "metrics": metrics,
+        "labels": labels,
+        "model": model,
+        "timings": timings,
+        "drawn": drawable,
+        "summary": summary,
+    }
 
 
 def report(result: dict, wall: float) -> None:
@@ -132,7 +221,9 @@ def report(result: dict, wall: float) -> None:
         f"checkpoint:   {result['model']}",
         f"parquet:      {result['labels']}/part-*.parquet",
         f"coco json:    {result['root']}/labels.coco.json",
-        f"pictures:     {local / 'pictures'}/ ({PICTURES} overlays)" if result["drawn"] else "pictures:     none (no instances)",
+        f"pictures:     {local / 'pictures'}/ ({PICTURES} overlays)"
+        if result["drawn"]
+        else "pictures:     none (no instances)",
         f"contact sheet: {local / 'contact_sheet.png'}" if result["drawn"] else "",
         f"report:       {local / 'report' / 'index.html'}" if result["drawn"] else "",
         f"predictions:  {local / 'predictions'}/ (jobs/predict.py on 9 val images)",

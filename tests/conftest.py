@@ -83,8 +83,12 @@ def large_jpeg(shared_data: Path, width: int, height: int, orientation: int = 1,
 
 
 def small_model_file(
-    path: Path | str, *, min_size: int = 160, max_size: int = 256,
-    classes: tuple[str, ...] = ("a", "b", "c"), category_ids: tuple[int, ...] = (2, 5, 9),
+    path: Path | str,
+    *,
+    min_size: int = 160,
+    max_size: int = 256,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    category_ids: tuple[int, ...] = (2, 5, 9),
 ) -> str:
     """Save the small Mask R-CNN with random weights (seed 1) as a project checkpoint: what
     the inference tests run. Its speed and shapes are real; its labels are noise."""
@@ -95,13 +99,22 @@ def small_model_file(
 
     torch.manual_seed(1)
     kwargs = {"num_classes": len(classes) + 1, "min_size": min_size, "max_size": max_size}
-    ckpt = checkpoint.make(build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs, classes=list(classes),
-                           category_ids=list(category_ids), step=0, epoch=0)  # fmt: skip
+    ckpt = checkpoint.make(
+        build_model(SMALL, **kwargs),
+        arch=SMALL,
+        arch_kwargs=kwargs,
+        classes=list(classes),
+        category_ids=list(category_ids),
+        step=0,
+        epoch=0,
+    )
     checkpoint.save(str(path), ckpt)
     return str(path)
 
 
-def run_job(script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_job(
+    script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables."""
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
@@ -199,7 +212,9 @@ def add_defects(gt: dict) -> Counter:
     add(segmentation=[[1.0, 2.0, 3.0], [x, y, x + bw, y, x + bw, y + bh, x, y + bh]])  # one bad part, one good
     gt["annotations"].append({k: v for k, v in {**first, "id": next(ids)}.items() if k != "area"})
     add(iscrowd=True, segmentation={"size": [h, w], "counts": [5, 20, h * w - 25]})  # crowd, uncompressed RLE
-    return Counter(invalid_segmentation=6, degenerate_box=3, invalid_box=2, unknown_category=1, unknown_image=1, crowd=1)
+    return Counter(
+        invalid_segmentation=6, degenerate_box=3, invalid_box=2, unknown_category=1, unknown_image=1, crowd=1
+    )
 
 
 def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -228,7 +243,13 @@ def ground_truth_as_results(gt: dict, category_of=lambda ann: ann["category_id"]
 
     size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
     return [
-        {"image_id": a["image_id"], "category_id": category_of(a), "bbox": a["bbox"], "score": 1.0,
-         "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]])}
-        for a in gt["annotations"] if not a.get("iscrowd")
-    ]  # fmt: skip
+        {
+            "image_id": a["image_id"],
+            "category_id": category_of(a),
+            "bbox": a["bbox"],
+            "score": 1.0,
+            "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]]),
+        }
+        for a in gt["annotations"]
+        if not a.get("iscrowd")
+    ]

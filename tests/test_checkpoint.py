@@ -15,14 +15,24 @@ def _checkpoint():
     torch.manual_seed(0)
     m = build_model(SMALL, **ARCH_KWARGS)
     return m, checkpoint.make(
-        m, arch=SMALL, arch_kwargs=ARCH_KWARGS, classes=["a", "b"], category_ids=[3, 17],
-        step=42, epoch=2, metrics={"val_segm_AP": 0.5},
-    )  # fmt: skip
+        m,
+        arch=SMALL,
+        arch_kwargs=ARCH_KWARGS,
+        classes=["a", "b"],
+        category_ids=[3, 17],
+        step=42,
+        epoch=2,
+        metrics={"val_segm_AP": 0.5},
+    )
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_roundtrip_rebuilds_the_same_model(where, tmp_path, request):
-    uri = str(tmp_path / "ck" / "model.pt") if where == "local" else f"s3://{request.getfixturevalue('bucket')}/runs/model.pt"
+    uri = (
+        str(tmp_path / "ck" / "model.pt")
+        if where == "local"
+        else f"s3://{request.getfixturevalue('bucket')}/runs/model.pt"
+    )
     m, ck = _checkpoint()
     checkpoint.save(uri, ck)
     loaded = checkpoint.load(uri)
@@ -52,7 +62,9 @@ def test_a_file_with_pickled_code_is_refused_and_not_run(tmp_path, monkeypatch):
 
 def test_other_files_are_refused_with_the_reason(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="neither a maskrcnn-ray-checkpoint file nor a torchvision state dict"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="neither a maskrcnn-ray-checkpoint file nor a torchvision state dict"
+    ):
         checkpoint.load(str(tmp_path / "plain.pt"))
     (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"junk")
     with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):
@@ -83,18 +95,31 @@ def test_a_reference_script_checkpoint_names_its_architecture(torchvision_pth, t
 
     state = torch.load(torchvision_pth, weights_only=True)
     path = tmp_path / "model_25.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": {"state": {}, "param_groups": []},
-                "epoch": 25, "args": argparse.Namespace(model="maskrcnn_resnet50_fpn", lr=0.02)}, path)  # fmt: skip
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in state.items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 25,
+            "args": argparse.Namespace(model="maskrcnn_resnet50_fpn", lr=0.02),
+        },
+        path,
+    )
     ckpt = checkpoint.load(str(path))
     assert ckpt["arch"] == "maskrcnn_resnet50_fpn" and len(ckpt["classes"]) == 90
-    assert checkpoint.identity(ckpt).split(":")[1] == checkpoint.identity(checkpoint.load(torchvision_pth)).split(":")[1]
+    assert (
+        checkpoint.identity(ckpt).split(":")[1] == checkpoint.identity(checkpoint.load(torchvision_pth)).split(":")[1]
+    )
 
 
 def test_a_state_dict_of_another_shape_asks_for_the_right_arch(torchvision_pth, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit maskrcnn_resnet50_fpn_v2: .*pass the right --arch"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"does not fit maskrcnn_resnet50_fpn_v2: .*pass the right --arch"
+    ):
         checkpoint.load(torchvision_pth, arch="maskrcnn_resnet50_fpn_v2")
     torch.save({"roi_heads.box_predictor.cls_score.weight": torch.zeros(3, 8)}, tmp_path / "odd.pth")
-    with pytest.raises(checkpoint.CheckpointError, match=r"cannot tell which architecture .*odd.pth is for; pass --arch"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"cannot tell which architecture .*odd.pth is for; pass --arch"
+    ):
         checkpoint.load(str(tmp_path / "odd.pth"))
 
 
@@ -107,9 +132,14 @@ def test_a_small_state_dict_is_recognised_and_gets_generic_class_names(tmp_path)
 
 @pytest.mark.parametrize(
     "name, url",
-    [("COCO_V1", "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
-     ("MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth")],
-)  # fmt: skip
+    [
+        ("COCO_V1", "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
+        (
+            "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1",
+            "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+        ),
+    ],
+)
 def test_offline_a_weight_name_fails_naming_the_url(name, url, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for key, value in OFFLINE.items():

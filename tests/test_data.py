@@ -47,12 +47,36 @@ def test_file_without_categories_loads(shared_data):
 
 def test_bad_annotations_are_dropped_and_counted(tmp_path):
     gt = {
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 10}, {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 20, "height": 10},
+            {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]], "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [1, 1, 0, 5], "segmentation": [[1, 1, 1, 6, 1, 1]], "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [1, 1, 5, 5],
+                "segmentation": [[1, 1, 6, 1, 6, 6]],
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [1, 1, 0, 5],
+                "segmentation": [[1, 1, 1, 6, 1, 1]],
+                "iscrowd": 0,
+            },
             {"id": 3, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6]], "iscrowd": 0},
-            {"id": 4, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]], "iscrowd": 0},
+            {
+                "id": 4,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [1, 1, 5, 5],
+                "segmentation": [[1, 1, 6, 1, 6, 6]],
+                "iscrowd": 0,
+            },
         ],
         "categories": [{"id": 7, "name": "seven"}],
     }
@@ -96,8 +120,14 @@ def test_every_defect_is_dropped_from_training_and_evaluation_alike(coco_small, 
     [
         (lambda gt: gt["annotations"].append(dict(gt["annotations"][0])), r"annotation id \d+: the id is used twice"),
         (lambda gt: gt["annotations"][1].pop("id"), r"annotation #1: needs an integer 'id'"),
-        (lambda gt: gt["annotations"][2].update(image_id="12"), r"annotation id \d+: 'image_id' must be an integer, got '12'"),
-        (lambda gt: gt["annotations"][0].pop("category_id"), r"annotation id \d+: 'category_id' must be an integer, got None"),
+        (
+            lambda gt: gt["annotations"][2].update(image_id="12"),
+            r"annotation id \d+: 'image_id' must be an integer, got '12'",
+        ),
+        (
+            lambda gt: gt["annotations"][0].pop("category_id"),
+            r"annotation id \d+: 'category_id' must be an integer, got None",
+        ),
         (lambda gt: gt["images"][3].pop("width"), r"image id \d+: 'width' and 'height' must be positive integers"),
         (lambda gt: gt["images"].append(dict(gt["images"][0])), r"image id \d+: the id is used twice"),
         (lambda gt: gt["images"][0].pop("file_name"), r"image id \d+: needs a 'file_name'"),
@@ -131,7 +161,9 @@ def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
     for image, target in zip(images, targets):
         _, h, w = image.shape
         assert min(abs(min(h, w) - s) for s in (64, 96)) <= 1 or max(h, w) <= 128
-        assert target["masks"].shape[1:] == (h, w) and len(target["masks"]) == len(target["boxes"]) == len(target["labels"])
+        assert target["masks"].shape[1:] == (h, w) and len(target["masks"]) == len(target["boxes"]) == len(
+            target["labels"]
+        )
         for mask, (x0, y0, x1, y1) in zip(target["masks"].numpy(), target["boxes"].tolist()):
             ys, xs = np.nonzero(mask)
             # the box still surrounds its mask after two resizes and a flip (within resampling slack)

@@ -89,7 +89,10 @@ def _demo_module():
 
 def test_readme_and_demo_agree_on_its_time_and_promise():
     demo, readme = _demo_module(), (REPO / "README.md").read_text()
-    assert f"make demo     # generate data, train, evaluate, segment an archive, draw the masks (CPU, ~{demo.MINUTES} min)" in readme
+    assert (
+        f"make demo     # generate data, train, evaluate, segment an archive, draw the masks (CPU, ~{demo.MINUTES} min)"
+        in readme
+    )
     assert f"about {demo.MINUTES} minutes on 2 cores" in readme
     assert f"mask AP of at least {demo.PROMISED_MASK_AP}" in readme
 

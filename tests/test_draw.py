@@ -11,7 +11,13 @@ def _instance(category: str, score: float, box: tuple[int, int, int, int], size:
     x0, y0, x1, y1 = box
     binary = np.zeros(size, np.uint8)
     binary[y0:y1, x0:x1] = 1
-    return {"category": category, "category_id": 1, "score": score, "bbox": [x0, y0, x1 - x0, y1 - y0], "mask": masks.encode(binary[None])[0]}
+    return {
+        "category": category,
+        "category_id": 1,
+        "score": score,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "mask": masks.encode(binary[None])[0],
+    }
 
 
 def test_each_instance_has_its_own_colour_filled_at_alpha_with_a_solid_contour():

@@ -47,8 +47,14 @@ class _LossModel(nn.Module):
 
 
 def _rows():
-    return [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8).numpy(), "boxes": torch.zeros(0, 4).numpy(),
-             "labels": torch.zeros(0, dtype=torch.int64).numpy(), "masks": torch.zeros(0, 4, 4, dtype=torch.uint8).numpy()}]  # fmt: skip
+    return [
+        {
+            "image": torch.zeros(3, 4, 4, dtype=torch.uint8).numpy(),
+            "boxes": torch.zeros(0, 4).numpy(),
+            "labels": torch.zeros(0, dtype=torch.int64).numpy(),
+            "masks": torch.zeros(0, 4, 4, dtype=torch.uint8).numpy(),
+        }
+    ]
 
 
 def _step(model, rows):
@@ -84,8 +90,11 @@ def test_real_model_trains_on_images_with_and_without_annotations():
     empty = _rows()[0]
     mask = torch.zeros(1, 48, 64, dtype=torch.uint8)
     mask[0, 10:30, 12:40] = 1
-    full = {"image": torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8).numpy(),
-            "boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]).numpy(), "labels": torch.tensor([2]).numpy(),
-            "masks": mask.numpy()}  # fmt: skip
+    full = {
+        "image": torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8).numpy(),
+        "boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]).numpy(),
+        "labels": torch.tensor([2]).numpy(),
+        "masks": mask.numpy(),
+    }
     result = _step(model, [empty, full])
     assert result.images == 2 and math.isfinite(result.losses["loss"]) and result.losses["loss_mask"] > 0

@@ -36,7 +36,10 @@ def test_shuffled_labels_score_low(coco_small):
     gt = _gt(coco_small)
     ids = [c["id"] for c in gt["categories"]]
     rng = np.random.default_rng(0)
-    wrong = lambda ann: int(rng.choice([c for c in ids if c != ann["category_id"]]))  # noqa: E731
+
+    def wrong(ann):
+        return int(rng.choice([c for c in ids if c != ann["category_id"]]))
+
     scores = evaluate(gt, ground_truth_as_results(gt, wrong))
     assert scores.stats["bbox"][0] < 0.05 and scores.stats["segm"][0] < 0.05
     assert max(ap for ap in scores.per_class["segm"].values() if not math.isnan(ap)) < 0.2
@@ -63,7 +66,9 @@ def test_instances_become_coco_results():
 
 def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
     model = small_model_file(tmp_path / "m.pt")
-    result = run_job("evaluate.py", "--model", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu")
+    result = run_job(
+        "evaluate.py", "--model", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu"
+    )
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes"
     ), result.stderr
@@ -75,8 +80,17 @@ def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, co
     image = next(i for i in gt["images"] if any(a["image_id"] == i["id"] for a in gt["annotations"]))
     subset = dict(gt, images=[image], annotations=[a for a in gt["annotations"] if a["image_id"] == image["id"]])
     (tmp_path / "one.json").write_text(json.dumps(subset))
-    result = run_job("evaluate.py", "--model", torchvision_pth, "--annotations", str(tmp_path / "one.json"),
-                     "--images", coco_small[1], "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    result = run_job(
+        "evaluate.py",
+        "--model",
+        torchvision_pth,
+        "--annotations",
+        str(tmp_path / "one.json"),
+        "--images",
+        coco_small[1],
+        "--output",
+        str(tmp_path / "eval.json"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["model_source"] == torchvision_pth and report["model"].startswith("maskrcnn_resnet50_fpn@0:")

@@ -18,18 +18,35 @@ from tests.conftest import call_job, small_model_file
 def predictions(tmp_path_factory, coco_small):
     root = tmp_path_factory.mktemp("export")
     # category ids 1, 3, 18 exist in COCO, so the results score against coco_small's ground truth
-    model_path = small_model_file(root / "small.pt", min_size=128, max_size=192, classes=("person", "car", "dog"),
-                                  category_ids=(1, 3, 18))  # fmt: skip
+    model_path = small_model_file(
+        root / "small.pt", min_size=128, max_size=192, classes=("person", "car", "dog"), category_ids=(1, 3, 18)
+    )
     predictor = Predictor.load(model_path, score_threshold=0.2)
     gt = json.loads(open(coco_small[0]).read())
     rows = []
     for img in gt["images"][:6]:
         uri = f"{coco_small[1]}/{img['file_name']}"
         rgb = images.decode(storage.read_bytes(uri))
-        rows.append({"uri": uri, "width": rgb.shape[1], "height": rgb.shape[0], "instances": predictor.predict([rgb])[0],
-                     "model": predictor.model_id, "error": None})  # fmt: skip
-    rows.append({"uri": f"{coco_small[1]}/gone.jpg", "width": None, "height": None, "instances": [], "model": predictor.model_id,
-                 "error": "missing: gone"})  # fmt: skip
+        rows.append(
+            {
+                "uri": uri,
+                "width": rgb.shape[1],
+                "height": rgb.shape[0],
+                "instances": predictor.predict([rgb])[0],
+                "model": predictor.model_id,
+                "error": None,
+            }
+        )
+    rows.append(
+        {
+            "uri": f"{coco_small[1]}/gone.jpg",
+            "width": None,
+            "height": None,
+            "instances": [],
+            "model": predictor.model_id,
+            "error": "missing: gone",
+        }
+    )
     out = str(root / "out")
     output.write_part(out, 0, rows[:4])
     output.write_part(out, 1, rows[4:])
@@ -42,16 +59,28 @@ def test_pandas_reads_the_output_directly(predictions):
     assert len(df) == 7 and list(df.columns) == ["uri", "width", "height", "instances", "model", "error"]
     assert df.error.notna().sum() == 1 and df.instances.map(len).sum() == sum(len(r["instances"]) for r in rows)
     assert output.read_stats(f"{out}/part-000001.parquet") == {
-        "rows": 3, "errors": {"missing": 1}, "instances": sum(len(r["instances"]) for r in rows[4:]),
-        "first_uri": rows[4]["uri"], "last_uri": rows[6]["uri"],
-    }  # fmt: skip
+        "rows": 3,
+        "errors": {"missing": 1},
+        "instances": sum(len(r["instances"]) for r in rows[4:]),
+        "first_uri": rows[4]["uri"],
+        "last_uri": rows[6]["uri"],
+    }
 
 
 def test_coco_results_load_in_pycocotools_and_score(predictions, coco_small, tmp_path):
     out, rows = predictions
     target = tmp_path / "results.json"
-    result = call_job("export.py", "--predictions", out, "--coco-results", str(target), "--annotations", coco_small[0],
-                     "--images", coco_small[1])  # fmt: skip
+    result = call_job(
+        "export.py",
+        "--predictions",
+        out,
+        "--coco-results",
+        str(target),
+        "--annotations",
+        coco_small[0],
+        "--images",
+        coco_small[1],
+    )
     assert result.returncode == 0, result.stderr
     assert "[export] 7/7 rows (100%)" in result.stdout  # progress over the rows, from the part files' footers
     results = json.loads(target.read_text())
@@ -71,8 +100,13 @@ def _row(uri: str, instances: list[dict]) -> dict:
 
 
 def _instance(category_id: int, name: str, score: float) -> dict:
-    return {"category_id": category_id, "category": name, "score": score, "bbox": [0.0, 0.0, 2.0, 1.0],
-            "mask": masks.encode(np.ones((1, 2, 4), np.uint8))[0]}  # fmt: skip
+    return {
+        "category_id": category_id,
+        "category": name,
+        "score": score,
+        "bbox": [0.0, 0.0, 2.0, 1.0],
+        "mask": masks.encode(np.ones((1, 2, 4), np.uint8))[0],
+    }
 
 
 def test_images_are_matched_by_their_path_under_the_image_root_not_their_file_name(tmp_path):
@@ -80,32 +114,66 @@ def test_images_are_matched_by_their_path_under_the_image_root_not_their_file_na
     the segmentation's --input (its _job.json)."""
     root = tmp_path / "photos"
     out = str(tmp_path / "out")
-    output.write_part(out, 0, [_row(f"{root}/a/1.jpg", [_instance(1, "person", 0.9)]),
-                               _row(f"{root}/b/1.jpg", [_instance(3, "car", 0.8)]),
-                               _row(f"{root}/c/2.jpg", [_instance(1, "person", 0.7)])])  # fmt: skip
+    output.write_part(
+        out,
+        0,
+        [
+            _row(f"{root}/a/1.jpg", [_instance(1, "person", 0.9)]),
+            _row(f"{root}/b/1.jpg", [_instance(3, "car", 0.8)]),
+            _row(f"{root}/c/2.jpg", [_instance(1, "person", 0.7)]),
+        ],
+    )
     storage.write_text(f"{out}/_job.json", json.dumps({"input": str(root)}))
-    gt = {"images": [{"id": 11, "file_name": "b/1.jpg", "width": 4, "height": 2},
-                     {"id": 12, "file_name": "a/1.jpg", "width": 4, "height": 2}],
-          "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]}  # fmt: skip
+    gt = {
+        "images": [
+            {"id": 11, "file_name": "b/1.jpg", "width": 4, "height": 2},
+            {"id": 12, "file_name": "a/1.jpg", "width": 4, "height": 2},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    result = call_job("export.py", "--predictions", out, "--coco-results", str(tmp_path / "r.json"),
-                     "--annotations", str(tmp_path / "gt.json"))  # fmt: skip
+    result = call_job(
+        "export.py",
+        "--predictions",
+        out,
+        "--coco-results",
+        str(tmp_path / "r.json"),
+        "--annotations",
+        str(tmp_path / "gt.json"),
+    )
     assert result.returncode == 0, result.stderr
-    assert {(r["image_id"], r["category_id"]) for r in json.loads((tmp_path / "r.json").read_text())} == {(12, 1), (11, 3)}
+    assert {(r["image_id"], r["category_id"]) for r in json.loads((tmp_path / "r.json").read_text())} == {
+        (12, 1),
+        (11, 3),
+    }
     assert f"1 images not in {tmp_path / 'gt.json'}, e.g. {root}/c/2.jpg" in result.stdout
 
 
-def test_coco_dataset_names_files_relative_to_the_image_root_and_lists_the_models_categories(predictions, tmp_path, coco_small):
+def test_coco_dataset_names_files_relative_to_the_image_root_and_lists_the_models_categories(
+    predictions, tmp_path, coco_small
+):
     out, rows = predictions
     model = small_model_file(tmp_path / "m.pt", classes=("person", "car", "dog"), category_ids=(1, 3, 18))
-    result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "rel.json"),
-                     "--images", coco_small[1], "--model", model)  # fmt: skip
+    result = call_job(
+        "export.py",
+        "--predictions",
+        out,
+        "--coco-dataset",
+        str(tmp_path / "rel.json"),
+        "--images",
+        coco_small[1],
+        "--model",
+        model,
+    )
     assert result.returncode == 0, result.stderr
     dataset = json.loads((tmp_path / "rel.json").read_text())
     assert [img["file_name"] for img in dataset["images"]] == [r["uri"].rsplit("/", 1)[1] for r in rows[:6]]
     assert dataset["categories"] == [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
     result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "full.json"))
-    assert [img["file_name"] for img in json.loads((tmp_path / "full.json").read_text())["images"]] == [r["uri"] for r in rows[:6]]
+    assert [img["file_name"] for img in json.loads((tmp_path / "full.json").read_text())["images"]] == [
+        r["uri"] for r in rows[:6]
+    ]
 
 
 def test_coco_dataset_and_pictures(predictions, tmp_path):
@@ -113,15 +181,30 @@ def test_coco_dataset_and_pictures(predictions, tmp_path):
     scores = sorted(i["score"] for r in rows for i in r["instances"])
     cut = scores[len(scores) // 2]  # half the instances pass, half do not
     assert scores[0] < cut and sum(any(i["score"] >= cut for i in r["instances"]) for r in rows) >= 2
-    result = call_job("export.py", "--predictions", out, "--coco-dataset", str(tmp_path / "coco.json"),
-                     "--render", "2", "--render-dir", str(tmp_path / "pics"), "--min-score", repr(cut),
-                     "--contact-sheet", str(tmp_path / "sheet.png"))  # fmt: skip
+    result = call_job(
+        "export.py",
+        "--predictions",
+        out,
+        "--coco-dataset",
+        str(tmp_path / "coco.json"),
+        "--render",
+        "2",
+        "--render-dir",
+        str(tmp_path / "pics"),
+        "--min-score",
+        repr(cut),
+        "--contact-sheet",
+        str(tmp_path / "sheet.png"),
+    )
     assert result.returncode == 0, result.stderr
     dataset = COCO(str(tmp_path / "coco.json"))
     assert len(dataset.imgs) == 6 and all(a["score"] >= cut for a in dataset.anns.values())
     assert len(dataset.anns) == len(scores) - len(scores) // 2
     for ann in dataset.anns.values():
-        assert dataset.annToMask(ann).shape == (dataset.imgs[ann["image_id"]]["height"], dataset.imgs[ann["image_id"]]["width"])
+        assert dataset.annToMask(ann).shape == (
+            dataset.imgs[ann["image_id"]]["height"],
+            dataset.imgs[ann["image_id"]]["width"],
+        )
     pictures = sorted((tmp_path / "pics").glob("*.png"))
     assert len(pictures) == 2
     drawn = [r for r in rows if any(i["score"] >= cut for i in r["instances"])][:2]
@@ -167,8 +250,19 @@ def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_
 
 
 def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
-    result = call_job("export.py", "--predictions", predictions[0], "--render", "3", "--contact-sheet",
-                     str(tmp_path / "sheet.png"), "--coco-results", str(tmp_path / "r.json"), "--min-score", "1.1")  # fmt: skip
+    result = call_job(
+        "export.py",
+        "--predictions",
+        predictions[0],
+        "--render",
+        "3",
+        "--contact-sheet",
+        str(tmp_path / "sheet.png"),
+        "--coco-results",
+        str(tmp_path / "r.json"),
+        "--min-score",
+        "1.1",
+    )
     assert result.returncode == 2 and result.stderr.strip().startswith("error: nothing to draw: no image in")
     assert not (tmp_path / "sheet.png").exists() and json.loads((tmp_path / "r.json").read_text()) == []
 
@@ -176,7 +270,9 @@ def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
 def test_export_needs_something_to_do(predictions):
     result = call_job("export.py", "--predictions", predictions[0])
     assert result.returncode == 2
-    assert result.stderr.strip().endswith("error: nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
+    assert result.stderr.strip().endswith(
+        "error: nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR"
+    )
 
 
 def test_coco_results_go_to_s3_whole(predictions, bucket):

@@ -21,7 +21,9 @@ def test_metrics_go_to_jsonl_and_tensorboard_and_resume_drops_later_steps(tmp_pa
     lines = _lines((run / history.METRICS).read_text())
     assert [(x["kind"], x["step"]) for x in lines] == [("train", s) for s in range(1, 6)] + [("val", 5)]
     assert lines[1]["loss"] == 0.5 and lines[-1]["val_segm_AP"] == 0.25
-    assert tensorboard_scalars(run / history.TENSORBOARD)["train/loss"] == [(s, pytest.approx(1.0 / s)) for s in range(1, 6)]
+    assert tensorboard_scalars(run / history.TENSORBOARD)["train/loss"] == [
+        (s, pytest.approx(1.0 / s)) for s in range(1, 6)
+    ]
 
     # A resume from the step-3 checkpoint redoes steps 4 and 5: they appear once, with their new values.
     h = history.History(str(run), resume_step=3)

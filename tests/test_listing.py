@@ -61,7 +61,10 @@ def test_blocks_span_shards_skip_written_ones_and_record_the_listing(tmp_path):
 def test_a_changed_listing_is_refused(change, tmp_path):
     root, out = _archive(tmp_path, 20), tmp_path / "out"
     files = sorted(str(p) for p in root.glob("*.jpg"))
-    done = {1: {"rows": 5, "first_uri": files[5], "last_uri": files[9]}, 3: {"rows": 5, "first_uri": files[15], "last_uri": files[19]}}
+    done = {
+        1: {"rows": 5, "first_uri": files[5], "last_uri": files[9]},
+        3: {"rows": 5, "first_uri": files[15], "last_uri": files[19]},
+    }
     if change == "added":
         (root / "0000a.jpg").write_bytes(b"x")  # sorts into shard 0, shifting every later shard
     else:

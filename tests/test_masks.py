@@ -62,20 +62,22 @@ def _edge_case_boxes(height: int, width: int):
     import torch
 
     h, w = float(height), float(width)
-    return torch.tensor([
-        [3.2, 4.7, w * 0.5, h * 0.5],      # inside
-        [-5.0, -3.0, 20.0, 12.0],          # clipped at the top-left corner
-        [w - 20, h - 15, w + 9, h + 7],    # clipped at the bottom-right: touches the last pixel
-        [w * 0.3, -9.0, w * 0.6, 10.0],    # clipped at the top
-        [-4.0, h * 0.2, 7.0, h * 0.8],     # clipped at the left
-        [w - 6, h * 0.1, w + 30, h * 0.4], # clipped at the right
-        [w * 0.1, h - 5, w * 0.2, h + 40], # clipped at the bottom
-        [0.0, 0.0, w - 1, h - 1],          # the whole image: runs continue into the next column
-        [5.0, -10.0, 12.0, h + 10],        # full height, part width
-        [10.0, 10.0, 10.4, 10.2],          # about one pixel
-        [w + 5, h + 5, w + 30, h + 30],    # entirely outside: an empty crop
-        [-30.0, -30.0, -2.0, -2.0],        # entirely outside, before the first pixel
-    ])  # fmt: skip
+    return torch.tensor(
+        [
+            [3.2, 4.7, w * 0.5, h * 0.5],  # inside
+            [-5.0, -3.0, 20.0, 12.0],  # clipped at the top-left corner
+            [w - 20, h - 15, w + 9, h + 7],  # clipped at the bottom-right: touches the last pixel
+            [w * 0.3, -9.0, w * 0.6, 10.0],  # clipped at the top
+            [-4.0, h * 0.2, 7.0, h * 0.8],  # clipped at the left
+            [w - 6, h * 0.1, w + 30, h * 0.4],  # clipped at the right
+            [w * 0.1, h - 5, w * 0.2, h + 40],  # clipped at the bottom
+            [0.0, 0.0, w - 1, h - 1],  # the whole image: runs continue into the next column
+            [5.0, -10.0, 12.0, h + 10],  # full height, part width
+            [10.0, 10.0, 10.4, 10.2],  # about one pixel
+            [w + 5, h + 5, w + 30, h + 30],  # entirely outside: an empty crop
+            [-30.0, -30.0, -2.0, -2.0],  # entirely outside, before the first pixel
+        ]
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -88,8 +90,10 @@ def test_box_local_rle_is_byte_identical_to_pycocotools_on_the_pasted_mask(seed)
     height, width = [(60, 80), (37, 53), (1, 9), (9, 1), (128, 128), (201, 77)][seed]
     edge = _edge_case_boxes(height, width)
     x0, y0 = rng.uniform(-0.3, 1.1, 20) * width, rng.uniform(-0.3, 1.1, 20) * height
-    random = torch.tensor(np.stack([x0, y0, x0 + rng.uniform(0, 1.2, 20) * width, y0 + rng.uniform(0, 1.2, 20) * height], 1),
-                          dtype=torch.float32)  # fmt: skip
+    random = torch.tensor(
+        np.stack([x0, y0, x0 + rng.uniform(0, 1.2, 20) * width, y0 + rng.uniform(0, 1.2, 20) * height], 1),
+        dtype=torch.float32,
+    )
     boxes = torch.cat([edge, random])
     torch.manual_seed(seed)
     probs = torch.rand(len(boxes), 1, 28, 28)
@@ -108,7 +112,10 @@ def test_box_local_rle_of_a_mask_filling_the_image_and_of_no_instances():
 
     probs, boxes = torch.ones(1, 1, 28, 28), torch.tensor([[-10.0, -10.0, 50.0, 50.0]])
     (rle,) = masks.paste_and_encode(probs, boxes, 20, 30)
-    assert masks.decode(rle, 20, 30).all() and rle == {"size": [20, 30], "counts": _reference_rles(probs, boxes, 20, 30)[0]["counts"].decode()}
+    assert masks.decode(rle, 20, 30).all() and rle == {
+        "size": [20, 30],
+        "counts": _reference_rles(probs, boxes, 20, 30)[0]["counts"].decode(),
+    }
     assert masks.paste_and_encode(probs[:0], boxes[:0], 20, 30) == []
 
 

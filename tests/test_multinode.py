@@ -24,7 +24,9 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()}
+    )
     yield c
     ray.shutdown()
     c.shutdown()
@@ -42,7 +44,11 @@ def _placement(address: str) -> tuple[set[str], set[str], int]:
     ray.init(address=address)
     tasks = list_tasks(filters=[("name", "=", "MapBatches(fetch_and_decode)")], detail=True, limit=10_000)
     actors = [a for a in list_actors(detail=True, limit=10_000) if "InferenceActor" in (a.class_name or "")]
-    return {t.node_id for t in tasks if t.node_id}, {a.node_id for a in actors if a.node_id}, sum(a.num_restarts for a in actors)
+    return (
+        {t.node_id for t in tasks if t.node_id},
+        {a.node_id for a in actors if a.node_id},
+        sum(a.num_restarts for a in actors),
+    )
 
 
 def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(cluster, shared_data, tmp_path):
@@ -53,12 +59,35 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
     archive.mkdir()
     for src in sorted((shared_data / "coco_small" / "images").iterdir())[:40]:
         shutil.copy(src, archive / src.name)
-    args = ["--input", str(archive), "--output", str(out), "--model", small_model_file(tmp_path / "m.pt", min_size=128, max_size=192),
-            "--rows-per-file", "4", "--batch-size", "2", "--score-threshold", "0.3", "--log-every", "2",
-            "--actor-resources", '{"gpu_node": 1}', "--decode-resources", '{"decode_node": 1}']  # fmt: skip
+    args = [
+        "--input",
+        str(archive),
+        "--output",
+        str(out),
+        "--model",
+        small_model_file(tmp_path / "m.pt", min_size=128, max_size=192),
+        "--rows-per-file",
+        "4",
+        "--batch-size",
+        "2",
+        "--score-threshold",
+        "0.3",
+        "--log-every",
+        "2",
+        "--actor-resources",
+        '{"gpu_node": 1}',
+        "--decode-resources",
+        '{"decode_node": 1}',
+    ]
     env = dict(os.environ, RAY_ADDRESS=cluster.address)
-    job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while len(_parts(out)) < 2:  # mid-job: some part files written, most not
         assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]

@@ -27,21 +27,34 @@ def _predict(*args: str) -> None:
 def test_a_folder_gives_pictures_and_coco_json_with_no_ray(shared_data, tmp_path):
     model = small_model_file(tmp_path / "m.pt", classes=("person", "dog"), category_ids=(1, 18))
     out = tmp_path / "out"
-    argv = ["--input", str(shared_data / "photos"), "--model", model, "--output", str(out), "--score-threshold", "0.05",
-            "--json-per-image"]  # fmt: skip
+    argv = [
+        "--input",
+        str(shared_data / "photos"),
+        "--model",
+        model,
+        "--output",
+        str(out),
+        "--score-threshold",
+        "0.05",
+        "--json-per-image",
+    ]
     script = (
         "import runpy, sys; sys.argv = ['jobs/predict.py'] + sys.argv[1:]; "
         "runpy.run_path('jobs/predict.py', run_name='__main__'); "
         "print('ray imported:', any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ray imported: False")
     lines = [line for line in result.stdout.splitlines() if line.startswith("[predict] ") and "/6 images" in line]
     assert [re.search(r"ETA \d+:\d\d, ([^:]+): ", line).group(1) for line in lines] == PHOTOS  # one per image
     assert sorted(p.stem for p in out.glob("*.png")) == PHOTOS
     dataset = COCO(str(out / "coco_dataset.json"))
-    assert [img["file_name"] for img in dataset.dataset["images"]] == [str(p) for p in sorted((shared_data / "photos").iterdir())]
+    assert [img["file_name"] for img in dataset.dataset["images"]] == [
+        str(p) for p in sorted((shared_data / "photos").iterdir())
+    ]
     assert dataset.dataset["categories"] == [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
     results = json.loads((out / "coco_results.json").read_text())
     assert len(results) == len(dataset.anns) > 0 and len(dataset.loadRes(results).anns) == len(results)
@@ -55,8 +68,16 @@ def test_globs_repeated_names_and_unreadable_images(shared_data, tmp_path):
     model = small_model_file(tmp_path / "m.pt")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"1 of 4 images failed, e\.g\. .*corrupt\.jpg: corrupt: "):
-        _predict("--input", str(shared_data / "photos" / "dog*.jpg"), str(shared_data / "odd_images" / "corrupt.jpg"),
-                 str(shared_data / "photos" / "dog1.jpg"), "--model", model, "--output", str(out))  # fmt: skip
+        _predict(
+            "--input",
+            str(shared_data / "photos" / "dog*.jpg"),
+            str(shared_data / "odd_images" / "corrupt.jpg"),
+            str(shared_data / "photos" / "dog1.jpg"),
+            "--model",
+            model,
+            "--output",
+            str(out),
+        )
     assert sorted(p.name for p in out.glob("*.png")) == ["dog1-2.png", "dog1.png", "dog2.png"]
     assert len(json.loads((out / "coco_dataset.json").read_text())["images"]) == 3
     with pytest.raises(Exception, match=r"cannot read .*nowhere\.jpg: no such file or directory"):
@@ -76,8 +97,16 @@ def test_torchvision_models_label_with_coco_classes(form, torchvision_pth, share
             monkeypatch.setenv(key, value)
         model = "COCO_V1"
     out = tmp_path / "out"
-    _predict("--input", str(shared_data / "photos" / "dog1.jpg"), "--model", model, "--output", str(out),
-             "--max-detections", "10")  # fmt: skip
+    _predict(
+        "--input",
+        str(shared_data / "photos" / "dog1.jpg"),
+        "--model",
+        model,
+        "--output",
+        str(out),
+        "--max-detections",
+        "10",
+    )
     dataset = json.loads((out / "coco_dataset.json").read_text())
     assert len(dataset["categories"]) == 80 and {"id": TOOTHBRUSH, "name": "toothbrush"} in dataset["categories"]
     assert len(dataset["annotations"]) == 10 and {a["category_id"] for a in dataset["annotations"]} == {TOOTHBRUSH}

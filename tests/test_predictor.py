@@ -19,7 +19,9 @@ def _iou(a, b):
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
-@pytest.mark.parametrize("name", ["photos/dog1.jpg", "odd_images/hopper_orientation_6.jpg", "odd_images/wizard_low-interlaced.png"])
+@pytest.mark.parametrize(
+    "name", ["photos/dog1.jpg", "odd_images/hopper_orientation_6.jpg", "odd_images/wizard_low-interlaced.png"]
+)
 def test_predictions_match_torchvision_on_the_oriented_image(name, small_checkpoint, shared_data):
     rgb = images.decode((shared_data / name).read_bytes())
     h, w = rgb.shape[:2]
@@ -41,7 +43,9 @@ def test_predictions_match_torchvision_on_the_oriented_image(name, small_checkpo
 
 def test_class_filter_cap_and_unknown_classes(small_checkpoint, shared_data):
     rgb = images.decode((shared_data / "photos" / "dog2.jpg").read_bytes())
-    only_b = Predictor.load(small_checkpoint, score_threshold=0.0, max_detections=5, keep_classes=["b"]).predict([rgb])[0]
+    only_b = Predictor.load(small_checkpoint, score_threshold=0.0, max_detections=5, keep_classes=["b"]).predict([rgb])[
+        0
+    ]
     assert 0 < len(only_b) <= 5 and {i["category"] for i in only_b} == {"b"}
     with pytest.raises(ValueError, match="--classes zebra not among the model's classes: a, b, c"):
         Predictor.load(small_checkpoint, keep_classes=["zebra"])
@@ -57,8 +61,14 @@ def test_torchvisions_placeholder_classes_are_never_predicted_nor_listed(tmp_pat
         Predictor.load(model, keep_classes=["N/A"])
 
 
-MIXED = ["photos/dog1.jpg", "odd_images/hopper_orientation_6.jpg", "odd_images/wizard_low-interlaced.png",
-         "photos/person1.jpg", "photos/astronaut.jpg", "photos/FudanPed00054.png"]  # fmt: skip
+MIXED = [
+    "photos/dog1.jpg",
+    "odd_images/hopper_orientation_6.jpg",
+    "odd_images/wizard_low-interlaced.png",
+    "photos/person1.jpg",
+    "photos/astronaut.jpg",
+    "photos/FudanPed00054.png",
+]
 
 
 def _mixed_images(shared_data, n_coco: int = 10) -> list[np.ndarray]:
@@ -111,8 +121,11 @@ def test_same_canvas_batches_match_torchvision_on_each_image_alone(small_checkpo
     reference.roi_heads.score_thresh, reference.roi_heads.detections_per_img = 0.05, 50
     with torch.no_grad():
         padded = reference([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in imgs])
-    changed = [i for i, (p, r) in enumerate(zip(padded, _torchvision_alone(small_checkpoint, imgs)))
-               if len(p["boxes"]) != len(r["boxes"]) or not torch.allclose(p["boxes"], r["boxes"], atol=1.0)]  # fmt: skip
+    changed = [
+        i
+        for i, (p, r) in enumerate(zip(padded, _torchvision_alone(small_checkpoint, imgs)))
+        if len(p["boxes"]) != len(r["boxes"]) or not torch.allclose(p["boxes"], r["boxes"], atol=1.0)
+    ]
     assert len(changed) >= len(imgs) // 2, changed
 
 

@@ -15,7 +15,9 @@ def test_lines_give_done_total_rate_elapsed_and_eta(capsys):
     p.add(4)  # within `every`: silent
     p.add(2, "1 errors")  # the total: always printed
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"\[evaluate\] 4/10 images \(40%\), 0\.\d\d images/s, elapsed 0:20, ETA 0:(29|30)", lines[0]), lines
+    assert re.fullmatch(r"\[evaluate\] 4/10 images \(40%\), 0\.\d\d images/s, elapsed 0:20, ETA 0:(29|30)", lines[0]), (
+        lines
+    )
     assert re.fullmatch(r"\[evaluate\] 10/10 images \(100%\), .*, ETA 0:00, 1 errors", lines[1]), lines
     assert len(lines) == 2
 
@@ -41,6 +43,9 @@ def test_finish_prints_the_last_count_once(capsys):
     q.finish("0 errors")
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in lines] == [
-        "[segment] 3/7 images (43%)", "[segment] 7/7 images (100%)", "[segment] 2 images", "[segment] 5 images"
+        "[segment] 3/7 images (43%)",
+        "[segment] 7/7 images (100%)",
+        "[segment] 2 images",
+        "[segment] 5 images",
     ]
     assert lines[-1].endswith(", 0 errors")

@@ -46,10 +46,29 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
     upload_dir(shared_data / "photos", bucket, "archive/photos")
     upload_dir(shared_data / "coco_small" / "images", bucket, "archive/coco")
     upload_dir(shared_data / "odd_images", bucket, "archive/odd")
-    keys = [o["Key"] for p in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p["Contents"]]
+    keys = [
+        o["Key"]
+        for p in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in p["Contents"]
+    ]
     out = f"s3://{bucket}/labels/run1"
-    result = run_job("segment_bucket.py", "--input", f"s3://{bucket}/archive", "--output", out, "--model", model_file,
-                     "--extensions", "*", "--rows-per-file", "16", "--score-threshold", "0.3", "--batch-size", "4")  # fmt: skip
+    result = run_job(
+        "segment_bucket.py",
+        "--input",
+        f"s3://{bucket}/archive",
+        "--output",
+        out,
+        "--model",
+        model_file,
+        "--extensions",
+        "*",
+        "--rows-per-file",
+        "16",
+        "--score-threshold",
+        "0.3",
+        "--batch-size",
+        "4",
+    )
     summary = _summary(result)
     df = _read(out)
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
@@ -59,7 +78,9 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
     # The terminal shows the job's own lines: progress with the total, and the summary; no Ray internals.
     progress = [line for line in result.stdout.splitlines() if line.startswith("[segment] ") and "images/s" in line]
     assert re.fullmatch(rf"\[segment\] 131/131 images \(100%\), .*, ETA 0:00, {len(UNUSABLE) + 1} errors", progress[-1])
-    assert not re.search(r"core_worker\.cc| INFO |Deprecat|Running Dataset", result.stdout + result.stderr), result.stderr
+    assert not re.search(r"core_worker\.cc| INFO |Deprecat|Running Dataset", result.stdout + result.stderr), (
+        result.stderr
+    )
 
     errors = {u.rsplit("/", 1)[1]: e.split(":")[0] for u, e in zip(df.uri, df.error) if isinstance(e, str)}
     assert errors == {**UNUSABLE, "INDEX.tsv": "not_an_image"}
@@ -69,15 +90,19 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
 
     ok = df[df.error.isna()]
     assert ok.instances.map(len).sum() == summary["instances"] > 0 and set(ok.model) == {summary["model"]}
-    local = {"odd/hopper_orientation_6.jpg": shared_data / "odd_images" / "hopper_orientation_6.jpg",
-             "odd/orientation_rectangle.jpg": shared_data / "odd_images" / "orientation_rectangle.jpg",
-             "photos/dog1.jpg": shared_data / "photos" / "dog1.jpg"}  # fmt: skip
+    local = {
+        "odd/hopper_orientation_6.jpg": shared_data / "odd_images" / "hopper_orientation_6.jpg",
+        "odd/orientation_rectangle.jpg": shared_data / "odd_images" / "orientation_rectangle.jpg",
+        "photos/dog1.jpg": shared_data / "photos" / "dog1.jpg",
+    }
     for suffix, path in local.items():
         row = ok[ok.uri.str.endswith(suffix)].iloc[0]
         h, w = images.decode(path.read_bytes()).shape[:2]
         assert (row.height, row.width) == (h, w)
         for inst in row.instances:
-            assert list(inst["mask"]["size"]) == [h, w] and masks.decode(dict(inst["mask"], size=[h, w]), h, w).shape == (h, w)
+            assert list(inst["mask"]["size"]) == [h, w] and masks.decode(
+                dict(inst["mask"], size=[h, w]), h, w
+            ).shape == (h, w)
 
     # The same rows when the model comes from S3 and the input is a manifest.
     storage.write_bytes(f"s3://{bucket}/models/small.pt", Path(model_file).read_bytes())
@@ -85,8 +110,19 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
     manifest = f"s3://{bucket}/manifest.csv"
     storage.write_text(manifest, "uri\n" + "\n".join(chosen) + "\n")
     out2 = f"s3://{bucket}/labels/run2"
-    summary2 = _summary(run_job("segment_bucket.py", "--input", manifest, "--output", out2, "--model",
-                                f"s3://{bucket}/models/small.pt", "--score-threshold", "0.3"))  # fmt: skip
+    summary2 = _summary(
+        run_job(
+            "segment_bucket.py",
+            "--input",
+            manifest,
+            "--output",
+            out2,
+            "--model",
+            f"s3://{bucket}/models/small.pt",
+            "--score-threshold",
+            "0.3",
+        )
+    )
     assert summary2["model"] == summary["model"] and summary2["rows_out"] == 12
     fs, path = storage.filesystem(out2)
     again = {r["uri"]: r["instances"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
@@ -107,10 +143,25 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     out, archive = tmp_path / "out", tmp_path / "archive"
     shutil.copytree(shared_data / "coco_small" / "images", archive)
     rel = functools.partial(os.path.relpath, start=REPO)  # relative paths, as users type them
-    args = ["--input", rel(archive), "--output", rel(out), "--model", rel(model_file),
-            "--rows-per-file", "4", "--log-every", "1"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    args = [
+        "--input",
+        rel(archive),
+        "--output",
+        rel(out),
+        "--model",
+        rel(model_file),
+        "--rows-per-file",
+        "4",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while len(_parts(out)) < 3:
         assert proc.poll() is None and time.time() < deadline, "the job ended before it could be interrupted"
@@ -150,12 +201,17 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
         ("unwritable_output", r"error: cannot write .*blocker/out/_job\.json"),
         ("other_model", r"error: .*holds output of another job \(model="),
         ("unknown_class", r"error: --classes zebra not among the model's classes"),
-        ("offline_weights", r"error: cannot download weights COCO_V1 from "
-                            r"https://download\.pytorch\.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e\.pth .*"
-                            r"pass its local path or s3:// URI to --model"),
+        (
+            "offline_weights",
+            r"error: cannot download weights COCO_V1 from "
+            r"https://download\.pytorch\.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e\.pth .*"
+            r"pass its local path or s3:// URI to --model",
+        ),
     ],
-)  # fmt: skip
-def test_bad_job_input_stops_before_the_pool_starts(case, expected, shared_data, model_file, tmp_path, s3_server, monkeypatch):
+)
+def test_bad_job_input_stops_before_the_pool_starts(
+    case, expected, shared_data, model_file, tmp_path, s3_server, monkeypatch
+):
     photos, out, model = str(shared_data / "photos"), str(tmp_path / "out"), model_file
     extra: list[str] = []
     if case == "missing_model":
@@ -171,7 +227,9 @@ def test_bad_job_input_stops_before_the_pool_starts(case, expected, shared_data,
         (tmp_path / "blocker").write_text("a file, not a directory")
         out = str(tmp_path / "blocker" / "out")
     elif case == "other_model":
-        storage.write_text(f"{out}/_job.json", json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000}))
+        storage.write_text(
+            f"{out}/_job.json", json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000})
+        )
     elif case == "offline_weights":
         model = "COCO_V1"
         for key, value in {**OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}.items():
@@ -188,8 +246,19 @@ def test_a_torchvision_state_dict_labels_with_coco_names_and_ids(torchvision_pth
     """The first thing most users want: torchvision's COCO Mask R-CNN (here its .pth with
     random weights, biased to toothbrushes) labelling images, with no training run."""
     out = str(tmp_path / "out")
-    result = run_job("segment_bucket.py", "--input", str(shared_data / "photos"), "--output", out,
-                     "--model", torchvision_pth, "--limit", "1", "--max-detections", "10")  # fmt: skip
+    result = run_job(
+        "segment_bucket.py",
+        "--input",
+        str(shared_data / "photos"),
+        "--output",
+        out,
+        "--model",
+        torchvision_pth,
+        "--limit",
+        "1",
+        "--max-detections",
+        "10",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = _read(out).to_dict("records")
     found = {(i["category"], i["category_id"]) for i in row["instances"]}
@@ -200,9 +269,22 @@ def test_a_torchvision_state_dict_labels_with_coco_names_and_ids(torchvision_pth
 def test_help_lists_every_flag():
     result = call_job("segment_bucket.py", "--help")
     assert result.returncode == 0
-    for flag in ("--input", "--output", "--model", "--extensions", "--limit", "--batch-size", "--concurrency",
-                 "--num-gpus-per-actor", "--score-threshold", "--max-detections", "--classes", "--max-pixels",
-                 "--rows-per-file", "--overwrite"):  # fmt: skip
+    for flag in (
+        "--input",
+        "--output",
+        "--model",
+        "--extensions",
+        "--limit",
+        "--batch-size",
+        "--concurrency",
+        "--num-gpus-per-actor",
+        "--score-threshold",
+        "--max-detections",
+        "--classes",
+        "--max-pixels",
+        "--rows-per-file",
+        "--overwrite",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -214,22 +296,70 @@ def test_real_ray_job_submit_to_a_local_head(shared_data, model_file, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     port, dashboard = _free_port(), _free_port()
     ray = str(bin_dir / "ray")
-    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-                              "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    started = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "4",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert started.returncode == 0, started.stderr[-2000:]
         out = tmp_path / "out"
         submitted = subprocess.run(
-            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--submission-id", "seg-e2e",
-             "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
-             "--", "python", "jobs/segment_bucket.py", "--input", str(shared_data / "photos"), "--output", str(out),
-             "--model", model_file, "--score-threshold", "0.3"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+            [
+                ray,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--submission-id",
+                "seg-e2e",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
+                "--",
+                "python",
+                "jobs/segment_bucket.py",
+                "--input",
+                str(shared_data / "photos"),
+                "--output",
+                str(out),
+                "--model",
+                model_file,
+                "--score-threshold",
+                "0.3",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
-        status = subprocess.run([ray, "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "seg-e2e"],
-                                env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        status = subprocess.run(
+            [ray, "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "seg-e2e"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "Job 'seg-e2e' succeeded" in status.stdout + status.stderr  # how the CLI says SUCCEEDED
         df = _read(str(out))
         assert sorted(df.uri) == sorted(str(p) for p in (shared_data / "photos").iterdir()) and df.error.isna().all()
@@ -250,8 +380,12 @@ def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, sh
     client.delete_object(Bucket=bucket, Key="a/gone.jpg")  # ... then deleted before it is read
     client.put_object(Bucket=bucket, Key="a/empty.jpg", Body=b"")
     client.put_object(Bucket=bucket, Key="a/dog.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
-    batch = {"shard": np.array([0, 0, 0]), "index": np.array([0, 1, 2]), "shard_rows": np.array([3, 3, 3]),
-             "uri": np.array([listed, f"s3://{bucket}/a/empty.jpg", f"s3://{bucket}/a/dog.jpg"])}  # fmt: skip
+    batch = {
+        "shard": np.array([0, 0, 0]),
+        "index": np.array([0, 1, 2]),
+        "shard_rows": np.array([3, 3, 3]),
+        "uri": np.array([listed, f"s3://{bucket}/a/empty.jpg", f"s3://{bucket}/a/dog.jpg"]),
+    }
     out = fetch_and_decode(batch, max_pixels=10**8, fit=None)
     assert out["error"][0].startswith("missing: ") and out["error"][1].startswith("empty: ") and out["error"][2] is None
     assert out["image"][2].shape == (500, 500, 3) and (out["height"][2], out["width"][2]) == (500, 500)
@@ -298,8 +432,14 @@ def test_rows_do_not_depend_on_the_batch_size_or_the_run(shared_data, model_file
     (archive / "big_rotated.jpg").write_bytes(large_jpeg(shared_data, 4032, 3024, orientation=6))
     common = ["--input", str(archive), "--model", model_file, "--score-threshold", "0.05"]
     runs = []
-    for out, extra in (("out1", ["--batch-size", "1"]), ("out8", ["--batch-size", "8"]), ("out8", ["--batch-size", "8", "--overwrite"])):
-        assert _summary(run_job("segment_bucket.py", *common, "--output", str(tmp_path / out), *extra))["rows_out"] == 17
+    for out, extra in (
+        ("out1", ["--batch-size", "1"]),
+        ("out8", ["--batch-size", "8"]),
+        ("out8", ["--batch-size", "8", "--overwrite"]),
+    ):
+        assert (
+            _summary(run_job("segment_bucket.py", *common, "--output", str(tmp_path / out), *extra))["rows_out"] == 17
+        )
         runs.append(_rows(tmp_path / out))
     assert sum(len(r["instances"]) for r in runs[0].values()) > 100
     assert runs[0] == runs[1] == runs[2]
@@ -310,8 +450,12 @@ def test_large_jpegs_decode_reduced_with_labels_in_full_image_coordinates(shared
     size, and its masks land where a --full-decode run puts them."""
     archive = tmp_path / "archive"
     archive.mkdir()
-    made = {"a.jpg": (4032, 3024, 1, "person1.jpg"), "b.jpg": (4032, 3024, 6, "dog1.jpg"),
-            "c.jpg": (3024, 4032, 8, "astronaut.jpg"), "d.jpg": (4000, 3000, 3, "dog2.jpg")}  # fmt: skip
+    made = {
+        "a.jpg": (4032, 3024, 1, "person1.jpg"),
+        "b.jpg": (4032, 3024, 6, "dog1.jpg"),
+        "c.jpg": (3024, 4032, 8, "astronaut.jpg"),
+        "d.jpg": (4000, 3000, 3, "dog2.jpg"),
+    }
     for name, (w, h, orientation, photo) in made.items():
         (archive / name).write_bytes(large_jpeg(shared_data, w, h, orientation, photo))
     common = ["--input", str(archive), "--model", model_file, "--score-threshold", "0.05"]

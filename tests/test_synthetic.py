@@ -50,5 +50,8 @@ def test_archive_holds_images_and_damaged_files_that_decode_as_errors(tmp_path):
             images.decode((tmp_path / name).read_bytes())
         except images.ImageError as err:
             kinds[name] = err.kind
-    assert kinds == {"damaged_empty.jpg": "empty", "damaged_not_an_image.jpg": "not_an_image",
-                     "damaged_truncated.jpg": "corrupt"}  # fmt: skip
+    assert kinds == {
+        "damaged_empty.jpg": "empty",
+        "damaged_not_an_image.jpg": "not_an_image",
+        "damaged_truncated.jpg": "corrupt",
+    }

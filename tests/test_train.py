@@ -27,9 +27,24 @@ def _args(train: str, val: str | None, store: str, name: str, *extra: str) -> li
     if val:
         args += ["--val-annotations", f"{val}/annotations.json", "--val-images", f"{val}/images"]
     return args + [
-        "--storage", store, "--name", name, "--num-workers", "2", "--batch-size", "2", "--scales", "128",
-        "--max-size", "192", "--warmup-steps", "4", "--log-every", "1", *extra,
-    ]  # fmt: skip
+        "--storage",
+        store,
+        "--name",
+        name,
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--scales",
+        "128",
+        "--max-size",
+        "192",
+        "--warmup-steps",
+        "4",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def _steps(output: str) -> list[tuple[int, float]]:
@@ -80,7 +95,10 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert re.search(r"step 12/24 loss [\d.]+ lr [\d.]+ [\d.]+ img/s, elapsed \d+:\d\d, ETA \d+:\d\d", out)
     assert "skipped_missing_image': 1, 'skipped_undecodable_image': 1" in out  # epoch 1
     assert "skipped_missing_image': 3, 'skipped_undecodable_image': 3" in out  # after 3 epochs
-    drops = "{'invalid_segmentation': 6, 'degenerate_box': 3, 'invalid_box': 2, 'unknown_category': 1, 'unknown_image': 1, 'crowd': 1}"
+    drops = (
+        "{'invalid_segmentation': 6, 'degenerate_box': 3, 'invalid_box': 2, "
+        "'unknown_category': 1, 'unknown_image': 1, 'crowd': 1}"
+    )
     assert f"dropped annotations: {drops}" in out and f"validation set: dropped annotations: {drops}" in out
     assert "IoU metric: segm" in out and "Per-category segm AP (%):" in out
     assert "Reporting training result" not in out and "core_worker.cc" not in out and "Deprecat" not in out
@@ -95,9 +113,19 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert (final["step"], final["epoch"]) == (24, 3)
     _check_history(run_dir, steps=24, evaluations=3)
 
-    evaluated = run_job("evaluate.py", "--model", str(run_dir / "best.pt"), "--annotations",
-                        str(defective_val / "annotations.json"), "--images", str(defective_val / "images"),
-                        "--num-workers", "2", "--output", str(tmp_path / "eval.json"))  # fmt: skip
+    evaluated = run_job(
+        "evaluate.py",
+        "--model",
+        str(run_dir / "best.pt"),
+        "--annotations",
+        str(defective_val / "annotations.json"),
+        "--images",
+        str(defective_val / "images"),
+        "--num-workers",
+        "2",
+        "--output",
+        str(tmp_path / "eval.json"),
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "IoU metric: segm" in evaluated.stdout and "Per-category segm AP (%):" in evaluated.stdout
     assert re.search(r"\[evaluate\] 8/8 images \(100%\)", evaluated.stdout), evaluated.stdout
@@ -137,7 +165,9 @@ def test_training_with_data_and_storage_on_s3_is_reproducible(shapes, bucket, tm
     upload_dir(shapes / "train", bucket, "data/train")
     upload_dir(shapes / "val", bucket, "data/val")
     data = f"s3://{bucket}/data"
-    result = run_job("train.py", *_args(f"{data}/train", f"{data}/val", f"s3://{bucket}/runs", "s3run", "--epochs", "1"))
+    result = run_job(
+        "train.py", *_args(f"{data}/train", f"{data}/val", f"s3://{bucket}/runs", "s3run", "--epochs", "1")
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     names = list(storage.iter_files(f"s3://{bucket}/runs/s3run"))
     assert f"s3://{bucket}/runs/s3run/checkpoint_00000008/model.pt" in names
@@ -148,12 +178,17 @@ def test_training_with_data_and_storage_on_s3_is_reproducible(shapes, bucket, tm
 
     # The same seed again (checkpoints on local disk this time): the same data order and
     # augmentation, so the same losses at every step and the same AP.
-    again = run_job("train.py", *_args(f"{data}/train", f"{data}/val", str(tmp_path / "runs"), "again", "--epochs", "1"))
+    again = run_job(
+        "train.py", *_args(f"{data}/train", f"{data}/val", str(tmp_path / "runs"), "again", "--epochs", "1")
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert _steps(again.stdout + again.stderr) == _steps(result.stdout + result.stderr)
     on_s3 = [json.loads(line) for line in storage.read_text(f"s3://{bucket}/runs/s3run/metrics.jsonl").splitlines()]
     local = _check_history(tmp_path / "runs" / "again", steps=8, evaluations=1)
-    strip = lambda lines: [{k: v for k, v in x.items() if k not in ("time", "images_per_s", "train_images_per_s")} for x in lines]  # noqa: E731
+
+    def strip(lines):
+        return [{k: v for k, v in x.items() if k not in ("time", "images_per_s", "train_images_per_s")} for x in lines]
+
     assert strip(local) == strip(on_s3)
 
 
@@ -173,12 +208,28 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
     from maskrcnn.model import SMALL, build_model
 
     torch.save(build_model(SMALL, num_classes=4).state_dict(), tmp_path / "init.pth")
-    args = _args(str(shapes / "train"), None, str(tmp_path / "runs"), "ft", "--epochs", "2",
-                 "--checkpoint-every", "3", "--max-failures", "2", "--weights", str(tmp_path / "init.pth"))  # fmt: skip
+    args = _args(
+        str(shapes / "train"),
+        None,
+        str(tmp_path / "runs"),
+        "ft",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--max-failures",
+        "2",
+        "--weights",
+        str(tmp_path / "init.pth"),
+    )
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=REPO,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        cwd=REPO,
+    )
     lines, killed = [], None
     deadline = time.time() + 540
     for line in proc.stdout:
@@ -197,7 +248,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(shapes, tmp_path):
     assert resumed, out[-3000:]
     at = int(resumed.group(1))
     assert at >= 3
-    after = [s for s, _ in _steps(out[resumed.end():])]
+    after = [s for s, _ in _steps(out[resumed.end() :])]
     assert after[0] == at + 1 and after[-1] == 16  # continues; does not restart at step 1
     final = checkpoint.load(str(tmp_path / "runs" / "ft" / "checkpoint_00000016" / "model.pt"))
     assert final["step"] == 16 and final["epoch"] == 2 and final["arch_kwargs"]["pretrained"] is True
@@ -234,8 +285,20 @@ def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, t
         val["annotations"].append(dict(val["annotations"][3]))
         (tmp_path / "val.json").write_text(json.dumps(val))
         extra = ["--val-annotations", str(tmp_path / "val.json"), "--val-images", str(shapes / "val" / "images")]
-    result = call_job("train.py", "--train-annotations", ann, "--train-images", images,
-                      "--storage", str(tmp_path / "runs"), "--name", "x", "--batch-size", "2", *extra)  # fmt: skip
+    result = call_job(
+        "train.py",
+        "--train-annotations",
+        ann,
+        "--train-images",
+        images,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "x",
+        "--batch-size",
+        "2",
+        *extra,
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and re.search(expected, result.stderr), result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
@@ -250,7 +313,16 @@ def test_unreachable_storage_bucket_stops_the_job(shapes, s3_server):
 def test_help_explains_every_flag():
     result = call_job("train.py", "--help")
     assert result.returncode == 0
-    for flag in ("--train-annotations", "--storage", "--name", "--weights", "--num-workers", "--gpu", "--max-failures", "--schedule"):
+    for flag in (
+        "--train-annotations",
+        "--storage",
+        "--name",
+        "--weights",
+        "--num-workers",
+        "--gpu",
+        "--max-failures",
+        "--schedule",
+    ):
         assert flag in result.stdout
     assert "ray job submit" in result.stdout
     result = call_job("evaluate.py", "--help")
