@@ -34,7 +34,7 @@ def measure(root: str, arch: str, workers: int, args: argparse.Namespace) -> flo
         name=f"{arch}-{workers}-{time.time_ns()}",
         arch=arch,
         num_workers=workers,
-        use_gpu=args.gpu,
+        gpu=args.gpu,
         batch_size=args.batch_size,
         epochs=2,
         scales=(args.size,),

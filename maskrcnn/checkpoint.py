@@ -1,6 +1,7 @@
-"""The project checkpoint: one self-describing file that rebuilds its model offline, and
-:func:`load`, the one way every job reads a model (``--model``): a project checkpoint, a
-torchvision weight name or a torchvision ``.pth`` all become such a checkpoint.
+"""The project checkpoint: one self-describing file that rebuilds its model offline; and
+every read of weights: :func:`load`, the one way every job reads a model (``--model``, and
+training's resume), which turns a project checkpoint, a torchvision weight name or a
+torchvision ``.pth`` into such a checkpoint; and :func:`init_model`, training's ``--weights``.
 
 Layout (a plain dict, written with ``torch.save``, read with ``torch.load(weights_only=True)``
 so loading never runs pickled code)::
@@ -19,6 +20,7 @@ so loading never runs pickled code)::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -86,8 +88,8 @@ def save(uri: str, ckpt: dict[str, Any]) -> None:
 
 
 def from_bytes(data: bytes, source: str) -> dict[str, Any]:
-    """A project checkpoint from its bytes (what a job ships to its actors, and resume reads)."""
-    return _checked(model_lib.load_safely(data, source, CheckpointError), source)
+    """A project checkpoint from its bytes (what a job ships to its actors)."""
+    return _checked(load_safely(data, source, CheckpointError), source)
 
 
 def _checked(ckpt: Any, source: str) -> dict[str, Any]:
@@ -119,10 +121,7 @@ def load(source: str, arch: str | None = None) -> dict[str, Any]:
                 "or MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
             )
         return _from_torchvision(weights, source)
-    try:
-        obj = model_lib.load_safely(storage.read_bytes(source), source, CheckpointError)
-    except storage.StorageError as err:
-        raise CheckpointError(str(err)) from err
+    obj = read(source, CheckpointError)
     if isinstance(obj, dict) and "format" in obj:
         ckpt = _checked(obj, source)
         if arch and arch != ckpt["arch"]:
@@ -130,7 +129,7 @@ def load(source: str, arch: str | None = None) -> dict[str, Any]:
         return ckpt
     args = obj.get("args") if isinstance(obj, dict) else None
     try:
-        state_dict = model_lib.state_dict_of(obj, source)
+        state_dict = state_dict_of(obj, source)
     except WeightsError as err:
         raise CheckpointError(f"{source} is neither a {FORMAT} file nor a torchvision state dict") from err
     return _from_state_dict(state_dict, source, arch or getattr(args, "model", None))
@@ -147,7 +146,7 @@ def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
         with contextlib.redirect_stderr(io.StringIO()):  # torch hub's own "Downloading: ..." line
             state_dict = weights.get_state_dict(progress=False)
     except (OSError, RuntimeError) as err:
-        raise CheckpointError(str(model_lib.download_error(name, weights, err, "--model"))) from err
+        raise CheckpointError(str(download_error(name, weights, err, "--model"))) from err
     return _from_state_dict(state_dict, weights.url, arch, weights.meta["categories"])
 
 
@@ -198,9 +197,10 @@ def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:
     return categories(load(source, arch))
 
 
-def build(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the checkpoint's model with its weights, in eval mode."""
-    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+def build(ckpt: dict[str, Any], **overrides: Any) -> nn.Module:
+    """Rebuild the checkpoint's model (its own ``arch``) with its weights, in eval mode.
+    ``overrides`` are more :func:`~maskrcnn.model.build_model` arguments (``skip_resize``)."""
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"], **overrides)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
@@ -212,3 +212,83 @@ def identity(ckpt: dict[str, Any]) -> str:
         digest.update(name.encode())
         digest.update(ckpt["state_dict"][name].numpy().tobytes())
     return f"{ckpt['arch']}@{ckpt['step']}:{digest.hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read(source: str, error: type[Exception]) -> Any:
+    """A weights file's contents, local or s3://, never executing pickled code."""
+    try:
+        data = storage.read_bytes(source)
+    except storage.StorageError as err:
+        raise error(str(err)) from err
+    return load_safely(data, source, error)
+
+
+def load_safely(data: bytes, source: str, error: type[Exception]) -> Any:
+    """``torch.load`` with ``weights_only`` (no pickled code runs), also for torchvision's
+    reference-script checkpoints, which hold their ``argparse.Namespace`` of arguments."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"refusing to load {source}: {first}") from err
+
+
+def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The weights in a loaded file: a project checkpoint, a reference-script checkpoint
+    (``model``) or a bare state dict; a DDP ``module.`` prefix is dropped."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # torchvision reference scripts' checkpoints
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise WeightsError(f"{source} holds no state_dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def download_error(name: str, weights: Any, err: Exception, flag: str) -> WeightsError:
+    """The offline error: names the URL and says what to pass instead."""
+    return WeightsError(
+        f"cannot download weights {name} from {weights.url} ({type(err).__name__}: {err}); "
+        f"where there is no internet, fetch that file elsewhere and pass its local path or "
+        f"s3:// URI to {flag} (or put it in $TORCH_HOME/hub/checkpoints/)"
+    )
+
+
+# ---------------------------------------------------------------- training's initial weights
+
+
+def init_model(
+    arch: str, arch_kwargs: dict[str, Any], weights: str | None = None, *, skip_resize: bool = False
+) -> tuple[nn.Module, dict]:
+    """Build a model and load initial weights; return it with the ``arch_kwargs`` to store.
+
+    ``arch_kwargs`` are :func:`build_model`'s keyword arguments, ``num_classes`` included.
+    ``weights`` is a torchvision weight name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
+    ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
+    URI, or None for random initialisation.
+    """
+    kwargs = dict(arch_kwargs, pretrained=weights is not None)
+    if weights is None:
+        return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
+    tv = None if model_lib.is_path(weights) else model_lib.torchvision_weights(weights, arch)
+    if tv is None and not model_lib.is_path(weights):
+        raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
+    if tv is not None and type(tv).__name__.startswith("ResNet"):
+        try:
+            return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
+        except (OSError, RuntimeError) as err:
+            raise download_error(weights, tv, err, "--weights") from err
+    model = build_model(arch, skip_resize=skip_resize, **kwargs)
+    if tv is not None:
+        try:
+            state_dict = tv.get_state_dict(progress=False)
+        except (OSError, RuntimeError) as err:
+            raise download_error(weights, tv, err, "--weights") from err
+    else:
+        state_dict = state_dict_of(read(weights, WeightsError), weights)
+    model_lib.load_matching(model, state_dict, weights)
+    return model, kwargs

@@ -1,15 +1,229 @@
-"""How every job ends: a one-line error naming the problem and a non-zero exit."""
+"""The command line, the same for every job: flags declared once, as config fields; errors
+as one line naming the problem, with a non-zero exit.
+
+A job's config is a dataclass whose fields are made by :func:`option`: the field's type,
+default and help text are the flag's, so :func:`add_options` builds the parser from the
+dataclass and :func:`parse_config` builds the dataclass from the parsed flags. Nothing is
+written twice, and :func:`flag_table` renders the README's reference tables from the parser.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
+import re
 import sys
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable
 
 from maskrcnn.errors import UserError
 from maskrcnn.model import ARCHS
 
 EXPECTED = (UserError, ValueError)
+REQUIRED = dataclasses.MISSING
+
+
+# ---------------------------------------------------------------- declaring flags
+
+
+def option(help: str, default: Any = REQUIRED, *, group: str, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A config field that is also a flag. ``flag`` defaults to ``--field-name``; a boolean
+    field is a switch (``--gpu`` turns a False default on, ``--no-amp`` a True one off).
+    ``argparse_kwargs`` (``type``, ``choices``, ``metavar``) go to ``add_argument`` as they are."""
+    meta = {"help": help, "group": group, "flag": flag, "argparse": argparse_kwargs}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def add_options(parser: argparse.ArgumentParser, config: type) -> argparse.ArgumentParser:
+    """Add a flag for every :func:`option` field of the dataclass ``config``, in field order,
+    in argument groups by the fields' ``group``."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        if "help" not in field.metadata:
+            continue
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], **meta["argparse"]}
+        kind = _base_type(hints[field.name])
+        if kind is bool:
+            kwargs.update(action="store_false" if field.default else "store_true", default=field.default)
+        elif field.default is REQUIRED:
+            kwargs.update(required=True, type=kwargs.get("type", kind))
+        else:
+            kwargs.update(default=field.default, type=kwargs.get("type", kind))
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, config: type, argv: list[str] | None = None) -> Any:
+    """Parse the flags into the dataclass ``config``. A ``ValueError`` from its checks
+    (``__post_init__``) is a usage error: printed with the usage, exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if "help" in f.metadata})
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _base_type(hint: Any) -> Any:
+    """``int | None`` -> ``int``; a type argparse can call on the text, or ``str``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint if hint in (bool, int, float, str) else str
+
+
+# ---------------------------------------------------------------- parsing flag values
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """``"640,672,704"`` -> ``(640, 672, 704)``."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    """``"person, dog"`` -> ``["person", "dog"]``."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def pool_size(text: str) -> tuple[int, int]:
+    """``"4"`` -> ``(4, 4)``; ``"1,16"`` -> ``(1, 16)``."""
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1 or parts[0] > parts[-1]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[-1]
+
+
+def extensions(text: str) -> tuple[str, ...] | None:
+    """``"jpg,PNG"`` -> ``(".jpg", ".png")``; ``"*"`` -> None (every file)."""
+    if text.strip() == "*":
+        return None
+    return tuple("." + e.strip().lstrip(".").lower() for e in text.split(",") if e.strip())
+
+
+def resources(text: str) -> dict[str, float]:
+    """``'{"gpu_node": 1}'`` -> ``{"gpu_node": 1.0}``: custom Ray resources."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        example = '{"gpu_node": 1}'
+        raise argparse.ArgumentTypeError(f"expected a JSON object of positive amounts like '{example}', got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+# ---------------------------------------------------------------- the model every job takes
+
+MODEL_HELP = (
+    "the model: a checkpoint written by jobs/train.py (best.pt), a torchvision Mask R-CNN state dict "
+    "or reference-script checkpoint (.pth), local or s3://, or a torchvision weight name (COCO_V1, "
+    "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1), downloaded once by this process"
+)
+ARCH_HELP = (
+    "the architecture of a .pth file that does not say (default: from the file; "
+    "maskrcnn_resnet50_fpn for a bare weight name)"
+)
+
+
+def model_option(group: str) -> Any:
+    return option(MODEL_HELP, group=group)
+
+
+def arch_option(group: str) -> Any:
+    return option(ARCH_HELP, None, group=group, choices=ARCHS)
+
+
+def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
+    """``--model`` and ``--arch`` for a job whose flags are not a config dataclass."""
+    group.add_argument("--model", required=required, help=MODEL_HELP)
+    group.add_argument("--arch", choices=ARCHS, help=ARCH_HELP)
+
+
+# ---------------------------------------------------------------- the parser and the exit
+
+
+def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A job's parser: the docstring's first paragraph as the description, the rest
+    (the examples) after the flags."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=_HelpFormatter,
+    )
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag with a default says so: ``(default: X)`` is added unless the help gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "(default" in text or action.required or switch or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {_shown(action.default)})"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v).lstrip(".") for v in value)
+    return str(value).replace("%", "%%")
+
+
+def flag_table(parser: argparse.ArgumentParser) -> str:
+    """The parser's flags as the README's markdown table: flag, default, meaning."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for action in parser._actions:
+        if not action.option_strings or action.option_strings[0] == "-h":
+            continue
+        text = (action.help or "") % {"default": action.default}
+        match = re.search(r" ?\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", text)
+        if match:
+            default, text = match.group(1), text.replace(match.group(0), "")
+        elif action.required:
+            default = "required"
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            default = "off"
+        elif action.default is None:
+            default = "none"
+        else:
+            default = _shown(action.default).replace("%%", "%")
+        metavar = f" {action.metavar}" if action.metavar else ""
+        text = text.replace("|", r"\|")
+        rows.append(f"| `{action.option_strings[0]}{metavar}` | {default} | {text} |")
+    return "\n".join(rows)
+
+
+def load_parser(path: str) -> argparse.ArgumentParser:
+    """The parser of the job script at ``path``, loaded from the file as Ray would run it."""
+    spec = importlib.util.spec_from_file_location(f"job_{path.rsplit('/', 1)[-1][:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parser()
+
+
+def run_main(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # the top of a command-line program
+        cause = _root_cause(err)
+        text = str(cause).strip().splitlines()
+        print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
+        sys.exit(2 if isinstance(cause, EXPECTED) else 1)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -33,45 +247,3 @@ def _root_cause(err: BaseException) -> BaseException:
             return err
         err = nxt
     return err
-
-
-def run_main(main: Callable[[], None]) -> None:
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # the top of a command-line program
-        cause = _root_cause(err)
-        text = str(cause).strip().splitlines()
-        print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
-        sys.exit(2 if isinstance(cause, EXPECTED) else 1)
-
-
-def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A job's parser: the docstring's first paragraph as the description, the rest
-    (the examples) after the flags."""
-    return argparse.ArgumentParser(
-        prog=prog,
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-MODEL_HELP = (
-    "the model: a checkpoint written by jobs/train.py (best.pt), a torchvision Mask R-CNN state dict "
-    "or reference-script checkpoint (.pth), local or s3://, or a torchvision weight name (COCO_V1, "
-    "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1), downloaded once by this process"
-)
-
-
-def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
-    """``--model`` and ``--arch``, declared once for every job that takes a model."""
-    group.add_argument("--model", required=required, help=MODEL_HELP)
-    group.add_argument(
-        "--arch",
-        choices=ARCHS,
-        help="the architecture of a .pth file that does not say (default: from the file; "
-        "maskrcnn_resnet50_fpn for a bare weight name)",
-    )

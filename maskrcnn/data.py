@@ -228,6 +228,9 @@ def train_transform(scales: tuple[int, ...], max_size: int) -> v2.Transform:
     )
 
 
+IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")  # size_mismatch: not the size the annotations give
+
+
 def _error_row(record: dict, kind: str) -> dict[str, Any]:
     return {
         "image_id": record["image_id"],
@@ -242,13 +245,10 @@ def _error_row(record: dict, kind: str) -> dict[str, Any]:
 def load_example(record: dict[str, Any], transform: v2.Transform | None = None) -> dict[str, Any]:
     """Fetch, decode and (optionally) augment one record. Never raises for bad input:
     returns a row whose ``error`` names what went wrong (``""`` when fine)."""
-    try:
-        rgb = images.decode(storage.read_bytes(record["uri"]), exif=False)
-    except storage.StorageError:
-        return _error_row(record, "missing_image")
-    except images.ImageError:
-        return _error_row(record, "undecodable_image")
-    h, w = record["height"], record["width"]
+    decoded, error = images.read(record["uri"], None, exif=False)
+    if error:
+        return _error_row(record, error.split(":", 1)[0])
+    rgb, (h, w) = decoded.pixels, (record["height"], record["width"])
     if rgb.shape[:2] != (h, w):
         return _error_row(record, "size_mismatch")
     anns = json.loads(record["annotations"])

@@ -1,4 +1,6 @@
-"""What one training worker does per step, independent of Ray.
+"""What one training worker does, independent of Ray: the LR schedule, the optimizer, one
+step (:func:`train_step`) and predicting its share of the validation set
+(:func:`predict_validation`).
 
 The LR schedule is a pure function of the step, so resuming needs only the step count.
 """
@@ -18,6 +20,8 @@ from torchvision.transforms import v2
 
 from maskrcnn import data
 from maskrcnn.errors import UserError
+from maskrcnn.evaluate import EVAL_SCORE_THRESHOLD, predict_records
+from maskrcnn.predictor import Predictor
 
 
 class NonFiniteLoss(UserError):
@@ -135,3 +139,22 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
         else:
             rows.append(row)
     return rows
+
+
+def predict_validation(
+    model: nn.Module, val: data.CocoDataset, meta: dict[str, Any], rank: int, world: int, fp16: bool
+) -> tuple[list[dict], Counter] | None:
+    """Each worker predicts every ``world``-th validation image from ``rank``; rank 0 gets
+    everyone's COCO results and skipped-image counts, the others None."""
+    predictor = Predictor(model, meta["classes"], meta["category_ids"], score_threshold=EVAL_SCORE_THRESHOLD, fp16=fp16)
+    mine = predict_records(predictor, val.records[rank::world])
+    gathered: list[Any] = [mine]
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return None
+    skipped: Counter = Counter()
+    for _, counts in gathered:
+        skipped.update(counts)
+    return [r for results, _ in gathered for r in results], skipped

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pyarrow.parquet as pq
 
 from maskrcnn import draw, images, masks, storage
-from maskrcnn.output import shard_of
+from maskrcnn.output import part_of
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -36,7 +36,7 @@ def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[st
 
 def part_files(output: str) -> list[str]:
     """The output's ``part-NNNNNN.parquet`` files, in order."""
-    parts = {k: uri for uri in storage.iter_files(output) if (k := shard_of(posixpath.basename(uri))) is not None}
+    parts = {k: uri for uri in storage.iter_files(output) if (k := part_of(posixpath.basename(uri))) is not None}
     return [parts[k] for k in sorted(parts)]
 
 

@@ -16,6 +16,9 @@ from maskrcnn import storage
 
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a listing keeps
+# Why an image could not be used: the first word of an output row's ``error`` and of a
+# training run's ``skipped_*`` counts alike.
+ERROR_KINDS = ("missing", "read_failed", "empty", "not_an_image", "corrupt", "too_large")
 
 
 class ImageError(ValueError):
@@ -45,12 +48,13 @@ class Decoded(NamedTuple):
 NOTHING = Decoded(np.zeros((0, 0, 3), np.uint8), 0, 0)
 
 
-def read(uri: str, fit: tuple[int, int] | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Decoded, str | None]:
-    """Fetch and decode an image as the model will see it (see :func:`decode_to_fit`), with
-    EXIF orientation. A failure is returned, not raised, as an output row's ``error``:
-    ``"kind: message"``, the kind being ``missing``, ``read_failed`` or an :class:`ImageError`'s."""
+def read(
+    uri: str, fit: tuple[int, int] | None, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif: bool = True
+) -> tuple[Decoded, str | None]:
+    """Fetch and decode an image as the model will see it (see :func:`decode_to_fit`). A
+    failure is returned, not raised: ``"kind: message"``, the kind one of :data:`ERROR_KINDS`."""
     try:
-        return decode_to_fit(storage.read_bytes(uri), fit, exif=True, max_pixels=max_pixels), None
+        return decode_to_fit(storage.read_bytes(uri), fit, exif=exif, max_pixels=max_pixels), None
     except storage.StorageError as err:
         return NOTHING, _read_error(uri, err)
     except ImageError as err:
@@ -86,7 +90,9 @@ def decode_to_fit(
         raise ImageError("empty", "zero-byte file")
     with _pil():
         im = Image.open(io.BytesIO(data))
-    if im.width * im.height > max_pixels or im.width == 0 or im.height == 0:
+    if im.width == 0 or im.height == 0:
+        raise ImageError("empty", f"{im.width}x{im.height} pixels")
+    if im.width * im.height > max_pixels:
         raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
     full_w, full_h = im.size
     if fit is not None:

@@ -1,9 +1,10 @@
 """The segmentation job's input, streamed: a directory or bucket prefix listed page by page,
-or a Parquet/CSV/text manifest, cut in listing order into shards of ``rows_per_file``.
+or a Parquet/CSV/text manifest, cut in listing order into parts of ``rows_per_file``
+(part k becomes the output's ``part-{k:06d}.parquet``).
 
 :class:`Listing` is that stream as a Ray Data source. Its one read task lists the input and
 yields rows as it goes, so output starts before a listing of millions of keys ends and the
-driver never holds the keys; shards already written are skipped once the listing is shown
+driver never holds the keys; parts already written are skipped once the listing is shown
 to cut them the same way, which is what makes resuming safe.
 """
 
@@ -23,7 +24,7 @@ from maskrcnn import output, storage
 from maskrcnn.errors import UserError
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
-KEYS = pa.schema([("shard", pa.int64()), ("index", pa.int64()), ("shard_rows", pa.int64())])
+KEYS = pa.schema([("part", pa.int64()), ("index", pa.int64()), ("part_rows", pa.int64())])
 LISTED = "_listing.json"  # written into the output when the listing ends: {"images": N, "part_files": K}
 # Rows per block. Ray Data merges a task's output into blocks of up to the dataset's
 # context.target_max_block_size bytes before passing it on; the segmentation pipeline lowers
@@ -70,7 +71,8 @@ def _manifest(uri: str) -> Iterator[str]:
         yield from (storage.absolute(u.strip()) for u in col.to_pylist() if u and u.strip())
 
 
-def shards(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[str]]]:
+def parts(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[str]]]:
+    """``(k, the URIs of part k)`` in listing order."""
     for k in itertools.count():
         chunk = list(itertools.islice(uris, rows_per_file))
         if not chunk:
@@ -79,10 +81,10 @@ def shards(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[
 
 
 class Listing(Datasource):
-    """The input as a Ray Data source of ``(shard, index, shard_rows, uri)`` rows.
+    """The input as a Ray Data source of ``(part, index, part_rows, uri)`` rows.
 
-    ``done`` maps each shard already written to its stats (see
-    :func:`maskrcnn.output.part_stats`); those shards are checked and skipped. When the
+    ``written`` maps each part already in the output to its footer (see
+    :func:`maskrcnn.output.footer`); those parts are checked and skipped. When the
     listing ends it writes :data:`LISTED` into ``output`` for the driver to check against."""
 
     def __init__(
@@ -92,7 +94,7 @@ class Listing(Datasource):
         limit: int | None,
         rows_per_file: int,
         output: str,
-        done: dict[int, dict],
+        written: dict[int, dict],
     ):
         super().__init__()
         self.input, self.extensions, self.limit, self.rows_per_file, self.output = (
@@ -102,7 +104,7 @@ class Listing(Datasource):
             rows_per_file,
             output,
         )
-        self.done = {k: (s["rows"], s["first_uri"], s["last_uri"]) for k, s in done.items()}
+        self.written = {k: (f["rows"], f["first_uri"], f["last_uri"]) for k, f in written.items()}
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -115,14 +117,14 @@ class Listing(Datasource):
         ]
 
     def _blocks(self) -> Iterator[pa.Table]:
-        """Blocks of BLOCK_ROWS rows, which may span shards, so that small part files do not
+        """Blocks of BLOCK_ROWS rows, which may span parts, so that small part files do not
         make small tasks."""
         count = listed = 0
         block: dict[str, list] = {name: [] for name in [*KEYS.names, "uri"]}
-        for k, chunk in shards(input_uris(self.input, self.extensions, self.limit), self.rows_per_file):
+        for k, chunk in parts(input_uris(self.input, self.extensions, self.limit), self.rows_per_file):
             count, listed = count + 1, listed + len(chunk)
-            if k in self.done:
-                if self.done[k] != (len(chunk), chunk[0], chunk[-1]):
+            if k in self.written:
+                if self.written[k] != (len(chunk), chunk[0], chunk[-1]):
                     raise self._changed(k)
                 continue
             for i, uri in enumerate(chunk):
@@ -133,13 +135,13 @@ class Listing(Datasource):
                     block = {name: [] for name in block}
         if block["uri"]:
             yield pa.table(block)
-        beyond = sorted(k for k in self.done if k >= count)
+        beyond = sorted(k for k in self.written if k >= count)
         if beyond:
             raise self._changed(beyond[0])
         storage.write_text(storage.join(self.output, LISTED), json.dumps({"images": listed, "part_files": count}))
 
-    def _changed(self, shard: int) -> ListingError:
+    def _changed(self, part: int) -> ListingError:
         return ListingError(
-            f"the input listing changed since {output.part_uri(self.output, shard)} was written "
+            f"the input listing changed since {output.part_uri(self.output, part)} was written "
             "(files added or removed); resume needs the same input: pass --overwrite, a new --output, or a manifest"
         )

@@ -1,4 +1,5 @@
-"""Build torchvision Mask R-CNN variants by name, and initialise them from weights.
+"""Build torchvision Mask R-CNN variants by name; :mod:`maskrcnn.checkpoint` reads every
+weights file into them.
 
 This is the one place a model is constructed. A model is fully described by its
 architecture name plus the keyword arguments of :func:`build_model` (``arch_kwargs``),
@@ -7,8 +8,6 @@ which is what a checkpoint stores, so any checkpoint can rebuild its model offli
 
 from __future__ import annotations
 
-import argparse
-import io
 import logging
 import os
 from typing import Any
@@ -25,7 +24,6 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maskrcnn import storage
 from maskrcnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,7 +31,6 @@ log = logging.getLogger(__name__)
 SMALL = "maskrcnn_resnet18_fpn_small"
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL)
 _BACKBONE = {"maskrcnn_resnet50_fpn": "resnet50", "maskrcnn_resnet50_fpn_v2": "resnet50", SMALL: "resnet18"}
-_DEFAULT_SIZES = {SMALL: (320, 512)}
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
@@ -129,10 +126,18 @@ def inference_size(
     return (min_size[-1] if isinstance(min_size, (tuple, list)) else min_size), max_size
 
 
+def default_sizes(arch: str) -> tuple[tuple[int, ...], int]:
+    """The training shortest sides and longest-side cap of ``arch`` (torchvision's recipe for
+    R50); the largest shortest side is the one it predicts at."""
+    if arch == SMALL:
+        return (256, 288, 320), 512
+    return (640, 672, 704, 736, 768, 800), 1333
+
+
 def _sizes(arch: str, min_size: Any, max_size: int | None) -> tuple[Any, int]:
     """``min_size`` and ``max_size`` with the architecture's defaults filled in."""
-    default_min, default_max = _DEFAULT_SIZES.get(arch, (800, 1333))
-    return min_size or default_min, max_size or default_max
+    scales, default_max = default_sizes(arch)
+    return min_size or scales[-1], max_size or default_max
 
 
 def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -149,15 +154,6 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     left = sorted(k for k in own if k not in matched and not k.endswith("num_batches_tracked"))
     log.info("loaded %d tensors from %s; %d left initialised", len(matched), source, len(left))
     return left
-
-
-def download_error(name: str, weights: Any, err: Exception, flag: str) -> WeightsError:
-    """The offline error: names the URL and says what to pass instead."""
-    return WeightsError(
-        f"cannot download weights {name} from {weights.url} ({type(err).__name__}: {err}); "
-        f"where there is no internet, fetch that file elsewhere and pass its local path or "
-        f"s3:// URI to {flag} (or put it in $TORCH_HOME/hub/checkpoints/)"
-    )
 
 
 def torchvision_weights(name: str, arch: str) -> Any | None:
@@ -182,38 +178,6 @@ def is_path(name: str) -> bool:
     return "/" in name or name.endswith((".pt", ".pth")) or os.path.exists(name)
 
 
-def read_state_dict(uri: str) -> dict[str, Any]:
-    """Read a ``.pth`` state dict or a project checkpoint, never executing pickled code."""
-    try:
-        data = storage.read_bytes(uri)
-    except storage.StorageError as err:
-        raise WeightsError(str(err)) from err
-    return state_dict_of(load_safely(data, uri, WeightsError), uri)
-
-
-def load_safely(data: bytes, source: str, error: type[Exception]) -> Any:
-    """``torch.load`` with ``weights_only`` (no pickled code runs), also for torchvision's
-    reference-script checkpoints, which hold their ``argparse.Namespace`` of arguments."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise error(f"refusing to load {source}: {first}") from err
-
-
-def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """The weights in a loaded file: a project checkpoint, a reference-script checkpoint
-    (``model``) or a bare state dict; a DDP ``module.`` prefix is dropped."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # torchvision reference scripts' checkpoints
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise WeightsError(f"{source} holds no state_dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def guess_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Which of :data:`ARCHS` a state dict is for, from its layer names; None if none fits."""
     if "roi_heads.box_head.0.0.weight" in state_dict:
@@ -224,36 +188,3 @@ def guess_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
         return "maskrcnn_resnet50_fpn"
     fpn = state_dict.get("backbone.fpn.inner_blocks.0.0.weight")
     return SMALL if fpn is not None and fpn.shape[0] == SMALL_FPN_CHANNELS else None
-
-
-def init_model(
-    arch: str, arch_kwargs: dict[str, Any], weights: str | None = None, *, skip_resize: bool = False
-) -> tuple[MaskRCNN, dict]:
-    """Build a model and load initial weights; return it with the ``arch_kwargs`` to store.
-
-    ``arch_kwargs`` are :func:`build_model`'s keyword arguments, ``num_classes`` included.
-    ``weights`` is a torchvision weight name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
-    ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
-    URI, or None for random initialisation.
-    """
-    kwargs = dict(arch_kwargs, pretrained=weights is not None)
-    if weights is None:
-        return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    tv = None if is_path(weights) else torchvision_weights(weights, arch)
-    if tv is None and not is_path(weights):
-        raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
-    if tv is not None and type(tv).__name__.startswith("ResNet"):
-        try:
-            return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
-        except (OSError, RuntimeError) as err:
-            raise download_error(weights, tv, err, "--weights") from err
-    model = build_model(arch, skip_resize=skip_resize, **kwargs)
-    if tv is not None:
-        try:
-            state_dict = tv.get_state_dict(progress=False)
-        except (OSError, RuntimeError) as err:
-            raise download_error(weights, tv, err, "--weights") from err
-    else:
-        state_dict = read_state_dict(weights)
-    load_matching(model, state_dict, weights)
-    return model, kwargs

@@ -1,9 +1,9 @@
 """The segmentation output: Parquet part files, one row per input image.
 
-Each part file holds the rows of one fixed slice of the input listing (``part-000042``
-holds inputs 42*R .. 43*R-1 for R rows per file), is written whole and atomically, and
-carries in its footer the schema version and its own counts, so resuming and summarising
-never need to read the rows.
+The input listing is cut, in order, into parts of R rows (``--rows-per-file``): part k is
+inputs k*R .. (k+1)*R-1 and is written as ``part-{k:06d}.parquet``, whole and atomically.
+Each part file's footer holds the schema version and a few facts about its rows
+(:func:`footer`), so resuming and summarising never need to read the rows.
 """
 
 from __future__ import annotations
@@ -42,19 +42,20 @@ SCHEMA = pa.schema(
     metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
 )
 _PART = re.compile(r"part-(\d{6})\.parquet")
+FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
 
 
-def part_uri(output: str, shard: int) -> str:
-    return storage.join(output, f"part-{shard:06d}.parquet")
+def part_uri(output: str, part: int) -> str:
+    return storage.join(output, f"part-{part:06d}.parquet")
 
 
 def error_kind(error: str | None) -> str | None:
     return error.split(":", 1)[0] if error else None
 
 
-def part_stats(table: pa.Table) -> dict[str, Any]:
-    """Counts for the summary, and the slice's first and last URI so a resumed run can tell
-    whether its listing still cuts the input the same way."""
+def footer(table: pa.Table) -> dict[str, Any]:
+    """What a part file's footer records: counts for the summary, and the part's first and
+    last URI, so that a resumed run can tell whether its listing still cuts the input the same way."""
     uris = table.column("uri")
     errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
     instances = sum(len(v) for v in table.column("instances").to_pylist())
@@ -67,26 +68,26 @@ def part_stats(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def write_part(output: str, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write one part file atomically; return its stats (also stored in its footer)."""
+def write_part(output: str, part: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write one part file atomically; return its :func:`footer`."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    stats = part_stats(table)
-    table = table.replace_schema_metadata({**SCHEMA.metadata, b"maskrcnn.stats": json.dumps(stats).encode()})
+    facts = footer(table)
+    table = table.replace_schema_metadata({**SCHEMA.metadata, FOOTER_KEY: json.dumps(facts).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(part_uri(output, shard), buf.getvalue())
-    return stats
+    storage.write_bytes(part_uri(output, part), buf.getvalue())
+    return facts
 
 
-def shard_of(name: str) -> int | None:
-    """The slice number of a part file's name, or None for any other file."""
+def part_of(name: str) -> int | None:
+    """The part number of a part file's name, or None for any other file."""
     match = _PART.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
-def read_stats(uri: str) -> dict[str, Any]:
-    """A part file's stats, from its footer alone."""
+def read_footer(uri: str) -> dict[str, Any]:
+    """A part file's :func:`footer`, read without its rows."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         meta = pq.read_schema(f).metadata or {}
-    return json.loads(meta[b"maskrcnn.stats"])
+    return json.loads(meta[FOOTER_KEY])

@@ -70,7 +70,7 @@ class Predictor:
         self.max_detections = max_detections
         self.fp16 = fp16 and self.device.type == "cuda"
         self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
-        self.calls = 0  # forward passes, for tests and benchmarks
+        self.calls = 0  # forward passes: a test checks that same-canvas images share them
 
     @classmethod
     def load(cls, model: str, *, arch: str | None = None, **kwargs: Any) -> "Predictor":

@@ -39,8 +39,12 @@ class Progress:
     def rate(self) -> float:
         return self.done / max(self.elapsed, 1e-9)
 
-    def add(self, n: int, note: str = "") -> None:
+    def add(self, n: int, note: str = "", *, quiet: bool = False) -> None:
+        """Count ``n`` more; print a line when one is due, unless ``quiet`` (the caller prints
+        its own lines, with :meth:`timing`)."""
         self.done += n
+        if quiet:
+            return
         if time.perf_counter() - self.last >= self.every or (self.total is not None and self.done >= self.total):
             self._print(note)
 
@@ -64,7 +68,11 @@ class Progress:
             count = f"{self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
         else:
             count = f"{self.done} {self.unit}"
-        text = f"{count}, {self.rate():.2f} {self.unit}/s, elapsed {clock(self.elapsed)}"
-        if self.total and self.done:
-            text += f", ETA {clock((self.total - self.done) / self.rate())}"
-        return f"{text}{', ' + note if note else ''}"
+        return f"{count}, {self.rate():.2f} {self.unit}/s, {self.timing()}{', ' + note if note else ''}"
+
+    def timing(self) -> str:
+        """``elapsed 0:38, ETA 2:02`` (``ETA ?`` until there is a rate to go by)."""
+        text = f"elapsed {clock(self.elapsed)}"
+        if self.total:
+            text += f", ETA {clock((self.total - self.done) / self.rate()) if self.done else '?'}"
+        return text

@@ -4,13 +4,13 @@ One Ray Data execution per job, however many part files it writes::
 
     listing (one read task, page by page) -> CPU tasks: fetch + decode (EXIF, RGB,
         large JPEGs reduced to the model's input size) -> one warm actor pool:
-        Mask R-CNN + box-local RLE -> driver: one atomic part file per shard
+        Mask R-CNN + box-local RLE -> driver: one atomic part file per part
 
-The input is cut, in listing order, into shards of ``rows_per_file`` URIs; shard k is
+The input is cut, in listing order, into parts of ``rows_per_file`` URIs; part k is
 written as ``part-{k:06d}.parquet`` only once all of its rows are back. That makes the
-output exactly-once and resumable: a rerun's listing skips shards whose file exists
+output exactly-once and resumable: a rerun's listing skips parts whose file exists
 (after checking that the listing still cuts them the same way), and a part file never
-holds half a shard. The listing (:mod:`maskrcnn.listing`) runs in a Ray task and streams,
+holds half a part. The listing (:mod:`maskrcnn.listing`) runs in a Ray task and streams,
 so output starts before a listing of millions of keys ends and the driver never holds the keys.
 """
 
@@ -27,6 +27,7 @@ import pyarrow as pa
 import ray
 
 from maskrcnn import checkpoint, images, listing, output, storage
+from maskrcnn.cli import arch_option, extensions, model_option, names, option, pool_size, resources
 from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
 from maskrcnn.listing import KEYS, LISTED
@@ -42,33 +43,75 @@ class SegmentError(UserError):
     """Input or output that stops the job, before the actor pool starts where it can."""
 
 
-@dataclass
+IO, MODEL, INFER, PROGRESS = "input and output (local paths or s3:// URIs)", "model", "inference", "progress"
+
+
+@dataclass(kw_only=True)
 class SegmentConfig:
-    input: str
-    output: str
-    model: str  # anything checkpoint.load takes: a checkpoint, a .pth, a torchvision weight name
-    arch: str | None = None  # for a .pth whose architecture the file does not tell
-    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS  # None keeps every file
-    limit: int | None = None
-    batch_size: int = 4
-    concurrency: tuple[int, int] = (1, 1)
-    num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0  # also the actor's torch threads: Ray sets OMP_NUM_THREADS from it
-    # Custom Ray resources that pin the stages to node groups, e.g. {"gpu_node": 1} for the
-    # actors and {"decode_node": 1} for listing and decoding; the cluster configs declare them.
-    actor_resources: dict[str, float] | None = None
-    decode_resources: dict[str, float] | None = None
-    score_threshold: float = 0.5
-    max_detections: int = 100
-    classes: list[str] | None = None
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    full_decode: bool = False
-    rows_per_file: int = 1000
-    log_every: float = 30.0
-    overwrite: bool = False
-    fp16: bool = True
+    """Everything a job is told; ``jobs/segment_bucket.py``'s flags are these fields."""
+
+    input: str = option(
+        "a directory or prefix (listed recursively), or a .parquet/.csv/.txt manifest of URIs", group=IO
+    )
+    output: str = option("directory or prefix for the Parquet files", group=IO)
+    extensions: tuple[str, ...] | None = option(
+        "comma-separated file extensions to keep when listing, case-insensitive; '*' keeps every file",
+        IMAGE_EXTENSIONS,
+        group=IO,
+        type=extensions,
+    )
+    limit: int | None = option("process only the first N inputs (a quick trial)", None, group=IO, metavar="N")
+    rows_per_file: int = option("rows per Parquet part file", 1000, group=IO)
+    overwrite: bool = option("delete what --output holds and start over", False, group=IO)
+    model: str = model_option(MODEL)
+    arch: str | None = arch_option(MODEL)
+    batch_size: int = option(
+        "images per actor call; on GPU, those with the same canvas share a forward pass", 4, group=INFER
+    )
+    concurrency: tuple[int, int] = option(
+        "inference actors, N or MIN,MAX (autoscaling)", (1, 1), group=INFER, type=pool_size
+    )
+    num_gpus_per_actor: float = option("GPUs per inference actor; 0 runs on CPU", 0.0, group=INFER)
+    cpus_per_actor: float = option(
+        "CPUs reserved per actor; on CPU actors also torch's thread count (Ray sets OMP_NUM_THREADS)", 1.0, group=INFER
+    )
+    # Custom Ray resources pin the stages to node groups; the cluster configs declare them.
+    actor_resources: dict[str, float] | None = option(
+        "custom Ray resources per inference actor, JSON, e.g. '{\"gpu_node\": 1}' (see cluster/README.md)",
+        None,
+        group=INFER,
+        type=resources,
+        metavar="JSON",
+    )
+    decode_resources: dict[str, float] | None = option(
+        "custom Ray resources per decode task, JSON, e.g. '{\"decode_node\": 1}' keeps decoding on CPU nodes",
+        None,
+        group=INFER,
+        type=resources,
+        metavar="JSON",
+    )
+    fp16: bool = option("run GPU inference in fp32 instead of fp16 autocast", True, group=INFER, flag="--no-fp16")
+    score_threshold: float = option("drop detections below this score", 0.5, group=INFER)
+    max_detections: int = option("keep at most this many instances per image", 100, group=INFER)
+    classes: list[str] | None = option(
+        "comma-separated class names to keep (default: all)", None, group=INFER, type=names
+    )
+    max_pixels: int = option("larger images become too_large error rows", images.DEFAULT_MAX_PIXELS, group=INFER)
+    full_decode: bool = option(
+        "decode every JPEG at full size; by default one at least twice the model's input size "
+        "decodes at 1/2, 1/4 or 1/8 scale (labels stay in full-image coordinates)",
+        False,
+        group=INFER,
+    )
+    log_every: float = option("seconds between progress lines", 30.0, group=PROGRESS)
 
     def __post_init__(self) -> None:
+        """Checks that name a flag (the job turns them into usage errors), then absolute paths."""
+        for name in ("batch_size", "rows_per_file", "max_detections", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
         self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
         self.model = storage.absolute(self.model) if is_path(self.model) else self.model
 
@@ -85,19 +128,20 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     del ckpt
     if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
         raise SegmentError(f"no images found in {cfg.input}")
-    done = {k: output.read_stats(uri) for k, uri in prepare_output(cfg, model_id).items()}
-    # 2. One pipeline for the whole input; the driver writes each shard once it is whole.
+    resumed = {k: output.read_footer(uri) for k, uri in prepare_output(cfg, model_id).items()}
+    # 2. One pipeline for the whole input; the driver writes each part once it is whole.
     init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
     model = [ray.put(weights)]  # the actors read the weights from the object store, not the source
     del weights
-    progress = _progress(cfg, resumed=sum(s["rows"] for s in done.values()))
+    progress = _progress(cfg, resumed=sum(f["rows"] for f in resumed.values()))
     with without_false_alarms():
-        written = write_parts(cfg, pipeline(cfg, done, None if cfg.full_decode else fit, model), progress)
+        written = write_parts(cfg, pipeline(cfg, resumed, None if cfg.full_decode else fit, model), progress)
+    # 3. Every part is on disk (this run's or an earlier one's): write the summary and _SUCCESS.
     listed = json.loads(storage.read_text(storage.join(cfg.output, LISTED)))
-    missing = sorted(set(range(listed["part_files"])) - set(done) - set(written))
+    missing = sorted(set(range(listed["part_files"])) - set(resumed) - set(written))
     if missing:
-        raise RuntimeError(f"the pipeline returned no rows for shards {missing[:10]}; nothing partial was written")
-    return _finish(cfg, model_id, listed["images"], {**done, **written}, done, progress, time.perf_counter() - start)
+        raise RuntimeError(f"the pipeline returned no rows for parts {missing[:10]}; nothing partial was written")
+    return _finish(cfg, model_id, listed["images"], resumed, written, progress, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- output
@@ -131,13 +175,13 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
     parts: dict[int, str] = {}
     for uri in storage.iter_files(cfg.output):
         name = uri.rsplit("/", 1)[-1]
-        shard = output.shard_of(name)
+        part = output.part_of(name)
         if name == "_job.json":
             continue
-        if cfg.overwrite or (shard is None and (".tmp-" in name or name in ("_SUCCESS", LISTED))):
+        if cfg.overwrite or (part is None and (".tmp-" in name or name in ("_SUCCESS", LISTED))):
             storage.delete(uri)
-        elif shard is not None:
-            parts[shard] = uri
+        elif part is not None:
+            parts[part] = uri
     return parts
 
 
@@ -145,12 +189,13 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
 
 
 def pipeline(
-    cfg: SegmentConfig, done: dict[int, dict], fit: tuple[int, int] | None, model: list[ray.ObjectRef]
+    cfg: SegmentConfig, resumed: dict[int, dict], fit: tuple[int, int] | None, model: list[ray.ObjectRef]
 ) -> ray.data.Dataset:
-    """Listing -> decode tasks -> actor pool, as one Ray Data execution. ``model`` holds the
-    reference to the checkpoint's bytes in the object store."""
+    """Listing -> decode tasks -> actor pool, as one Ray Data execution. ``resumed`` holds the
+    footers of the parts already written; ``model`` the reference to the checkpoint's bytes
+    in the object store."""
     place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
-    source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, done)
+    source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, resumed)
     ds = ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args=place)
     ds = ds.map_batches(
         fetch_and_decode,
@@ -247,10 +292,10 @@ class InferenceActor:
 
 
 def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) -> dict[int, dict]:
-    """Collect the pipeline's rows by shard; write each shard's part file once it is whole.
+    """Collect the pipeline's rows by part; write each part file once the part is whole.
 
-    Rows are keyed by (shard, index), so a retried task cannot duplicate one, and rows of a
-    shard already written (a re-run listing task) are dropped."""
+    Rows are keyed by (part, index), so a retried task cannot duplicate one, and rows of a
+    part already written (a re-run listing task) are dropped."""
     pending: dict[int, dict[int, dict]] = {}
     written: dict[int, dict] = {}
     errors = 0
@@ -258,19 +303,19 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) ->
         errors += table.num_rows - table.column("error").null_count
         progress.add(table.num_rows, f"{errors} errors")
         for row in table.to_pylist():
-            k = row["shard"]
+            k = row["part"]
             if k in written:
                 continue
             rows = pending.setdefault(k, {})
             rows[row["index"]] = row
-            if len(rows) == row["shard_rows"]:
+            if len(rows) == row["part_rows"]:
                 ordered = [{f: rows[i][f] for f in output.SCHEMA.names} for i in range(len(rows))]
                 written[k] = output.write_part(cfg.output, k, ordered)
                 del pending[k]
     progress.finish(f"{errors} errors")
     if pending:
-        missing = {k: next(iter(rows.values()))["shard_rows"] - len(rows) for k, rows in pending.items()}
-        raise RuntimeError(f"rows missing from the pipeline for shards {missing}; nothing partial was written")
+        missing = {k: next(iter(rows.values()))["part_rows"] - len(rows) for k, rows in pending.items()}
+        raise RuntimeError(f"rows missing from the pipeline for parts {missing}; nothing partial was written")
     return written
 
 
@@ -290,27 +335,28 @@ def _finish(
     cfg: SegmentConfig,
     model_id: str,
     images_in: int,
-    stats: dict[int, dict],
-    done: dict,
+    resumed: dict[int, dict],
+    written: dict[int, dict],
     progress: Progress,
     wall: float,
 ) -> dict:
+    """The job's summary from the part files' footers: written as ``_summary.json``, then ``_SUCCESS``."""
+    footers = [*resumed.values(), *written.values()]
     errors: Counter = Counter()
-    for s in stats.values():
-        errors.update(s["errors"])
-    rows = sum(s["rows"] for s in stats.values())
+    for f in footers:
+        errors.update(f["errors"])
     summary = {
         "input": cfg.input,
         "output": cfg.output,
         "model": model_id,
         "schema_version": output.SCHEMA_VERSION,
         "images_in": images_in,
-        "rows_out": rows,
-        "part_files": len(stats),
-        "resumed_rows": sum(s["rows"] for s in done.values()),
+        "rows_out": sum(f["rows"] for f in footers),
+        "part_files": len(footers),
+        "resumed_rows": sum(f["rows"] for f in resumed.values()),
         "processed_rows": progress.done,
         "errors": dict(sorted(errors.items())),
-        "instances": sum(s["instances"] for s in stats.values()),
+        "instances": sum(f["instances"] for f in footers),
         "wall_s": round(wall, 2),
         "images_per_s": round(progress.done / wall, 3) if wall else 0.0,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "model")},

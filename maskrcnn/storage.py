@@ -1,9 +1,12 @@
 """The one place that reads, writes and lists local paths, ``file://`` and ``s3://`` URIs.
 
-Everything goes through pyarrow's filesystems. S3 is configured only by the standard
-AWS settings (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` and
-``AWS_ENDPOINT_URL``), which pyarrow reads itself; Ray Train's checkpoint storage gets the
-same filesystem object through :func:`filesystem`.
+Reads and writes go through pyarrow's filesystems; Ray Train's checkpoint storage gets the
+same filesystem object through :func:`filesystem`. Listing an S3 prefix goes through boto3's
+paginator (:func:`iter_files`), page by page, so that a prefix of millions of keys streams.
+S3 is configured only by the standard AWS settings: pyarrow and boto3 read the keys
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` or an instance profile) themselves, and
+:func:`_s3` passes pyarrow the region (``AWS_REGION``) and the endpoint (``AWS_ENDPOINT_URL_S3``
+or ``AWS_ENDPOINT_URL``), which boto3 honours on its own.
 """
 
 from __future__ import annotations

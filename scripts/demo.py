@@ -38,30 +38,9 @@ MINUTES = 18  # the whole demo from a clean start on 2 cores, install excluded (
 DATA = ["--train", "400", "--val", "48", "--archive", "40", "--min-side", "96", "--max-side", "160", "--seed", "0"]
 # Batch 4 per worker, not 2: batch norm trained from scratch needs the larger batches
 # (mask AP 0.19 after 8 epochs at batch 2; 0.50 after 8 of 10 epochs at batch 4).
-TRAIN = [
-    "--epochs",
-    os.environ.get("DEMO_EPOCHS", "10"),
-    "--batch-size",
-    "4",
-    "--scales",
-    "128",
-    "--max-size",
-    "192",
-    "--optimizer",
-    "adamw",
-    "--lr",
-    "0.002",
-    "--schedule",
-    "cosine",
-    "--warmup-steps",
-    "30",
-    "--log-every",
-    "25",
-    "--eval-every",
-    "5",
-    "--num-workers",
-    "2",
-]
+EPOCHS = os.environ.get("DEMO_EPOCHS", "10")
+TRAIN = f"""--epochs {EPOCHS} --batch-size 4 --scales 128 --max-size 192 --optimizer adamw --lr 0.002
+    --schedule cosine --warmup-steps 30 --log-every 25 --eval-every 5 --num-workers 2""".split()
 PICTURES = 12
 BUCKET = "maskrcnn-demo"
 
@@ -97,105 +76,23 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def demo(root: str, local: Path) -> dict:
+    """The five steps, each one of the project's commands, timed."""
     data, runs, labels = (storage.join(root, p) for p in ("data", "runs", "labels"))
+    model, metrics = f"{runs}/shapes/best.pt", f"{root}/evaluation.json"
     timings: dict[str, float] = {}
     step = functools.partial(timed, timings)
     with step("generate"):
-        if storage.exists(storage.join(data, "_COMPLETE")):
-            say(f"1/5 generate: reusing the dataset in {data}")
-        else:
-            say("1/5 generate: synthetic shapes in COCO format (train, val, and an archive with damaged files)")
-            run("-m", "maskrcnn.synthetic", "--out", data, *DATA)
-            storage.write_text(storage.join(data, "_COMPLETE"), "")
+        generate(data)
     with step("train"):
-        say("2/5 train: the small Mask R-CNN on 2 Ray Train CPU workers (re-running resumes or says complete)")
-        run(
-            "jobs/train.py",
-            "--train-annotations",
-            f"{data}/train/annotations.json",
-            "--train-images",
-            f"{data}/train/images",
-            "--val-annotations",
-            f"{data}/val/annotations.json",
-            "--val-images",
-            f"{data}/val/images",
-            "--storage",
-            runs,
-            "--name",
-            "shapes",
-            *TRAIN,
-        )
-    model, metrics = f"{runs}/shapes/best.pt", f"{root}/evaluation.json"
+        train(data, runs)
     with step("evaluate"):
-        say("3/5 evaluate: COCO AP of the best checkpoint on the val split")
-        run(
-            "jobs/evaluate.py",
-            "--model",
-            model,
-            "--annotations",
-            f"{data}/val/annotations.json",
-            "--images",
-            f"{data}/val/images",
-            "--cpus-per-worker",
-            "2",
-            "--output",
-            metrics,
-        )
+        evaluate(data, model, metrics)
     with step("segment"):
-        if storage.exists(storage.join(labels, "_SUCCESS")):
-            say(f"4/5 segment: reusing the finished output in {labels}")
-        else:
-            say("4/5 segment: the archive (including damaged files) -> Parquet, one row per file")
-            run(
-                "jobs/segment_bucket.py",
-                "--input",
-                f"{data}/archive",
-                "--extensions",
-                "*",
-                "--output",
-                labels,
-                "--model",
-                model,
-                "--rows-per-file",
-                "16",
-                "--concurrency",
-                "1",
-                "--log-every",
-                "10",
-            )
+        segment(data, labels, model)
     summary = json.loads(storage.read_text(storage.join(labels, "_summary.json")))
     drawable = summary["instances"] > 0
-    pictures = [
-        "--render",
-        str(PICTURES),
-        "--render-dir",
-        str(local / "pictures"),
-        "--contact-sheet",
-        str(local / "contact_sheet.png"),
-        "--html",
-        str(local / "report"),
-    ]
     with step("export"):
-        say("5/5 show: COCO JSON, overlay pictures, a contact sheet and an HTML report; then quick predictions, no Ray")
-        if not drawable:
-            say("no instances above the score threshold, so nothing to draw: train longer (DEMO_EPOCHS)")
-        run(
-            "jobs/export.py",
-            "--predictions",
-            labels,
-            "--coco-dataset",
-            f"{root}/labels.coco.json",
-            *(pictures if drawable else []),
-        )
-        run(
-            "jobs/predict.py",
-            "--input",
-            storage.join(data, "val", "images", "00000*.jpg"),
-            "--model",
-            model,
-            "--output",
-            str(local / "predictions"),
-        )
+        show(root, data, labels, model, local, drawable)
     return {
         "root": root,
         "local": local,
@@ -206,6 +103,55 @@ def demo(root: str, local: Path) -> dict:
         "drawn": drawable,
         "summary": summary,
     }
+
+
+def generate(data: str) -> None:
+    if storage.exists(storage.join(data, "_COMPLETE")):
+        say(f"1/5 generate: reusing the dataset in {data}")
+        return
+    say("1/5 generate: synthetic shapes in COCO format (train, val, and an archive with damaged files)")
+    run("-m", "maskrcnn.synthetic", "--out", data, *DATA)
+    storage.write_text(storage.join(data, "_COMPLETE"), "")
+
+
+def train(data: str, runs: str) -> None:
+    say("2/5 train: the small Mask R-CNN on 2 Ray Train CPU workers (re-running resumes or says complete)")
+    train_set = ["--train-annotations", f"{data}/train/annotations.json", "--train-images", f"{data}/train/images"]
+    val_set = ["--val-annotations", f"{data}/val/annotations.json", "--val-images", f"{data}/val/images"]
+    run("jobs/train.py", *train_set, *val_set, "--storage", runs, "--name", "shapes", *TRAIN)
+
+
+def evaluate(data: str, model: str, metrics: str) -> None:
+    say("3/5 evaluate: COCO AP of the best checkpoint on the val split")
+    val_set = ["--annotations", f"{data}/val/annotations.json", "--images", f"{data}/val/images"]
+    run("jobs/evaluate.py", "--model", model, *val_set, "--cpus-per-worker", "2", "--output", metrics)
+
+
+def segment(data: str, labels: str, model: str) -> None:
+    if storage.exists(storage.join(labels, "_SUCCESS")):
+        say(f"4/5 segment: reusing the finished output in {labels}")
+        return
+    say("4/5 segment: the archive (including damaged files) -> Parquet, one row per file")
+    io = ["--input", f"{data}/archive", "--extensions", "*", "--output", labels, "--model", model]
+    run("jobs/segment_bucket.py", *io, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")
+
+
+def show(root: str, data: str, labels: str, model: str, local: Path, drawable: bool) -> None:
+    say("5/5 show: COCO JSON, overlay pictures, a contact sheet and an HTML report; then quick predictions, no Ray")
+    pictures = ["--render", str(PICTURES), "--render-dir", str(local / "pictures")]
+    pictures += ["--contact-sheet", str(local / "contact_sheet.png"), "--html", str(local / "report")]
+    if not drawable:
+        say("no instances above the score threshold, so nothing to draw: train longer (DEMO_EPOCHS)")
+    run(
+        "jobs/export.py",
+        "--predictions",
+        labels,
+        "--coco-dataset",
+        f"{root}/labels.coco.json",
+        *(pictures if drawable else []),
+    )
+    val_images = storage.join(data, "val", "images", "00000*.jpg")
+    run("jobs/predict.py", "--input", val_images, "--model", model, "--output", str(local / "predictions"))
 
 
 def report(result: dict, wall: float) -> None:

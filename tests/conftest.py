@@ -1,22 +1,19 @@
 """Shared fixtures: the real data in ../shared/data, a real S3 endpoint on loopback (moto's
-server), a small synthetic dataset, and a helper that runs a job as a user would."""
+server), a small synthetic dataset, and torchvision's R50 with random weights. Helpers that
+are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import boto3
 import pytest
 
 from maskrcnn import local_s3
-from maskrcnn.local_s3 import free_port as _free_port  # noqa: F401 - tests pick ports with it
+from tests.helpers import REPO, TOOTHBRUSH
 
-REPO = Path(__file__).resolve().parent.parent
 DATA_ENV = "MASKRCNN_TEST_DATA"
 
 
@@ -50,13 +47,6 @@ def bucket(s3_server: str) -> str:
     return name
 
 
-def upload_dir(local: Path, bucket: str, prefix: str) -> None:
-    client = boto3.client("s3")
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
-
-
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Path:
     """A small synthetic COCO dataset: ``train/`` (32 images) and ``val/`` (8 images)."""
@@ -66,93 +56,6 @@ def shapes(tmp_path_factory) -> Path:
     generate_split(str(root / "train"), 32, seed=0)
     generate_split(str(root / "val"), 8, seed=1)
     return root
-
-
-def large_jpeg(shared_data: Path, width: int, height: int, orientation: int = 1, photo: str = "person1.jpg") -> bytes:
-    """A real photo scaled up to a camera-sized JPEG, optionally with an EXIF orientation."""
-    import io
-
-    from PIL import Image
-
-    scaled = Image.open(shared_data / "photos" / photo).convert("RGB").resize((width, height), Image.BICUBIC)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    scaled.save(buf, "JPEG", quality=90, exif=exif.tobytes())
-    return buf.getvalue()
-
-
-def small_model_file(
-    path: Path | str,
-    *,
-    min_size: int = 160,
-    max_size: int = 256,
-    classes: tuple[str, ...] = ("a", "b", "c"),
-    category_ids: tuple[int, ...] = (2, 5, 9),
-) -> str:
-    """Save the small Mask R-CNN with random weights (seed 1) as a project checkpoint: what
-    the inference tests run. Its speed and shapes are real; its labels are noise."""
-    import torch
-
-    from maskrcnn import checkpoint
-    from maskrcnn.model import SMALL, build_model
-
-    torch.manual_seed(1)
-    kwargs = {"num_classes": len(classes) + 1, "min_size": min_size, "max_size": max_size}
-    ckpt = checkpoint.make(
-        build_model(SMALL, **kwargs),
-        arch=SMALL,
-        arch_kwargs=kwargs,
-        classes=list(classes),
-        category_ids=list(category_ids),
-        step=0,
-        epoch=0,
-    )
-    checkpoint.save(str(path), ckpt)
-    return str(path)
-
-
-def run_job(
-    script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def call_job(script: str, *args: str) -> subprocess.CompletedProcess:
-    """``jobs/<script>`` run in this process, for a job that ends before Ray starts (bad
-    input, --help, export): the same exit status and output as :func:`run_job`, without
-    paying for a new interpreter that imports torch and Ray."""
-    import contextlib
-    import importlib.util
-    import io
-
-    from maskrcnn.cli import run_main
-
-    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", REPO / "jobs" / script)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_main(lambda: job.main(list(args)))
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    if "ray" in sys.modules:
-        import ray
-
-        assert not ray.is_initialized(), f"jobs/{script} started Ray: use run_job"
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
-
-
-TOOTHBRUSH = 90  # COCO's last category id: the 80th class, label 90 in torchvision's COCO models
 
 
 @pytest.fixture(scope="session")
@@ -174,82 +77,3 @@ def torchvision_pth(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("zoo") / "maskrcnn_resnet50_fpn_random.pth"
     torch.save(model.state_dict(), path)
     return str(path)
-
-
-# No internet, whatever the machine has: downloads go to a proxy port that refuses them,
-# and torch's weight cache is empty.
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-
-
-def add_defects(gt: dict) -> Counter:
-    """Add to a COCO dict (in place) one annotation of every defect the loader must clean,
-    copied from its first annotation; return the drops by reason that should be counted.
-    Also makes good annotations look as labelling tools write them: no ``area``, a bool
-    ``iscrowd``, a multi-part polygon with one broken part."""
-    first = next(a for a in gt["annotations"] if not a.get("iscrowd"))
-    img = next(i for i in gt["images"] if i["id"] == first["image_id"])
-    ids = iter(range(900_000, 901_000))
-    h, w = img["height"], img["width"]
-
-    def add(**changes: object) -> None:
-        gt["annotations"].append({**first, "id": next(ids), **changes})
-
-    add(segmentation=[[10.0, 10.0, 20.0, 20.0]])  # a 4-number polygon, read as a box by pycocotools
-    add(segmentation=[[10.0, 10.0, 20.0, 10.0, 20.0]])  # odd length
-    add(segmentation=[[10.0, 10.0, "20", 10.0, 20.0, 20.0]])  # a string coordinate
-    add(segmentation=[])
-    gt["annotations"].append({k: v for k, v in {**first, "id": next(ids)}.items() if k != "segmentation"})
-    add(segmentation={"size": [h + 1, w], "counts": "PPYo1"})  # RLE of another image size
-    add(bbox=[5.0, 5.0, 0.0, 8.0])  # zero width
-    add(bbox=[w + 10.0, 5.0, 8.0, 8.0])  # outside the image
-    add(bbox=[5.0, 5.0, -3.0, 8.0])  # negative width
-    add(bbox=[5.0, 5.0, 8.0])  # three numbers
-    add(bbox=["5", 5.0, 8.0, 8.0])
-    add(category_id=987654)  # no such category
-    add(image_id=987654)  # no such image
-    # Kept, after cleaning:
-    x, y, bw, bh = first["bbox"]
-    add(segmentation=[[1.0, 2.0, 3.0], [x, y, x + bw, y, x + bw, y + bh, x, y + bh]])  # one bad part, one good
-    gt["annotations"].append({k: v for k, v in {**first, "id": next(ids)}.items() if k != "area"})
-    add(iscrowd=True, segmentation={"size": [h, w], "counts": [5, 20, h * w - 25]})  # crowd, uncompressed RLE
-    return Counter(
-        invalid_segmentation=6, degenerate_box=3, invalid_box=2, unknown_category=1, unknown_image=1, crowd=1
-    )
-
-
-def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the TensorBoard event files under ``directory``, by tag, read with
-    tensorboardX's own protobuf (TFRecord framing: length, crc, event, crc)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
-            at += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
-def ground_truth_as_results(gt: dict, category_of=lambda ann: ann["category_id"]) -> list[dict]:
-    """The non-crowd annotations of a COCO dict as COCO results with score 1 (``category_of``
-    may relabel them): what a perfect model would predict."""
-    from maskrcnn import masks
-
-    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
-    return [
-        {
-            "image_id": a["image_id"],
-            "category_id": category_of(a),
-            "bbox": a["bbox"],
-            "score": 1.0,
-            "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]]),
-        }
-        for a in gt["annotations"]
-        if not a.get("iscrowd")
-    ]

@@ -5,21 +5,17 @@ import pytest
 import torch
 
 from maskrcnn import checkpoint
-from maskrcnn.model import SMALL, build_model
-from tests.conftest import OFFLINE, TOOTHBRUSH
-
-ARCH_KWARGS = {"num_classes": 3, "min_size": 96, "max_size": 128}
+from maskrcnn.model import SMALL
+from tests.helpers import OFFLINE, TOOTHBRUSH, small_checkpoint
 
 
 def _checkpoint():
-    torch.manual_seed(0)
-    m = build_model(SMALL, **ARCH_KWARGS)
-    return m, checkpoint.make(
-        m,
-        arch=SMALL,
-        arch_kwargs=ARCH_KWARGS,
-        classes=["a", "b"],
-        category_ids=[3, 17],
+    return small_checkpoint(
+        min_size=96,
+        max_size=128,
+        classes=("a", "b"),
+        category_ids=(3, 17),
+        seed=0,
         step=42,
         epoch=2,
         metrics={"val_segm_AP": 0.5},

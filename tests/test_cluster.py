@@ -5,7 +5,6 @@ package built from this repository stays far under Ray's size limit."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shlex
 import zipfile
@@ -13,27 +12,11 @@ import zipfile
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO, check_command
 
 CLUSTER = REPO / "cluster"
 RAYJOBS = sorted((CLUSTER / "kuberay").glob("rayjob-*.yaml"))
 MUST_EXCLUDE = {".git", ".venv", "data", "runs"}
-
-
-def job_parser(script: str):
-    """The argument parser of ``jobs/<script>``, loaded from the file as Ray would run it."""
-    path = REPO / script
-    assert path.is_file(), f"{script} does not exist"
-    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.parser()
-
-
-def check_command(argv: list[str]) -> None:
-    """``python jobs/X.py ARGS``: the script exists and its parser accepts ARGS as they are."""
-    assert argv[0].endswith("python") and argv[1].startswith("jobs/"), argv
-    job_parser(argv[1]).parse_args(argv[2:])  # argparse exits (failing the test) on any unknown or bad flag
 
 
 def test_every_yaml_parses():
@@ -133,6 +116,14 @@ def test_runtime_env_package_excludes_history_envs_and_data_and_stays_small(name
     assert size < 5 * 2**20 < GCS_STORAGE_MAX_SIZE, f"{size} bytes"
 
 
-def test_dockerignore_matches_the_runtime_env_excludes():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()}
-    assert set(_runtime_envs()["runtime_env.yaml"]["excludes"]) == ignored
+def test_every_copy_of_the_excludes_is_the_runtime_env_list():
+    """runtime_env.yaml holds the one list; the other formats cannot include it, so they copy it."""
+    source = _runtime_envs()["runtime_env.yaml"]["excludes"]
+    copies = {
+        ".dockerignore": [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()],
+        "aws.yaml rsync_exclude": _launcher()["rsync_exclude"],
+        **{name: env["excludes"] for name, env in _runtime_envs().items() if name != "runtime_env.yaml"},
+    }
+    assert len(copies) == 4
+    for name, copy_ in copies.items():
+        assert copy_ == source, f"{name} differs from cluster/runtime_env.yaml's excludes"

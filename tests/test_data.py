@@ -8,7 +8,7 @@ import torch
 
 from maskrcnn import data, storage
 from maskrcnn.evaluate import evaluate
-from tests.conftest import add_defects, ground_truth_as_results
+from tests.helpers import add_defects, ground_truth_as_results
 
 
 def test_coco_small_loads_completely(coco_small):
@@ -147,8 +147,8 @@ def test_defects_no_rule_can_clean_name_the_file_and_the_id(defect, message, coc
 def test_missing_and_corrupt_images_become_error_rows(tmp_path, shared_data):
     storage.write_bytes(str(tmp_path / "bad.jpg"), (shared_data / "odd_images" / "corrupt.jpg").read_bytes())
     base = {"width": 120, "height": 90, "annotations": "[]"}
-    assert data.load_example(dict(base, image_id=1, uri=str(tmp_path / "missing.jpg")))["error"] == "missing_image"
-    assert data.load_example(dict(base, image_id=2, uri=str(tmp_path / "bad.jpg")))["error"] == "undecodable_image"
+    assert data.load_example(dict(base, image_id=1, uri=str(tmp_path / "missing.jpg")))["error"] == "missing"
+    assert data.load_example(dict(base, image_id=2, uri=str(tmp_path / "bad.jpg")))["error"] == "corrupt"
 
 
 def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):

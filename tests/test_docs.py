@@ -4,6 +4,7 @@ the configuration reference lists every flag the jobs have."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from maskrcnn import synthetic
-from tests.conftest import REPO
-from tests.test_cluster import check_command, job_parser
+from maskrcnn.cli import load_parser
+from tests.helpers import REPO, check_command
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 JOBS = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py", "jobs/predict.py"]
@@ -69,13 +70,25 @@ def test_documented_make_targets_exist():
         assert re.search(rf"(?m)^{re.escape(target)}:", makefile), target
 
 
-@pytest.mark.parametrize("script", JOBS)
-def test_configuration_reference_lists_every_flag(script):
+def _flag_tables():
+    spec = importlib.util.spec_from_file_location("flag_tables", REPO / "scripts" / "flag_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configuration_reference_is_the_parsers_flag_tables():
+    """Each job's README table is rendered from its parser (scripts/flag_tables.py), so the
+    README lists exactly the flags --help does, with the same defaults and help."""
+    tables = _flag_tables()
+    assert sorted(tables.JOBS) == sorted(JOBS)
     readme = (REPO / "README.md").read_text()
+    assert tables.rendered(readme) == readme, "run python scripts/flag_tables.py"
     section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    for action in job_parser(script)._actions:
-        for flag in (f for f in action.option_strings if f.startswith("--") and f != "--help"):
-            assert f"`{flag}" in section, f"{script} {flag} is missing from the README's configuration reference"
+    for script in JOBS:
+        for action in load_parser(str(REPO / script))._actions:
+            for flag in (f for f in action.option_strings if f.startswith("--") and f != "--help"):
+                assert f"`{flag}" in section, f"{script} {flag} is missing from the README's configuration reference"
 
 
 def _demo_module():

@@ -7,7 +7,7 @@ import pytest
 from maskrcnn import masks
 from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table
 from maskrcnn.export import to_results
-from tests.conftest import ground_truth_as_results, run_job, small_model_file
+from tests.helpers import ground_truth_as_results, run_job, small_model_file
 
 
 def _gt(coco_small):

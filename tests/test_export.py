@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn import images, masks, output, storage
 from maskrcnn.predictor import Predictor
-from tests.conftest import call_job, small_model_file
+from tests.helpers import call_job, small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_pandas_reads_the_output_directly(predictions):
     df = pd.read_parquet(out)
     assert len(df) == 7 and list(df.columns) == ["uri", "width", "height", "instances", "model", "error"]
     assert df.error.notna().sum() == 1 and df.instances.map(len).sum() == sum(len(r["instances"]) for r in rows)
-    assert output.read_stats(f"{out}/part-000001.parquet") == {
+    assert output.read_footer(f"{out}/part-000001.parquet") == {
         "rows": 3,
         "errors": {"missing": 1},
         "instances": sum(len(r["instances"]) for r in rows[4:]),

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from maskrcnn import history, storage
-from tests.conftest import tensorboard_scalars
+from tests.helpers import tensorboard_scalars
 
 
 def _lines(text: str) -> list[dict]:

@@ -7,29 +7,7 @@ import numpy as np
 import pytest
 
 from maskrcnn import images
-from tests.conftest import large_jpeg
-
-UNUSABLE = {
-    "broken.png": "not_an_image",
-    "heapbof.png": "not_an_image",
-    "test-ole-file.doc": "not_an_image",
-    "zero_width.gif": "not_an_image",
-    "decompression_bomb.gif": "too_large",
-    "l2rgb_read.bmp": "too_large",
-    "corrupt.jpg": "corrupt",
-    "corrupt34_2.jpg": "corrupt",
-    "corrupt34_3.jpg": "corrupt",
-    "corrupt34_4.jpg": "corrupt",
-    "hopper_webp.tif": "corrupt",
-    "png_decompression_dos.png": "corrupt",
-    "sigsegv.png": "corrupt",
-    "truncated_image.png": "corrupt",
-    "truncated_jpeg.jpg": "corrupt",
-    "ultrahdr.jpg": "corrupt",
-    # INDEX.tsv says load() succeeds; with the pinned Pillow 13.0.0 wheel it raises
-    # "unrecognized data stream contents", so it is an error row here.
-    "broken_data_stream.png": "corrupt",
-}
+from tests.helpers import UNUSABLE, large_jpeg
 
 
 def _index(shared_data):

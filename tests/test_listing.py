@@ -1,4 +1,4 @@
-"""The segmentation job's input: manifests, listings cut into shards, and the Ray Data
+"""The segmentation job's input: manifests, listings cut into parts, and the Ray Data
 source that streams them and guards resuming."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maskrcnn import listing, storage
+from maskrcnn import images, listing, storage
 from maskrcnn.listing import Listing, ListingError
 
 
@@ -43,17 +43,17 @@ def _rows(source: Listing) -> list[dict]:
     return [row for block in source._blocks() for row in block.to_pylist()]
 
 
-def test_blocks_span_shards_skip_written_ones_and_record_the_listing(tmp_path):
+def test_blocks_span_parts_skip_written_ones_and_record_the_listing(tmp_path):
     root, out = _archive(tmp_path, 150), tmp_path / "out"
     files = sorted(str(p) for p in root.glob("*.jpg"))
-    done = {1: {"rows": 7, "first_uri": files[7], "last_uri": files[13]}}
-    source = Listing(str(root), listing.IMAGE_EXTENSIONS, None, 7, str(out), done)
+    written = {1: {"rows": 7, "first_uri": files[7], "last_uri": files[13]}}
+    source = Listing(str(root), images.IMAGE_EXTENSIONS, None, 7, str(out), written)
     blocks = list(source._blocks())
     assert [b.num_rows for b in blocks] == [listing.BLOCK_ROWS, listing.BLOCK_ROWS, 150 - 7 - 2 * listing.BLOCK_ROWS]
     rows = [r for b in blocks for r in b.to_pylist()]
-    assert [r["uri"] for r in rows] == files[:7] + files[14:]  # shard 1 is already written
-    assert {(r["shard"], r["index"]) for r in rows} == {(i // 7, i % 7) for i in range(150) if not 7 <= i < 14}
-    assert {r["shard_rows"] for r in rows if r["shard"] == 21} == {150 - 21 * 7}  # the short last shard
+    assert [r["uri"] for r in rows] == files[:7] + files[14:]  # part 1 is already written
+    assert {(r["part"], r["index"]) for r in rows} == {(i // 7, i % 7) for i in range(150) if not 7 <= i < 14}
+    assert {r["part_rows"] for r in rows if r["part"] == 21} == {150 - 21 * 7}  # the short last part
     assert json.loads((out / listing.LISTED).read_text()) == {"images": 150, "part_files": 22}
 
 
@@ -61,22 +61,22 @@ def test_blocks_span_shards_skip_written_ones_and_record_the_listing(tmp_path):
 def test_a_changed_listing_is_refused(change, tmp_path):
     root, out = _archive(tmp_path, 20), tmp_path / "out"
     files = sorted(str(p) for p in root.glob("*.jpg"))
-    done = {
+    written = {
         1: {"rows": 5, "first_uri": files[5], "last_uri": files[9]},
         3: {"rows": 5, "first_uri": files[15], "last_uri": files[19]},
     }
     if change == "added":
-        (root / "0000a.jpg").write_bytes(b"x")  # sorts into shard 0, shifting every later shard
+        (root / "0000a.jpg").write_bytes(b"x")  # sorts into part 0, shifting every later part
     else:
         for path in files[12:]:
-            (root / path.rsplit("/", 1)[1]).unlink()  # shard 3 no longer exists
+            (root / path.rsplit("/", 1)[1]).unlink()  # part 3 no longer exists
     with pytest.raises(ListingError, match=r"the input listing changed since .*part-00000[13]\.parquet"):
-        _rows(Listing(str(root), listing.IMAGE_EXTENSIONS, None, 5, str(out), done))
+        _rows(Listing(str(root), images.IMAGE_EXTENSIONS, None, 5, str(out), written))
     assert not (out / listing.LISTED).exists()
 
 
 def test_the_first_block_leaves_before_the_listing_ends(monkeypatch, tmp_path):
-    """An endless listing: taking the first block reads only the first shard of it."""
+    """An endless listing: taking the first block reads only the first part of it."""
     import itertools
 
     read = []
@@ -89,5 +89,5 @@ def test_the_first_block_leaves_before_the_listing_ends(monkeypatch, tmp_path):
     monkeypatch.setattr(listing, "input_uris", endless)
     blocks = Listing("s3://archive", None, None, 1000, str(tmp_path / "out"), {})._blocks()
     first = next(blocks)
-    assert first.num_rows == listing.BLOCK_ROWS and first.column("shard_rows").to_pylist()[0] == 1000
+    assert first.num_rows == listing.BLOCK_ROWS and first.column("part_rows").to_pylist()[0] == 1000
     assert len(read) <= 1001

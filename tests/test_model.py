@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from maskrcnn import model as model_lib
-from maskrcnn.model import ARCHS, SMALL, WeightsError, build_model, init_model
+from maskrcnn.checkpoint import init_model
+from maskrcnn.model import ARCHS, SMALL, WeightsError, build_model
 
 
 def _predictor_weight(m):

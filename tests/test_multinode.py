@@ -1,20 +1,24 @@
 """The segmentation job on a simulated multi-node cluster (Ray's own ``cluster_utils``):
 decoding lands on the CPU node, inference on the "gpu"-labelled node, and losing the
-inference node mid-job still leaves every image in the output exactly once."""
+inference node mid-job still leaves every image in the output exactly once; and the
+README's `ray job submit --working-dir .` to a real local head."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, _free_port, small_model_file
+from tests.helpers import REPO, free_port, small_model_file
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +29,7 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     c = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()}
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()}
     )
     yield c
     ray.shutdown()
@@ -109,3 +113,89 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
     assert decode_nodes == {cpu_node.node_id}
     assert actor_nodes <= {gpu_node.node_id, replacement.node_id} and replacement.node_id in actor_nodes
     assert restarts >= 1
+
+
+@contextlib.contextmanager
+def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
+    """``ray start --head`` on loopback; yields the dashboard port, and stops Ray after."""
+    port, dashboard = free_port(), free_port()
+    started = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "4",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield dashboard
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
+    """`ray start --head` on loopback, then `ray job submit --working-dir .` as in the README."""
+    model_file = small_model_file(tmp_path / "small.pt")
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    ray = str(bin_dir / "ray")
+    with _ray_head(ray, env) as dashboard:
+        out = tmp_path / "out"
+        submitted = subprocess.run(
+            [
+                ray,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--submission-id",
+                "seg-e2e",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
+                "--",
+                "python",
+                "jobs/segment_bucket.py",
+                "--input",
+                str(shared_data / "photos"),
+                "--output",
+                str(out),
+                "--model",
+                model_file,
+                "--score-threshold",
+                "0.3",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+        status = subprocess.run(
+            [ray, "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "seg-e2e"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Job 'seg-e2e' succeeded" in status.stdout + status.stderr  # how the CLI says SUCCEEDED
+        df = pq.read_table(out).to_pandas()
+        assert sorted(df.uri) == sorted(str(p) for p in (shared_data / "photos").iterdir()) and df.error.isna().all()
+        assert (out / "_SUCCESS").exists()

@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from maskrcnn import images
-from tests.conftest import OFFLINE, REPO, TOOTHBRUSH, small_model_file
+from tests.helpers import OFFLINE, REPO, TOOTHBRUSH, small_model_file
 
 PHOTOS = ["FudanPed00054", "FudanPed00054_mask", "astronaut", "dog1", "dog2", "person1"]
 

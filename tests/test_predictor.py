@@ -6,7 +6,7 @@ import torch
 
 from maskrcnn import checkpoint, images, masks
 from maskrcnn.predictor import Predictor
-from tests.conftest import large_jpeg, small_model_file
+from tests.helpers import MIXED, large_jpeg, small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +59,6 @@ def test_torchvisions_placeholder_classes_are_never_predicted_nor_listed(tmp_pat
     assert len(found) == 100 and {i["category"] for i in found} == {"a", "c"}
     with pytest.raises(ValueError, match="--classes N/A not among the model's classes: a, c$"):
         Predictor.load(model, keep_classes=["N/A"])
-
-
-MIXED = [
-    "photos/dog1.jpg",
-    "odd_images/hopper_orientation_6.jpg",
-    "odd_images/wizard_low-interlaced.png",
-    "photos/person1.jpg",
-    "photos/astronaut.jpg",
-    "photos/FudanPed00054.png",
-]
 
 
 def _mixed_images(shared_data, n_coco: int = 10) -> list[np.ndarray]:

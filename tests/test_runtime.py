@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = """
 import os, sys

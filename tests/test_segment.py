@@ -21,8 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn import images, masks, storage
-from tests.conftest import OFFLINE, REPO, TOOTHBRUSH, call_job, large_jpeg, run_job, small_model_file, upload_dir
-from tests.test_images import UNUSABLE
+from tests.helpers import (
+    MIXED,
+    OFFLINE,
+    REPO,
+    TOOTHBRUSH,
+    UNUSABLE,
+    call_job,
+    large_jpeg,
+    run_job,
+    small_model_file,
+    upload_dir,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,22 +62,9 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
         for o in p["Contents"]
     ]
     out = f"s3://{bucket}/labels/run1"
+    flags = f"--input s3://{bucket}/archive --output {out} --model {model_file} --extensions *"
     result = run_job(
-        "segment_bucket.py",
-        "--input",
-        f"s3://{bucket}/archive",
-        "--output",
-        out,
-        "--model",
-        model_file,
-        "--extensions",
-        "*",
-        "--rows-per-file",
-        "16",
-        "--score-threshold",
-        "0.3",
-        "--batch-size",
-        "4",
+        "segment_bucket.py", *flags.split(), *"--rows-per-file 16 --score-threshold 0.3 --batch-size 4".split()
     )
     summary = _summary(result)
     df = _read(out)
@@ -104,9 +101,12 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
                 dict(inst["mask"], size=[h, w]), h, w
             ).shape == (h, w)
 
-    # The same rows when the model comes from S3 and the input is a manifest.
+    _manifest_run_gives_the_same_rows(bucket, model_file, out, sorted(ok.uri)[:12], summary["model"])
+
+
+def _manifest_run_gives_the_same_rows(bucket: str, model_file: str, out: str, chosen: list[str], model: str) -> None:
+    """The same rows when the model comes from S3 and the input is a manifest."""
     storage.write_bytes(f"s3://{bucket}/models/small.pt", Path(model_file).read_bytes())
-    chosen = sorted(ok.uri)[:12]
     manifest = f"s3://{bucket}/manifest.csv"
     storage.write_text(manifest, "uri\n" + "\n".join(chosen) + "\n")
     out2 = f"s3://{bucket}/labels/run2"
@@ -123,7 +123,7 @@ def test_s3_archive_with_damaged_files_gives_exactly_one_row_per_object(shared_d
             "0.3",
         )
     )
-    assert summary2["model"] == summary["model"] and summary2["rows_out"] == 12
+    assert summary2["model"] == model and summary2["rows_out"] == 12
     fs, path = storage.filesystem(out2)
     again = {r["uri"]: r["instances"] for r in pq.read_table(path, filesystem=fs).to_pylist()}
     fs, path = storage.filesystem(out)
@@ -269,103 +269,11 @@ def test_a_torchvision_state_dict_labels_with_coco_names_and_ids(torchvision_pth
 def test_help_lists_every_flag():
     result = call_job("segment_bucket.py", "--help")
     assert result.returncode == 0
+    flags = "--input --output --model --extensions --limit --batch-size --concurrency --num-gpus-per-actor"
     for flag in (
-        "--input",
-        "--output",
-        "--model",
-        "--extensions",
-        "--limit",
-        "--batch-size",
-        "--concurrency",
-        "--num-gpus-per-actor",
-        "--score-threshold",
-        "--max-detections",
-        "--classes",
-        "--max-pixels",
-        "--rows-per-file",
-        "--overwrite",
-    ):
+        flags + " --score-threshold --max-detections --classes --max-pixels --rows-per-file --overwrite"
+    ).split():
         assert flag in result.stdout, flag
-
-
-def test_real_ray_job_submit_to_a_local_head(shared_data, model_file, tmp_path):
-    """`ray start --head` on loopback, then `ray job submit --working-dir .` as in the README."""
-    from tests.conftest import _free_port
-
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    port, dashboard = _free_port(), _free_port()
-    ray = str(bin_dir / "ray")
-    started = subprocess.run(
-        [
-            ray,
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--num-cpus",
-            "4",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        out = tmp_path / "out"
-        submitted = subprocess.run(
-            [
-                ray,
-                "job",
-                "submit",
-                "--address",
-                f"http://127.0.0.1:{dashboard}",
-                "--submission-id",
-                "seg-e2e",
-                "--working-dir",
-                ".",
-                "--runtime-env-json",
-                json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
-                "--",
-                "python",
-                "jobs/segment_bucket.py",
-                "--input",
-                str(shared_data / "photos"),
-                "--output",
-                str(out),
-                "--model",
-                model_file,
-                "--score-threshold",
-                "0.3",
-            ],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
-        status = subprocess.run(
-            [ray, "job", "status", "--address", f"http://127.0.0.1:{dashboard}", "seg-e2e"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert "Job 'seg-e2e' succeeded" in status.stdout + status.stderr  # how the CLI says SUCCEEDED
-        df = _read(str(out))
-        assert sorted(df.uri) == sorted(str(p) for p in (shared_data / "photos").iterdir()) and df.error.isna().all()
-        assert (out / "_SUCCESS").exists()
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, shared_data):
@@ -381,15 +289,15 @@ def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, sh
     client.put_object(Bucket=bucket, Key="a/empty.jpg", Body=b"")
     client.put_object(Bucket=bucket, Key="a/dog.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
     batch = {
-        "shard": np.array([0, 0, 0]),
+        "part": np.array([0, 0, 0]),
         "index": np.array([0, 1, 2]),
-        "shard_rows": np.array([3, 3, 3]),
+        "part_rows": np.array([3, 3, 3]),
         "uri": np.array([listed, f"s3://{bucket}/a/empty.jpg", f"s3://{bucket}/a/dog.jpg"]),
     }
     out = fetch_and_decode(batch, max_pixels=10**8, fit=None)
     assert out["error"][0].startswith("missing: ") and out["error"][1].startswith("empty: ") and out["error"][2] is None
     assert out["image"][2].shape == (500, 500, 3) and (out["height"][2], out["width"][2]) == (500, 500)
-    assert out["image"][0].shape == (0, 0, 3) and out["index"] == [0, 1, 2] and out["shard_rows"] == [3, 3, 3]
+    assert out["image"][0].shape == (0, 0, 3) and out["index"] == [0, 1, 2] and out["part_rows"] == [3, 3, 3]
 
 
 def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_data, tmp_path):
@@ -423,7 +331,6 @@ def _rows(output) -> dict[str, dict]:
 def test_rows_do_not_depend_on_the_batch_size_or_the_run(shared_data, model_file, tmp_path):
     """Mixed sizes, EXIF orientations and a 12 MP JPEG: --batch-size 1, --batch-size 8 and an
     --overwrite rerun give identical rows."""
-    from tests.test_predictor import MIXED
 
     archive = tmp_path / "archive"
     archive.mkdir()

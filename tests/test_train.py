@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from maskrcnn import checkpoint, storage
-from tests.conftest import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
+from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
@@ -26,25 +26,8 @@ def _args(train: str, val: str | None, store: str, name: str, *extra: str) -> li
     args = ["--train-annotations", f"{train}/annotations.json", "--train-images", f"{train}/images"]
     if val:
         args += ["--val-annotations", f"{val}/annotations.json", "--val-images", f"{val}/images"]
-    return args + [
-        "--storage",
-        store,
-        "--name",
-        name,
-        "--num-workers",
-        "2",
-        "--batch-size",
-        "2",
-        "--scales",
-        "128",
-        "--max-size",
-        "192",
-        "--warmup-steps",
-        "4",
-        "--log-every",
-        "1",
-        *extra,
-    ]
+    fixed = "--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 4 --log-every 1"
+    return [*args, "--storage", store, "--name", name, *fixed.split(), *extra]
 
 
 def _steps(output: str) -> list[tuple[int, float]]:
@@ -93,8 +76,8 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     losses = [loss for _, loss in steps]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert re.search(r"step 12/24 loss [\d.]+ lr [\d.]+ [\d.]+ img/s, elapsed \d+:\d\d, ETA \d+:\d\d", out)
-    assert "skipped_missing_image': 1, 'skipped_undecodable_image': 1" in out  # epoch 1
-    assert "skipped_missing_image': 3, 'skipped_undecodable_image': 3" in out  # after 3 epochs
+    assert "skipped_missing': 1, 'skipped_corrupt': 1" in out  # epoch 1
+    assert "skipped_missing': 3, 'skipped_corrupt': 3" in out  # after 3 epochs
     drops = (
         "{'invalid_segmentation': 6, 'degenerate_box': 3, 'invalid_box': 2, "
         "'unknown_category': 1, 'unknown_image': 1, 'crowd': 1}"
@@ -113,19 +96,9 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert (final["step"], final["epoch"]) == (24, 3)
     _check_history(run_dir, steps=24, evaluations=3)
 
-    evaluated = run_job(
-        "evaluate.py",
-        "--model",
-        str(run_dir / "best.pt"),
-        "--annotations",
-        str(defective_val / "annotations.json"),
-        "--images",
-        str(defective_val / "images"),
-        "--num-workers",
-        "2",
-        "--output",
-        str(tmp_path / "eval.json"),
-    )
+    flags = f"--model {run_dir / 'best.pt'} --num-workers 2 --output {tmp_path / 'eval.json'}"
+    ground_truth = f"--annotations {defective_val / 'annotations.json'} --images {defective_val / 'images'}"
+    evaluated = run_job("evaluate.py", *flags.split(), *ground_truth.split())
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "IoU metric: segm" in evaluated.stdout and "Per-category segm AP (%):" in evaluated.stdout
     assert re.search(r"\[evaluate\] 8/8 images \(100%\)", evaluated.stdout), evaluated.stdout
@@ -133,7 +106,7 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert report["images"] == 8 and set(report["segm"]) >= {"AP", "AP50", "AR100"}
     assert set(report["per_class_AP"]["segm"]) == {"circle", "rectangle", "triangle"}
     assert report["dropped_annotations"] == json.loads(drops.replace("'", '"'))
-    # Same checkpoint, same images; but in training each worker batches its own slice, and
+    # Same checkpoint, same images; but in training each worker batches its own share, and
     # batching pads images differently, which moves near-threshold detections a little.
     assert report["segm"]["AP"] == pytest.approx(best["metrics"]["val_segm_AP"], abs=0.01)
 

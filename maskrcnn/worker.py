@@ -1,0 +1,275 @@
+"""What each Ray Train worker runs (:func:`worker_loop`): build the model, then for each
+epoch train on this worker's dataset shard, validate, keep ``best.pt`` and report a
+checkpoint. :mod:`maskrcnn.train` holds the recipe and the driver; :mod:`maskrcnn.engine`
+the step itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from maskrcnn import checkpoint, data, engine, history, storage
+from maskrcnn.evaluate import as_metrics, evaluate, format_table
+from maskrcnn.progress import Progress
+
+if TYPE_CHECKING:
+    from maskrcnn.train import TrainConfig
+
+SCORE = "val_segm_AP"  # the validation metric that picks best.pt and the checkpoints Ray keeps
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    # Ray Train V2 logs every report at INFO ("Reporting training result ...") on a logger
+    # named by its file path, which only the root logger's level governs. This job prints
+    # its own progress, so the worker's root logger shows warnings and errors only.
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg: TrainConfig = config["cfg"]
+    worker = Worker(cfg, config["meta"])
+    if worker.epoch >= cfg.epochs:
+        worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
+        return
+    if worker.rank == 0:
+        worker.history = history.History(cfg.run_dir, resume_step=worker.step)
+    shard = ray.train.get_dataset_shard("train")
+    while worker.epoch < cfg.epochs:
+        metrics = worker.train_epoch(shard)
+        if worker.epoch % cfg.eval_every == 0 or worker.epoch == cfg.epochs:
+            metrics.update(worker.validate())
+        worker.keep_best(metrics)
+        worker.report(metrics, with_checkpoint=True)
+    if worker.history:
+        worker.history.close()
+    worker.log(f"finished {cfg.epochs} epochs at step {worker.step}")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The generator seed of one worker's step: distinct per step and rank, fixed per run."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+class Worker:
+    """State of one training worker; the methods are the phases of :func:`worker_loop`."""
+
+    def __init__(self, cfg: TrainConfig, meta: dict[str, Any]):
+        self.cfg, self.meta = cfg, meta
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.skipped: Counter = Counter()
+        self.step, self.epoch, self.best = 0, 0, float("-inf")
+        self.augment = data.train_transform(cfg.scales, cfg.max_size)
+        self.val: data.CocoDataset | None = None
+        self.schedule = engine.Schedule(
+            base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
+            total_steps=meta["steps_per_epoch"] * cfg.epochs,
+            warmup_steps=min(cfg.warmup_steps, meta["steps_per_epoch"] * cfg.epochs // 4),
+            kind=cfg.schedule,
+        )
+        torch.manual_seed(cfg.seed)
+        restored = self._restored()
+        model = checkpoint.build(restored, skip_resize=True) if restored else self._initial_model()
+        self.model = ray.train.torch.prepare_model(model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = engine.make_optimizer(
+            cfg.optimizer, params, self.schedule.base_lr, cfg.momentum, cfg.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        if restored:
+            self._resume(restored)
+        self.progress = Progress("train", self.schedule.total_steps - self.step, unit="steps")
+        self.history: history.History | None = None  # rank 0's, opened once there is work
+
+    def _restored(self) -> dict[str, Any] | None:
+        """The latest checkpoint of this run (after a failure, or a re-run), or None."""
+        restored = ray.train.get_checkpoint()
+        if not restored:
+            return None
+        with restored.as_directory() as d:
+            ckpt = checkpoint.load(os.path.join(d, checkpoint.FILENAME))
+        if ckpt["arch"] != self.cfg.arch:
+            self.log(f"the run's checkpoints are {ckpt['arch']}; --arch {self.cfg.arch} does not apply")
+        self.arch, self.arch_kwargs = ckpt["arch"], ckpt["arch_kwargs"]
+        return ckpt
+
+    def _initial_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        kwargs = {"num_classes": len(self.meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
+        model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
+        self.arch = cfg.arch
+        return model
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.best = ckpt["metrics"].get("best_" + SCORE, float("-inf"))
+        if ckpt.get("train_state"):
+            self.optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+            self.scaler.load_state_dict(ckpt["train_state"]["scaler"])
+            self.skipped.update(ckpt["train_state"].get("skipped", {}))
+        self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch})")
+
+    def log(self, message: str) -> None:
+        # Written to stdout directly: Ray Train re-routes print() through its logger.
+        if self.rank == 0:
+            sys.stdout.write(f"[train] {message}\n")
+            sys.stdout.flush()
+
+    def train_epoch(self, shard: Any) -> dict[str, float]:
+        """Train until the epoch's step count; return the epoch's global images/s."""
+        cfg, spe = self.cfg, self.meta["steps_per_epoch"]
+        start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=cfg.seed + self.epoch,
+        )
+        window_images, window_start = 0, time.perf_counter()
+        epoch_images, epoch_start = 0, window_start
+        self.model.train()
+        for index, batch in enumerate(batches, start=start):
+            if index >= spe:
+                break
+            result, lr = self._step(batch)
+            window_images += result.images
+            epoch_images += result.images
+            checkpoint_now = self.step % cfg.checkpoint_every == 0 and index + 1 < spe
+            if self.step % cfg.log_every == 0:
+                rate = window_images / (time.perf_counter() - window_start)
+                metrics = dict(result.losses, lr=lr, images_per_s=rate)
+                self.log(
+                    f"epoch {self.epoch} step {self.step}/{self.schedule.total_steps} "
+                    f"loss {result.losses['loss']:.4f} lr {lr:.5f} {rate:.1f} img/s, {self.progress.timing()}"
+                )
+                self.record("train", metrics)
+                self.report(metrics, with_checkpoint=checkpoint_now)
+                window_images, window_start = 0, time.perf_counter()
+            elif checkpoint_now:
+                self.report(dict(result.losses, lr=lr), with_checkpoint=True)
+        self.epoch += 1
+        totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
+        rate = epoch_images / (time.perf_counter() - epoch_start)
+        self.log(
+            f"epoch {self.epoch} done at step {self.step}, {rate:.2f} img/s, {self.progress.timing()}; "
+            f"skipped images and dropped annotations: {totals or 'none'}"
+        )
+        return {"train_images_per_s": rate}
+
+    def _step(self, batch: dict[str, Any]) -> tuple[engine.StepResult, float]:
+        """One optimizer step on this worker's batch, its randomness seeded by (seed, step, rank)."""
+        lr = self.schedule.lr(self.step)
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))
+        result = engine.train_step(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            engine.usable_rows(batch, self.skipped),
+            self.device,
+            lr=lr,
+            clip_norm=self.cfg.clip_norm or None,
+            amp=self.amp,
+            step=self.step,
+            augment=self.augment,
+        )
+        self.step += 1
+        self.progress.add(1, quiet=True)
+        return result, lr
+
+    def validate(self) -> dict[str, float]:
+        """COCO AP on the validation set: each worker predicts its share, rank 0 scores.
+        The ground truth is cleaned by the training rules (:func:`maskrcnn.data.load_coco`)."""
+        cfg = self.cfg
+        if not cfg.val_annotations:
+            return {}
+        if self.val is None:
+            self.val = data.load_coco(cfg.val_annotations, cfg.val_images)
+        model = getattr(self.model, "module", self.model)
+        gathered = engine.predict_validation(model, self.val, self.meta, self.rank, self.world, self.amp)
+        self.model.train()
+        if gathered is None:
+            return {}
+        results, skipped = gathered
+        scores = evaluate(self.val.gt, results, image_ids=[r["image_id"] for r in self.val.records])
+        self.log(f"validation after epoch {self.epoch}:\n{format_table(scores)}")
+        metrics = {f"val_{k}": v for k, v in as_metrics(scores).items()}
+        metrics["val_skipped_images"] = float(sum(skipped.values()))
+        metrics.update({f"val_dropped_annotations_{k}": float(v) for k, v in self.val.dropped.items()})
+        self.record("val", metrics)
+        return metrics
+
+    def keep_best(self, metrics: dict[str, float]) -> None:
+        """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the segm AP improves."""
+        if self.rank != 0 or SCORE not in metrics or metrics[SCORE] <= self.best:
+            return
+        self.best = metrics[SCORE]
+        uri = storage.join(self.cfg.run_dir, "best.pt")
+        # No optimizer state: best.pt is for inference and fine-tuning, and AdamW's state would
+        # triple the file every inference actor downloads. Resume uses Ray's checkpoints.
+        best = dict(self._checkpoint(dict(metrics, **{"best_" + SCORE: self.best})), train_state=None)
+        checkpoint.save(uri, best)
+        self.log(f"new best {SCORE} {self.best:.4f} -> {uri}")
+
+    def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        """Every worker calls this the same number of times (it is a barrier); only rank 0
+        writes the checkpoint file, which Ray Train copies to
+        ``STORAGE/NAME/checkpoint_NNNNNNNN/model.pt`` (NNNNNNNN: the step)."""
+        metrics = dict(metrics, step=self.step, epoch=self.epoch, **self._skipped_totals())
+        metrics.setdefault(SCORE, float("nan"))  # unevaluated checkpoints rank lowest
+        if self.best > float("-inf"):
+            metrics["best_" + SCORE] = self.best
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        name = f"checkpoint_{self.step:08d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                checkpoint.save(os.path.join(tmp, checkpoint.FILENAME), self._checkpoint(metrics))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            else:
+                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+
+    def _checkpoint(self, metrics: dict[str, float]) -> dict:
+        return checkpoint.make(
+            self.model,
+            arch=self.arch,
+            arch_kwargs=self.arch_kwargs,
+            classes=self.meta["classes"],
+            category_ids=self.meta["category_ids"],
+            step=self.step,
+            epoch=self.epoch,
+            metrics=metrics,
+            train_state={
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "skipped": dict(self.skipped),
+            },
+        )
+
+    def _skipped_totals(self) -> dict[str, float]:
+        """Images skipped by kind (summed over workers) and annotations dropped, as metrics."""
+        counts = torch.tensor([float(self.skipped[k]) for k in data.IMAGE_ERRORS])
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        totals = {f"skipped_{k}": float(v) for k, v in zip(data.IMAGE_ERRORS, counts)}
+        totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.meta["dropped"].items()})
+        return totals
+
+    def record(self, kind: str, metrics: dict[str, float]) -> None:
+        """Rank 0 appends to the run's history (metrics.jsonl and TensorBoard)."""
+        if self.history:
+            self.history.log(kind, self.step, metrics)
+            self.history.flush()

@@ -1,0 +1,126 @@
+"""The command line every job shares: flags built from a config dataclass, usage errors
+for bad values and combinations, the README's tables, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from maskrcnn import cli
+from maskrcnn.errors import UserError
+
+
+@dataclass(kw_only=True)
+class _Config:
+    """Jobs/x.py: a test job.
+
+    Examples:
+      python jobs/x.py --path p"""
+
+    path: str = cli.option("where to read", group="io")
+    sizes: tuple[int, ...] | None = cli.option("shortest sides (default: 800)", None, group="io", type=cli.ints)
+    workers: int = cli.option("workers", 2, group="run")
+    gpu: bool = cli.option("use a GPU", False, group="run")
+    amp: bool = cli.option("disable AMP", True, group="run", flag="--no-amp")
+    ratio: float = cli.option("a fraction; 0 disables", 0.0, group="run")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    return cli.add_options(cli.job_parser("jobs/x.py", _Config.__doc__), _Config)
+
+
+def test_the_parser_and_the_config_come_from_one_declaration():
+    cfg = cli.parse_config(_parser(), _Config, ["--path", "p", "--sizes", "640,800", "--gpu", "--no-amp"])
+    assert cfg == _Config(path="p", sizes=(640, 800), workers=2, gpu=True, amp=False, ratio=0.0)
+    assert cli.parse_config(_parser(), _Config, ["--path", "p"]) == _Config(path="p")
+    declared = {f.name for f in dataclasses.fields(_Config)}
+    assert {a.dest for a in _parser()._actions} - {"help"} == declared
+    groups = [g.title for g in _parser()._action_groups]
+    assert groups[-2:] == ["io", "run"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "a,b"], "--sizes: expected comma-separated integers, got 'a,b'"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        ([], "the following arguments are required: --path"),
+    ],
+)
+def test_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_config(_parser(), _Config, ["--path", "p", *argv] if argv else [])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_gives_every_default_once():
+    text = _parser().format_help()
+    assert "workers (default: 2)" in text and "(default: 0.0)" in text
+    assert "shortest sides (default: 800)" in text and text.count("default: 800") == 1
+    assert "use a GPU (default" not in text and "disable AMP (default" not in text
+
+
+def test_the_flag_table_is_the_help():
+    table = cli.flag_table(_parser()).splitlines()
+    assert table[:2] == ["| flag | default | meaning |", "|---|---|---|"]
+    assert "| `--path` | required | where to read |" in table
+    assert "| `--sizes` | 800 | shortest sides |" in table
+    assert "| `--workers` | 2 | workers |" in table
+    assert "| `--no-amp` | off | disable AMP |" in table
+
+
+@pytest.mark.parametrize(
+    "parse, text, expected",
+    [
+        (cli.pool_size, "4", (4, 4)),
+        (cli.pool_size, "1,16", (1, 16)),
+        (cli.extensions, "JPG, .png", (".jpg", ".png")),
+        (cli.extensions, "*", None),
+        (cli.names, "person, dog ,", ["person", "dog"]),
+        (cli.resources, '{"gpu_node": 1}', {"gpu_node": 1.0}),
+    ],
+)
+def test_flag_values_parse(parse, text, expected):
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "parse, text", [(cli.pool_size, "3,1"), (cli.pool_size, "0"), (cli.resources, "[1]"), (cli.resources, "{")]
+)
+def test_bad_flag_values_say_what_was_expected(parse, text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"expected .*, got {re.escape(repr(text))}$"):
+        parse(text)
+
+
+class _Wrapped(Exception):
+    def __init__(self, cause: BaseException):
+        super().__init__("the wrapper's own text")
+        self.cause = cause
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (UserError("cannot read s3://b/x: no such file"), 2, "error: cannot read s3://b/x: no such file"),
+        (_Wrapped(ValueError("bad --classes\nsecond line")), 2, "error: bad --classes"),
+        (RuntimeError("a bug"), 1, "error: a bug"),
+    ],
+)
+def test_run_main_prints_the_root_cause_on_one_line(raised, code, line, capsys):
+    def main() -> None:
+        try:
+            raise raised
+        except Exception as err:
+            raise RuntimeError("wrapped by Ray") from err
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main)
+    assert exit_.value.code == code and capsys.readouterr().err == line + "\n"
