@@ -144,16 +144,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     return _finish(cfg, model_id, listed["images"], resumed, written, progress, time.perf_counter() - start)
 
 
-# ---------------------------------------------------------------- output
-
-
-def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
-    return {
-        "input": cfg.input,
-        "model": model_id,
-        "rows_per_file": cfg.rows_per_file,
-        "schema_version": output.SCHEMA_VERSION,
-    }
+# ---------------------------------------------------------------- 1. before the pool starts
 
 
 def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
@@ -185,7 +176,28 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
     return parts
 
 
-# ---------------------------------------------------------------- pipeline
+def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
+    return {
+        "input": cfg.input,
+        "model": model_id,
+        "rows_per_file": cfg.rows_per_file,
+        "schema_version": output.SCHEMA_VERSION,
+    }
+
+
+def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
+    """Progress over the images this run processes. The total is known from ``--limit``
+    (at most), and exactly once the listing has ended and written its count."""
+
+    def listed_total() -> int | None:
+        uri = storage.join(cfg.output, LISTED)
+        return json.loads(storage.read_text(uri))["images"] - resumed if storage.exists(uri) else None
+
+    total = max(0, cfg.limit - resumed) if cfg.limit else None
+    return Progress("segment", total, every=cfg.log_every, find_total=listed_total)
+
+
+# ---------------------------------------------------------------- 2. the pipeline
 
 
 def pipeline(
@@ -288,7 +300,7 @@ class InferenceActor:
             return results
 
 
-# ---------------------------------------------------------------- driver
+# ---------------------------------------------------------------- 3. the driver: part files, then the summary
 
 
 def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) -> dict[int, dict]:
@@ -317,18 +329,6 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) ->
         missing = {k: next(iter(rows.values()))["part_rows"] - len(rows) for k, rows in pending.items()}
         raise RuntimeError(f"rows missing from the pipeline for parts {missing}; nothing partial was written")
     return written
-
-
-def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
-    """Progress over the images this run processes. The total is known from ``--limit``
-    (at most), and exactly once the listing has ended and written its count."""
-
-    def listed_total() -> int | None:
-        uri = storage.join(cfg.output, LISTED)
-        return json.loads(storage.read_text(uri))["images"] - resumed if storage.exists(uri) else None
-
-    total = max(0, cfg.limit - resumed) if cfg.limit else None
-    return Progress("segment", total, every=cfg.log_every, find_total=listed_total)
 
 
 def _finish(

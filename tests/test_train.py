@@ -111,9 +111,11 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert report["segm"]["AP"] == pytest.approx(best["metrics"]["val_segm_AP"], abs=0.01)
 
     before = sorted(os.listdir(run_dir)), (run_dir / "best.pt").stat().st_mtime
-    again = run_job("train.py", *args)
+    # A rerun rebuilds the model from the checkpoint's own architecture, whatever --arch says.
+    again = run_job("train.py", *args, "--arch", "maskrcnn_resnet50_fpn")
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
+    assert "the run's checkpoints are maskrcnn_resnet18_fpn_small; --arch maskrcnn_resnet50_fpn does not apply" in out
     assert "run already complete at step 24" in out and not _steps(out)
     assert (sorted(os.listdir(run_dir)), (run_dir / "best.pt").stat().st_mtime) == before
     _check_history(run_dir, steps=24, evaluations=3)
@@ -286,16 +288,7 @@ def test_unreachable_storage_bucket_stops_the_job(shapes, s3_server):
 def test_help_explains_every_flag():
     result = call_job("train.py", "--help")
     assert result.returncode == 0
-    for flag in (
-        "--train-annotations",
-        "--storage",
-        "--name",
-        "--weights",
-        "--num-workers",
-        "--gpu",
-        "--max-failures",
-        "--schedule",
-    ):
+    for flag in "--train-annotations --storage --name --weights --num-workers --gpu --max-failures --schedule".split():
         assert flag in result.stdout
     assert "ray job submit" in result.stdout
     result = call_job("evaluate.py", "--help")
