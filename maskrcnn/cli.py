@@ -20,7 +20,6 @@ import typing
 from typing import Any, Callable
 
 from maskrcnn.errors import UserError
-from maskrcnn.model import ARCHS
 
 EXPECTED = (UserError, ValueError)
 REQUIRED = dataclasses.MISSING
@@ -141,11 +140,15 @@ def model_option(group: str) -> Any:
 
 
 def arch_option(group: str) -> Any:
+    from maskrcnn.model import ARCHS  # here, so that importing cli (to report an error) loads no torch
+
     return option(ARCH_HELP, None, group=group, choices=ARCHS)
 
 
 def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
     """``--model`` and ``--arch`` for a job whose flags are not a config dataclass."""
+    from maskrcnn.model import ARCHS
+
     group.add_argument("--model", required=required, help=MODEL_HELP)
     group.add_argument("--arch", choices=ARCHS, help=ARCH_HELP)
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 
 from maskrcnn import cli
 from maskrcnn.errors import UserError
+from tests.helpers import REPO
 
 
 @dataclass(kw_only=True)
@@ -124,3 +127,9 @@ def test_run_main_prints_the_root_cause_on_one_line(raised, code, line, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.run_main(main)
     assert exit_.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def test_reporting_an_error_imports_neither_torch_nor_ray():
+    code = "import sys, maskrcnn.cli; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.stdout.strip() == "[]", result.stderr
