@@ -4,9 +4,11 @@ command lines. Test files import from here, never from each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,15 @@ MIXED = [
     "photos/astronaut.jpg",
     "photos/FudanPed00054.png",
 ]
+
+
+def load_script(path: str) -> types.ModuleType:
+    """The script at ``path`` (relative to the repository) imported as a module, as its
+    ``python path`` would run it but without calling its ``main``."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def check_command(argv: list[str]) -> None:
@@ -130,14 +141,11 @@ def call_job(script: str, *args: str) -> subprocess.CompletedProcess:
     input, --help, export): the same exit status and output as :func:`run_job`, without
     paying for a new interpreter that imports torch and Ray."""
     import contextlib
-    import importlib.util
     import io
 
     from maskrcnn.cli import run_main
 
-    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", REPO / "jobs" / script)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script(f"jobs/{script}")
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -4,7 +4,6 @@ the configuration reference lists every flag the jobs have."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from maskrcnn import synthetic
 from maskrcnn.cli import load_parser
-from tests.helpers import REPO, check_command
+from tests.helpers import REPO, check_command, load_script
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 JOBS = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py", "jobs/predict.py"]
@@ -70,17 +69,10 @@ def test_documented_make_targets_exist():
         assert re.search(rf"(?m)^{re.escape(target)}:", makefile), target
 
 
-def _flag_tables():
-    spec = importlib.util.spec_from_file_location("flag_tables", REPO / "scripts" / "flag_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_configuration_reference_is_the_parsers_flag_tables():
     """Each job's README table is rendered from its parser (scripts/flag_tables.py), so the
     README lists exactly the flags --help does, with the same defaults and help."""
-    tables = _flag_tables()
+    tables = load_script("scripts/flag_tables.py")
     assert sorted(tables.JOBS) == sorted(JOBS)
     readme = (REPO / "README.md").read_text()
     assert tables.rendered(readme) == readme, "run python scripts/flag_tables.py"
@@ -91,17 +83,8 @@ def test_configuration_reference_is_the_parsers_flag_tables():
                 assert f"`{flag}" in section, f"{script} {flag} is missing from the README's configuration reference"
 
 
-def _demo_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo
-
-
 def test_readme_and_demo_agree_on_its_time_and_promise():
-    demo, readme = _demo_module(), (REPO / "README.md").read_text()
+    demo, readme = load_script("scripts/demo.py"), (REPO / "README.md").read_text()
     assert (
         f"make demo     # generate data, train, evaluate, segment an archive, draw the masks (CPU, ~{demo.MINUTES} min)"
         in readme
@@ -112,7 +95,7 @@ def test_readme_and_demo_agree_on_its_time_and_promise():
 
 def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
     """The demo's command lines, captured instead of run (the demo itself takes about demo.MINUTES)."""
-    demo = _demo_module()
+    demo = load_script("scripts/demo.py")
     ran: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda *args: ran.append(["python", *args]))
     (tmp_path / "labels").mkdir()
