@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -117,7 +118,13 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
 
 @contextlib.contextmanager
 def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
-    """``ray start --head`` on loopback; yields the dashboard port, and stops Ray after."""
+    """``ray start --head`` on loopback; yields the dashboard port, and stops Ray after.
+
+    ``ray stop`` finds Ray's processes by name, and an actor renamed by setproctitle (a Ray
+    Data ``MapWorker``) can outlive it; every process of this head inherits a marker
+    variable, so the ones left over are found by it and killed."""
+    marker = uuid.uuid4().hex
+    env = dict(env, MASKRCNN_TEST_HEAD=marker)
     port, dashboard = free_port(), free_port()
     started = subprocess.run(
         [
@@ -146,6 +153,18 @@ def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
         yield dashboard
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _kill_marked(marker)
+
+
+def _kill_marked(marker: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("MASKRCNN_TEST_HEAD") == marker:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
 
 
 def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
