@@ -45,7 +45,8 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> argparse.Argum
         if "help" not in field.metadata:
             continue
         meta = field.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
         flag = meta["flag"] or "--" + field.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], **meta["argparse"]}
         kind = _base_type(hints[field.name])
@@ -55,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> argparse.Argum
             kwargs.update(required=True, type=kwargs.get("type", kind))
         else:
             kwargs.update(default=field.default, type=kwargs.get("type", kind))
-        group.add_argument(flag, **kwargs)
+        groups[meta["group"]].add_argument(flag, **kwargs)
     return parser
 
 
