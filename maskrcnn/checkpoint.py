@@ -167,7 +167,7 @@ def _from_state_dict(
         categories = COCO_CATEGORIES
     names = categories[1:] if categories else [f"class_{i}" for i in range(1, num_classes)]
     # torchvision's COCO models predict the COCO category id itself; "N/A" fills the gaps.
-    kwargs = {"num_classes": num_classes, "pretrained": "backbone.body.bn1.num_batches_tracked" not in state_dict}
+    kwargs = {"num_classes": num_classes, **model_lib.structure(state_dict, source)}
     model = build_model(arch, **kwargs)
     try:
         model.load_state_dict(state_dict)
@@ -282,7 +282,6 @@ def init_model(
             return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
         except (OSError, RuntimeError) as err:
             raise download_error(weights, tv, err, "--weights") from err
-    model = build_model(arch, skip_resize=skip_resize, **kwargs)
     if tv is not None:
         try:
             state_dict = tv.get_state_dict(progress=False)
@@ -290,5 +289,8 @@ def init_model(
             raise download_error(weights, tv, err, "--weights") from err
     else:
         state_dict = state_dict_of(read(weights, WeightsError), weights)
+    if "frozen_bn_eps" in model_lib.structure(state_dict, tv.url if tv is not None else weights):
+        kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does
+    model = build_model(arch, skip_resize=skip_resize, **kwargs)
     model_lib.load_matching(model, state_dict, weights)
     return model, kwargs

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import get_model_weights, get_weight, resnet
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
@@ -34,6 +35,10 @@ _BACKBONE = {"maskrcnn_resnet50_fpn": "resnet50", "maskrcnn_resnet50_fpn_v2": "r
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
+# torchvision's COCO_V1 Mask R-CNN weights were trained with frozen batch norm's eps at 0
+# (pytorch/vision#2933): its builder sets eps back to 0 when it loads them, and so does this
+# project, for the weight name and for that file by its published name.
+LEGACY_EPS_FILE = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url.rsplit("/", 1)[-1]
 
 
 class WeightsError(UserError):
@@ -86,6 +91,7 @@ def build_model(
     max_size: int | None = None,
     backbone_weights: Any = None,
     skip_resize: bool = False,
+    frozen_bn_eps: float | None = None,
 ) -> MaskRCNN:
     """Build ``arch`` for ``num_classes`` classes (background included).
 
@@ -94,6 +100,7 @@ def build_model(
     weights enum) is only passed when the backbone really is to be downloaded.
     ``skip_resize`` lets the data pipeline do multi-scale resizing in training, as
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
+    ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILE`).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -108,13 +115,24 @@ def build_model(
         backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
         backbone.out_channels = SMALL_FPN_CHANNELS
     min_size, max_size = _sizes(arch, min_size, max_size)
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone,
         min_size=min_size,
         max_size=max_size,
         _skip_resize=skip_resize,
         **_heads(arch, backbone.out_channels, num_classes),
     )
+    if frozen_bn_eps is not None:
+        overwrite_eps(model, frozen_bn_eps)
+    return model
+
+
+def structure(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """The :func:`build_model` arguments a torchvision state dict implies: frozen batch norm
+    (``pretrained``) when it has no ``num_batches_tracked``, and eps 0 for the COCO_V1 file."""
+    pretrained = "backbone.body.bn1.num_batches_tracked" not in state_dict
+    legacy = pretrained and source.replace("\\", "/").rsplit("/", 1)[-1] == LEGACY_EPS_FILE
+    return {"pretrained": pretrained, **({"frozen_bn_eps": 0.0} if legacy else {})}
 
 
 def inference_size(

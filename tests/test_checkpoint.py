@@ -208,3 +208,21 @@ def test_a_model_started_from_weights_rebuilds_from_its_arch_kwargs(tmp_path):
     rebuilt = build_model(SMALL, skip_resize=True, **kwargs)
     rebuilt.load_state_dict(m.state_dict())  # strict: same keys and shapes
     assert type(rebuilt.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+
+
+def test_torchvisions_coco_v1_file_gets_frozen_batch_norm_eps_zero_as_its_builder_gives_it(tmp_path):
+    """torchvision's builder sets eps 0 when it loads COCO_V1 (pytorch/vision#2933); without it
+    every activation after a frozen batch norm is scaled a little differently."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    def eps(model):
+        return {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
+
+    # COCO_V1's structure (frozen batch norm, 91 classes), random weights
+    state_dict = build_model("maskrcnn_resnet50_fpn", 91, pretrained=True).state_dict()
+    for name, expected in ((model_lib.LEGACY_EPS_FILE, {0.0}), ("my_maskrcnn.pth", {1e-5})):
+        torch.save(state_dict, tmp_path / name)
+        ckpt = checkpoint.load(str(tmp_path / name))
+        assert eps(checkpoint.build(ckpt)) == expected, name
+        model, kwargs = init_model("maskrcnn_resnet50_fpn", {"num_classes": 3}, str(tmp_path / name))
+        assert eps(model) == expected and eps(build_model("maskrcnn_resnet50_fpn", **kwargs)) == expected
