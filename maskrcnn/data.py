@@ -21,7 +21,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn import images, masks, storage
+from maskrcnn import images, keypoints, masks, storage
 from maskrcnn.errors import UserError
 
 
@@ -37,6 +37,7 @@ class CocoDataset:
     category_ids: list[int]  # label i+1 -> category_ids[i]
     records: list[dict[str, Any]]
     dropped: Counter = field(default_factory=Counter)  # annotations not trained on, by reason
+    keypoints: keypoints.KeypointSpec | None = None  # the categories' keypoint names and skeleton
 
     @property
     def num_classes(self) -> int:
@@ -55,11 +56,12 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
     gt = _read(annotations)
     images_by_id = _checked_images(gt, annotations)
     categories = _categories(gt, annotations)
+    spec = keypoints.spec_of(categories, annotations)
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
     kept, dropped = [], Counter()
     by_image: dict[int, list] = {image_id: [] for image_id in images_by_id}
     for ann in _checked_annotations(gt, annotations):
-        reason, clean = _clean(ann, images_by_id.get(ann["image_id"]), label_of)
+        reason, clean = _clean(ann, images_by_id.get(ann["image_id"]), label_of, spec)
         if reason:
             dropped[reason] += 1
             continue
@@ -67,7 +69,9 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
         if clean["iscrowd"]:
             dropped["crowd"] += 1
         else:
-            by_image[clean["image_id"]].append(_training_annotation(clean, images_by_id[clean["image_id"]], label_of))
+            by_image[clean["image_id"]].append(
+                _training_annotation(clean, images_by_id[clean["image_id"]], label_of, spec)
+            )
     records = [
         {
             "image_id": img["id"],
@@ -75,6 +79,7 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
             "width": img["width"],
             "height": img["height"],
             "annotations": json.dumps(by_image[img["id"]]),
+            **({"num_keypoints": len(spec)} if spec else {}),
         }
         for img in gt["images"]
     ]
@@ -84,6 +89,7 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
         category_ids=[c["id"] for c in categories],
         records=records,
         dropped=dropped,
+        keypoints=spec,
     )
 
 
@@ -156,9 +162,12 @@ def _checked_annotations(gt: dict, path: str) -> Iterator[dict]:
         yield ann
 
 
-def _clean(ann: dict, img: dict | None, label_of: dict[int, int]) -> tuple[str | None, dict]:
+def _clean(
+    ann: dict, img: dict | None, label_of: dict[int, int], spec: keypoints.KeypointSpec | None = None
+) -> tuple[str | None, dict]:
     """``(reason, None)`` for an annotation to drop, else ``(None, cleaned copy)``: only the
-    valid parts of a polygon, ``iscrowd`` as 0/1, and ``area`` computed when missing."""
+    valid parts of a polygon, ``iscrowd`` as 0/1, ``area`` computed when missing, and
+    ``keypoints`` checked when the dataset has them (missing ones are all unlabelled)."""
     if img is None:
         return "unknown_image", {}
     if ann["category_id"] not in label_of:
@@ -175,6 +184,8 @@ def _clean(ann: dict, img: dict | None, label_of: dict[int, int]) -> tuple[str |
         masks.check_segmentation(segm, img["height"], img["width"])
     except masks.InvalidSegmentation:
         return "invalid_segmentation", {}
+    if spec and "keypoints" in ann and not keypoints.valid(ann["keypoints"], len(spec)):
+        return "invalid_keypoints", {}
     area = ann.get("area")
     if not _finite(area) or area < 0:
         area = masks.area(masks.to_rle(segm, img["height"], img["width"]))
@@ -193,12 +204,15 @@ def _clipped(box: list[float], img: dict) -> list[float] | None:
     return [x0, y0, x1, y1] if x1 - x0 >= 1 and y1 - y0 >= 1 else None
 
 
-def _training_annotation(ann: dict, img: dict, label_of: dict[int, int]) -> dict:
-    return {
+def _training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: keypoints.KeypointSpec | None) -> dict:
+    out = {
         "box": _clipped(ann["bbox"], img),
         "label": label_of[ann["category_id"]],
         "segmentation": ann["segmentation"],
     }
+    if spec:
+        out["keypoints"] = ann.get("keypoints") or [0] * (3 * len(spec))
+    return out
 
 
 def resize_transform(size: int, max_size: int) -> v2.Transform:
@@ -209,30 +223,38 @@ def resize_transform(size: int, max_size: int) -> v2.Transform:
         [
             v2.RandomShortestSize(min_size=[size], max_size=max_size),
             v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
         ]
     )
 
 
-def train_transform(scales: tuple[int, ...], max_size: int) -> v2.Transform:
+def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None) -> v2.Transform:
     """What each training worker does on its device: horizontal flip and multi-scale resize;
-    boxes and masks move with the image. It draws from torch's global generator, which the
-    worker seeds from (seed, step, rank), so a run and its resume augment alike."""
+    boxes, masks and keypoints move with the image, and a flip swaps left and right keypoints
+    (``spec``'s names say which). It draws from torch's global generator, which the worker
+    seeds from (seed, step, rank), so a run and its resume augment alike."""
+    flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
     return v2.Compose(
         [
-            v2.RandomHorizontalFlip(0.5),
+            flip,
             v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
             v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
         ]
     )
+
+
+def _per_instance(sample: tuple) -> tuple[torch.Tensor, ...]:
+    """What a dropped box takes with it besides its mask: its label, and its keypoints."""
+    target = sample[1]
+    return tuple(target[k] for k in ("labels", "visibility", "keypoints") if k in target)
 
 
 IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")  # size_mismatch: not the size the annotations give
 
 
 def _error_row(record: dict, kind: str) -> dict[str, Any]:
-    return {
+    row = {
         "image_id": record["image_id"],
         "image": np.zeros((3, 1, 1), np.uint8),
         "boxes": np.zeros((0, 4), np.float32),
@@ -240,6 +262,9 @@ def _error_row(record: dict, kind: str) -> dict[str, Any]:
         "masks": np.zeros((0, 1, 1), np.uint8),
         "error": kind,
     }
+    if record.get("num_keypoints"):
+        row["keypoints"] = np.zeros((0, record["num_keypoints"], 3), np.float32)
+    return row
 
 
 def load_example(record: dict[str, Any], transform: v2.Transform | None = None) -> dict[str, Any]:
@@ -266,9 +291,12 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
         ),
         "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
     }
+    if record.get("num_keypoints"):
+        points = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32)
+        target.update(_split_keypoints(points.reshape(len(anns), record["num_keypoints"], 3), (h, w)))
     if transform is not None:
         image, target = transform(image, target)
-    return {
+    row = {
         "image_id": record["image_id"],
         "image": image.numpy(),
         "boxes": target["boxes"].numpy().astype(np.float32),
@@ -276,6 +304,21 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
         "masks": target["masks"].numpy().astype(np.uint8),
         "error": "",
     }
+    if "keypoints" in target:
+        row["keypoints"] = _joined_keypoints(target).numpy()
+    return row
+
+
+def _split_keypoints(points: torch.Tensor, canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """COCO's ``(N, K, 3)`` ``[x, y, v]`` -> transforms.v2 ``KeyPoints`` (which move with the
+    image) and the visibility beside them."""
+    return {"keypoints": tv_tensors.KeyPoints(points[..., :2], canvas_size=canvas), "visibility": points[..., 2]}
+
+
+def _joined_keypoints(target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`_split_keypoints`: ``(N, K, 3)``, what torchvision trains on."""
+    xy = target["keypoints"].as_subclass(torch.Tensor)
+    return torch.cat([xy, target["visibility"].to(xy.dtype).unsqueeze(-1)], dim=-1)
 
 
 def to_model_inputs(
@@ -295,8 +338,14 @@ def to_model_inputs(
             "labels": torch.as_tensor(r["labels"], dtype=torch.int64).to(device),
             "masks": tv_tensors.Mask(torch.as_tensor(r["masks"], dtype=torch.uint8).to(device)),
         }
+        if "keypoints" in r:
+            points = torch.as_tensor(r["keypoints"], dtype=torch.float32).to(device)
+            target.update(_split_keypoints(points, tuple(image.shape[-2:])))
         if augment is not None:
             image, target = augment(image, target)
+        if "keypoints" in target:
+            target = dict(target, keypoints=_joined_keypoints(target))
+            del target["visibility"]
         imgs.append(image.as_subclass(torch.Tensor).float().div_(255))
         targets.append({k: v.as_subclass(torch.Tensor) for k, v in target.items()})
     return imgs, targets

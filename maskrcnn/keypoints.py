@@ -1,0 +1,104 @@
+"""Person keypoints, COCO's ``keypoints`` ``[x, y, v] * K``: the dataset's keypoint names and
+skeleton (:class:`KeypointSpec`), the left/right swap a horizontal flip needs, and that flip.
+
+The swap comes from the names (``left_eye`` <-> ``right_eye``), not from a table written for
+COCO persons, so any keypoint set whose names say left and right flips correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from maskrcnn.errors import UserError
+
+
+class KeypointError(UserError):
+    """A dataset whose keypoint definition cannot be used. Names the file and the category."""
+
+
+@dataclass(frozen=True)
+class KeypointSpec:
+    names: tuple[str, ...]  # K keypoint names, in the order of each annotation's [x, y, v] triples
+    skeleton: tuple[tuple[int, int], ...]  # pairs of 1-based keypoint numbers, as COCO writes them
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def flip_permutation(self) -> list[int]:
+        """Index i of a flipped pose takes keypoint ``perm[i]``: each ``left`` name swaps with
+        its ``right`` twin; a name with no twin (``nose``) stays."""
+        index = {name: i for i, name in enumerate(self.names)}
+        return [index.get(_mirrored(name), i) for i, name in enumerate(self.names)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keypoints": list(self.names), "skeleton": [list(pair) for pair in self.skeleton]}
+
+
+def _mirrored(name: str) -> str:
+    swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "l": "r", "r": "l"}
+    return "_".join(swap.get(part, part) for part in name.split("_"))
+
+
+def spec_of(categories: list[dict], path: str) -> KeypointSpec | None:
+    """The keypoint definition of a COCO file's categories, or None if none has keypoints.
+    Every category with keypoints must share one definition (one keypoint head predicts them)."""
+    with_keypoints = [c for c in categories if c.get("keypoints")]
+    if not with_keypoints:
+        return None
+    first = with_keypoints[0]
+    where = f"{path}: category {first.get('name')!r}"
+    names = first["keypoints"]
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+        raise KeypointError(f"{where}: 'keypoints' must be a list of names")
+    skeleton = first.get("skeleton") or []
+    if not all(_pair(p, len(names)) for p in skeleton):
+        raise KeypointError(f"{where}: 'skeleton' must be pairs of keypoint numbers 1..{len(names)}")
+    for other in with_keypoints[1:]:
+        if other["keypoints"] != names or (other.get("skeleton") or []) != skeleton:
+            raise KeypointError(
+                f"{path}: categories {first.get('name')!r} and {other.get('name')!r} define different keypoints"
+            )
+    return KeypointSpec(tuple(names), tuple((a, b) for a, b in skeleton))
+
+
+def _pair(pair: Any, count: int) -> bool:
+    return isinstance(pair, list) and len(pair) == 2 and all(isinstance(i, int) and 1 <= i <= count for i in pair)
+
+
+def valid(values: Any, count: int) -> bool:
+    """An annotation's ``keypoints``: ``3 * count`` finite numbers, visibility 0, 1 or 2."""
+    if not (isinstance(values, list) and len(values) == 3 * count):
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    return all(v in (0, 1, 2) for v in values[2::3])
+
+
+class RandomHorizontalFlip(v2.Transform):
+    """``v2.RandomHorizontalFlip`` that also swaps left and right keypoints (and their
+    visibility), so a flipped left wrist is labelled a right wrist. It draws from torch's
+    generator exactly as ``v2.RandomHorizontalFlip`` does."""
+
+    def __init__(self, p: float, permutation: list[int]):
+        super().__init__()
+        self.p, self.permutation = p, permutation
+        self.flip = v2.RandomHorizontalFlip(1.0)
+
+    def forward(self, *inputs: Any) -> Any:
+        if torch.rand(1) >= self.p:
+            return inputs if len(inputs) > 1 else inputs[0]
+        image, target = self.flip(*inputs)
+        if "keypoints" in target:
+            points = target["keypoints"]
+            target = dict(
+                target,
+                keypoints=tv_tensors.wrap(points[:, self.permutation], like=points),
+                visibility=target["visibility"][:, self.permutation],
+            )
+        return image, target
