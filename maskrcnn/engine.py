@@ -74,16 +74,20 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _blank_row() -> dict[str, Any]:
+def _blank_row(model: nn.Module) -> dict[str, Any]:
     """An image with no objects. A worker whose whole batch was unusable trains on it with
     weight 0: DDP needs every worker to run forward (buffer broadcast) and backward
     (gradient all-reduce) in step, or the others hang."""
-    return {
+    row = {
         "image": np.zeros((3, 64, 64), np.uint8),
         "boxes": np.zeros((0, 4), np.float32),
         "labels": np.zeros((0,), np.int64),
         "masks": np.zeros((0, 64, 64), np.uint8),
     }
+    heads = getattr(getattr(model, "module", model), "roi_heads", None)
+    if heads is not None and heads.has_keypoint():
+        row["keypoints"] = np.zeros((0, heads.keypoint_predictor.kps_score_lowres.out_channels, 3), np.float32)
+    return row
 
 
 @dataclass
@@ -109,10 +113,10 @@ def train_step(
         group["lr"] = lr
     weight = 1.0 if rows else 0.0
     with torch.autocast(device.type, enabled=amp):
-        images, targets = data.to_model_inputs(rows or [_blank_row()], device, augment)
+        images, targets = data.to_model_inputs(rows or [_blank_row(model)], device, augment)
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values()) * weight
-    names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+    names = tuple(loss_dict)  # the model's losses (loss_mask, loss_keypoint, ...), in the same order on every worker
     parts = torch.tensor([weight * float(loss_dict[n].detach()) for n in names] + [weight, len(rows)])
     parts = _all_reduce(parts)
     workers_with_data = max(1.0, float(parts[-2]))

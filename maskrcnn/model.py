@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import get_model_weights, get_weight, resnet
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection import FasterRCNN, MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from maskrcnn.errors import UserError
@@ -30,8 +32,16 @@ from maskrcnn.errors import UserError
 log = logging.getLogger(__name__)
 
 SMALL = "maskrcnn_resnet18_fpn_small"
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL)
-_BACKBONE = {"maskrcnn_resnet50_fpn": "resnet50", "maskrcnn_resnet50_fpn_v2": "resnet50", SMALL: "resnet18"}
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL)  # what the jobs' --arch offers
+# Person keypoints (issue #12): torchvision's Keypoint R-CNN, and the paper's Table 4 model with
+# a mask head and a keypoint head in one RoI head set; each in R50-FPN and the small CPU size.
+# They build and train here; the jobs offer them once the rest of the keypoint path exists.
+KEYPOINT_ARCHS = (
+    "keypointrcnn_resnet50_fpn",
+    "keypointrcnn_resnet18_fpn_small",
+    "maskrcnn_keypoint_resnet50_fpn",
+    "maskrcnn_keypoint_resnet18_fpn_small",
+)
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
@@ -49,12 +59,24 @@ def _resnet(arch: str, pretrained: bool, backbone_weights: Any) -> resnet.ResNet
     # torchvision's convention: frozen batch norm when starting from pretrained weights
     # (v2 keeps plain batch norm in its body, as torchvision's own builder does).
     frozen = pretrained and arch != "maskrcnn_resnet50_fpn_v2"
-    builder = getattr(resnet, _BACKBONE[arch])
+    builder = resnet.resnet18 if is_small(arch) else resnet.resnet50
     return builder(weights=backbone_weights, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
 
 
+def is_small(arch: str) -> bool:
+    return arch.endswith("_small")
+
+
+def has_masks(arch: str) -> bool:
+    return not arch.startswith("keypointrcnn")
+
+
+def has_keypoints(arch: str) -> bool:
+    return arch in KEYPOINT_ARCHS
+
+
 def _heads(arch: str, channels: int, num_classes: int) -> dict[str, Any]:
-    if arch == "maskrcnn_resnet50_fpn":
+    if not is_small(arch) and arch != "maskrcnn_resnet50_fpn_v2":
         return {"num_classes": num_classes}
     if arch == "maskrcnn_resnet50_fpn_v2":
         anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
@@ -85,6 +107,7 @@ def build_model(
     arch: str,
     num_classes: int,
     *,
+    num_keypoints: int | None = None,
     pretrained: bool = False,
     trainable_layers: int | None = None,
     min_size: int | tuple[int, ...] | None = None,
@@ -102,7 +125,7 @@ def build_model(
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
     ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILE`).
     """
-    if arch not in ARCHS:
+    if arch not in ARCHS + KEYPOINT_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must count background plus at least one class, got {num_classes}")
@@ -111,20 +134,29 @@ def build_model(
     fpn_norm = nn.BatchNorm2d if arch == "maskrcnn_resnet50_fpn_v2" else None
     body = _resnet(arch, pretrained, backbone_weights)
     backbone = _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm)
-    if arch == SMALL:
+    if is_small(arch):
         backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
         backbone.out_channels = SMALL_FPN_CHANNELS
     min_size, max_size = _sizes(arch, min_size, max_size)
-    model = MaskRCNN(
-        backbone,
-        min_size=min_size,
-        max_size=max_size,
-        _skip_resize=skip_resize,
-        **_heads(arch, backbone.out_channels, num_classes),
-    )
+    heads = _heads(arch, backbone.out_channels, num_classes)
+    if not has_masks(arch):
+        heads = {k: v for k, v in heads.items() if not k.startswith("mask_")}
+    detector = MaskRCNN if has_masks(arch) else FasterRCNN
+    model = detector(backbone, min_size=min_size, max_size=max_size, _skip_resize=skip_resize, **heads)
+    if has_keypoints(arch):
+        _add_keypoint_head(model.roi_heads, backbone.out_channels, num_keypoints or 17, is_small(arch))
     if frozen_bn_eps is not None:
         overwrite_eps(model, frozen_bn_eps)
     return model
+
+
+def _add_keypoint_head(heads: RoIHeads, channels: int, num_keypoints: int, small: bool) -> None:
+    """torchvision's Keypoint R-CNN head (as ``KeypointRCNN`` builds it, so its COCO weights
+    load by name), or a thinner one for the small model, beside whatever heads are there."""
+    width, depth = (128, 4) if small else (512, 8)
+    heads.keypoint_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    heads.keypoint_head = KeypointRCNNHeads(channels, (width,) * depth)
+    heads.keypoint_predictor = KeypointRCNNPredictor(width, num_keypoints)
 
 
 def structure(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
@@ -147,7 +179,7 @@ def inference_size(
 def default_sizes(arch: str) -> tuple[tuple[int, ...], int]:
     """The training shortest sides and longest-side cap of ``arch`` (torchvision's recipe for
     R50); the largest shortest side is the one it predicts at."""
-    if arch == SMALL:
+    if is_small(arch):
         return (256, 288, 320), 512
     return (640, 672, 704, 736, 768, 800), 1333
 

@@ -98,3 +98,31 @@ def test_real_model_trains_on_images_with_and_without_annotations():
     }
     result = _step(model, [empty, full])
     assert result.images == 2 and math.isfinite(result.losses["loss"]) and result.losses["loss_mask"] > 0
+
+
+@pytest.mark.parametrize("arch", ["keypointrcnn_resnet18_fpn_small", "maskrcnn_keypoint_resnet18_fpn_small"])
+def test_keypoint_models_learn_from_real_person_keypoints(arch, shared_data):
+    """A few CPU steps on real COCO persons (people with no labelled keypoints among them):
+    the loss falls, and the keypoint loss is part of it."""
+    import json
+
+    from maskrcnn import data
+    from maskrcnn.model import build_model
+
+    folder = shared_data / "coco_keypoints" / "mmpose"
+    dataset = data.load_coco(str(folder / "test_coco.json"), str(folder / "images"))
+    resize = data.resize_transform(160, 240)
+    rows = [data.load_example(r, resize) for r in dataset.records if json.loads(r["annotations"])]
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=2, num_keypoints=17, min_size=160, max_size=240, skip_resize=True).train()
+    optimizer = engine.make_optimizer("adamw", list(model.parameters()), 1e-3, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for step in range(16):
+        batch = rows[(2 * step) % len(rows) :][:2] or rows[:2]
+        result = engine.train_step(
+            model, optimizer, scaler, batch, torch.device("cpu"), lr=1e-3, clip_norm=10.0, amp=False, step=step
+        )
+        losses.append(result.losses["loss"])
+    assert "loss_keypoint" in result.losses and ("loss_mask" in result.losses) == arch.startswith("maskrcnn")
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.model import ARCHS, build_model
+from maskrcnn.model import ARCHS, KEYPOINT_ARCHS, build_model
 
 
 def _predictor_weight(m):
@@ -31,3 +31,25 @@ def test_default_sizes_are_declared_once_and_predict_at_the_largest_training_sca
     scales, max_size = default_sizes("maskrcnn_resnet50_fpn")
     assert inference_size("maskrcnn_resnet50_fpn") == (scales[-1], max_size) == (800, 1333)
     assert build_model(SMALL, num_classes=2).transform.min_size == (320,)
+
+
+@pytest.mark.parametrize("arch", KEYPOINT_ARCHS)
+def test_keypoint_architectures_build_and_predict_keypoints(arch):
+    m = build_model(arch, num_classes=2, num_keypoints=5, min_size=96, max_size=128).eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, 80, 120)])[0]
+    assert {"boxes", "labels", "scores", "keypoints", "keypoints_scores"} <= set(out)
+    assert out["keypoints"].shape[1:] == (5, 3)
+    assert ("masks" in out) == arch.startswith("maskrcnn_keypoint")
+
+
+def test_torchvisions_keypoint_and_mask_weights_fit_by_name():
+    """Keypoint R-CNN's state dict loads into keypointrcnn_resnet50_fpn as it is; the joint
+    model is exactly Mask R-CNN's tensors plus Keypoint R-CNN's keypoint head (Table 4's init)."""
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+
+    keypoint = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    build_model("keypointrcnn_resnet50_fpn", 2, num_keypoints=17).load_state_dict(keypoint)  # strict
+    mask = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).state_dict()
+    head = {k: v for k, v in keypoint.items() if k.startswith("roi_heads.keypoint_")}
+    build_model("maskrcnn_keypoint_resnet50_fpn", 2, num_keypoints=17).load_state_dict({**mask, **head})  # strict
