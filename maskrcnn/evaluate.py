@@ -18,6 +18,7 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ray.util import ActorPool
+from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
 
 from maskrcnn import checkpoint, data
 from maskrcnn.export import to_results
@@ -55,6 +56,41 @@ _STAT_LABELS = (
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
 )
+# COCOeval's keypoint summary has its own 10 values (OKS instead of IoU, 20 detections).
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "AP_medium", "AP_large", "AR", "AR50", "AR75", "AR_medium", "AR_large")
+_KEYPOINT_STAT_LABELS = tuple(
+    f"Average {kind} @[ OKS={oks} | area={area} | maxDets= 20 ]"
+    for kind, oks, area in zip(
+        ["Precision  (AP)"] * 5 + ["Recall     (AR)"] * 5,
+        ["0.50:0.95", "0.50     ", "0.75     ", "0.50:0.95", "0.50:0.95"] * 2,
+        ["   all", "   all", "   all", "medium", " large"] * 2,
+    )
+)
+# The mean of COCO's 17 person sigmas (0.0669): what a keypoint set with no --keypoint-sigmas is scored with.
+DEFAULT_KEYPOINT_SIGMA = 0.067
+
+
+def stat_names(iou_type: str) -> tuple[str, ...]:
+    return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+
+
+def keypoint_sigmas(names: list[str], given: list[float] | None = None) -> tuple[np.ndarray, str | None]:
+    """The OKS sigma of each keypoint and, when they had to be guessed, a warning: ``given``
+    ones, else COCO's for COCO's 17 person keypoints, else :data:`DEFAULT_KEYPOINT_SIGMA`."""
+    if given is not None:
+        if len(given) != len(names):
+            raise ValueError(f"--keypoint-sigmas gives {len(given)} values for {len(names)} keypoints")
+        return np.asarray(given, dtype=float), None
+    coco = COCOeval(iouType="keypoints").params.kpt_oks_sigmas
+    if list(names) == COCO_KEYPOINTS:
+        return coco, None
+    warning = (
+        f"no --keypoint-sigmas for these {len(names)} keypoints: scoring OKS with {DEFAULT_KEYPOINT_SIGMA} for each"
+    )
+    return np.full(len(names), DEFAULT_KEYPOINT_SIGMA), warning
+
+
+COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
 
 
 @contextlib.contextmanager
@@ -85,12 +121,19 @@ class Scores:
     """What pycocotools computes: the 12 summary stats and the AP of each category, per
     IoU type. A category with no ground truth has AP ``nan``, as in detectron2's table."""
 
-    stats: dict[str, list[float]]  # iou type -> the 12 values of STAT_NAMES
+    stats: dict[str, list[float]]  # iou type -> its values of stat_names(iou type)
     per_class: dict[str, dict[str, float]]  # iou type -> {category name: AP}
 
 
-def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int] | None = None) -> Scores:
-    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`).
+def evaluate(
+    gt: dict[str, Any] | COCO,
+    results: list[dict],
+    image_ids: list[int] | None = None,
+    iou_types: tuple[str, ...] = IOU_TYPES,
+    sigmas: np.ndarray | None = None,
+) -> Scores:
+    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`),
+    for each of ``iou_types`` (``bbox``, ``segm``, ``keypoints``; ``sigmas``: see :func:`keypoint_sigmas`).
 
     With no detections at all every stat is 0.0 (pycocotools cannot load an empty result).
     """
@@ -98,15 +141,18 @@ def evaluate(gt: dict[str, Any] | COCO, results: list[dict], image_ids: list[int
     names = {c["id"]: c["name"] for c in api.dataset.get("categories", [])}
     if not results:
         return Scores(
-            {t: [0.0] * len(STAT_NAMES) for t in IOU_TYPES}, {t: dict.fromkeys(names.values(), 0.0) for t in IOU_TYPES}
+            {t: [0.0] * len(stat_names(t)) for t in iou_types},
+            {t: dict.fromkeys(names.values(), 0.0) for t in iou_types},
         )
     scores = Scores({}, {})
     with _quiet():
         detections = api.loadRes(copy.deepcopy(results))
-        for iou_type in IOU_TYPES:
+        for iou_type in iou_types:
             ev = COCOeval(api, detections, iou_type)
             if image_ids is not None:
                 ev.params.imgIds = sorted(image_ids)
+            if iou_type == "keypoints" and sigmas is not None:
+                ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=float)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -128,12 +174,12 @@ def _per_class(ev: COCOeval, names: dict[int, str]) -> dict[str, float]:
 
 def as_metrics(scores: Scores) -> dict[str, float]:
     """Flatten to ``{"bbox_AP": .., "segm_AP50": .., ...}`` for reporting."""
-    return {f"{t}_{name}": float(v) for t, values in scores.stats.items() for name, v in zip(STAT_NAMES, values)}
+    return {f"{t}_{name}": float(v) for t, values in scores.stats.items() for name, v in zip(stat_names(t), values)}
 
 
 def as_json(scores: Scores) -> dict[str, Any]:
     """``{"bbox": {"AP": ..}, "segm": {..}, "per_class_AP": {"segm": {name: AP or null}}}``."""
-    report: dict[str, Any] = {t: dict(zip(STAT_NAMES, values)) for t, values in scores.stats.items()}
+    report: dict[str, Any] = {t: dict(zip(stat_names(t), values)) for t, values in scores.stats.items()}
     report["per_class_AP"] = {
         t: {name: (None if math.isnan(ap) else ap) for name, ap in aps.items()} for t, aps in scores.per_class.items()
     }
@@ -145,7 +191,8 @@ def format_table(scores: Scores, columns: int = 3) -> str:
     lines = []
     for iou_type, values in scores.stats.items():
         lines.append(f"IoU metric: {iou_type}")
-        lines += [f" {label} = {value:0.3f}" for label, value in zip(_STAT_LABELS, values)]
+        labels = _KEYPOINT_STAT_LABELS if iou_type == "keypoints" else _STAT_LABELS
+        lines += [f" {label} = {value:0.3f}" for label, value in zip(labels, values)]
         cells = [f"{name[:18]:<18} {100 * ap:6.2f}" for name, ap in scores.per_class.get(iou_type, {}).items()]
         if cells:
             lines.append(f"Per-category {iou_type} AP (%):")

@@ -235,6 +235,7 @@ def ground_truth_as_results(gt: dict, category_of=lambda ann: ann["category_id"]
             "bbox": a["bbox"],
             "score": 1.0,
             "segmentation": masks.to_rle(a["segmentation"], *size[a["image_id"]]),
+            **({"keypoints": a["keypoints"]} if "keypoints" in a else {}),
         }
         for a in gt["annotations"]
         if not a.get("iscrowd")

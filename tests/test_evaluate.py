@@ -96,3 +96,34 @@ def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, co
     assert report["model_source"] == torchvision_pth and report["model"].startswith("maskrcnn_resnet50_fpn@0:")
     assert report["detections"] > 0 and "[evaluate] 1/1 images (100%)" in result.stdout
     assert "does not know category ids" not in result.stdout  # the model knows all 80 COCO ids
+
+
+def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
+    from maskrcnn import data
+    from maskrcnn.evaluate import KEYPOINT_STAT_NAMES, keypoint_sigmas
+
+    folder = shared_data / "coco_keypoints" / "super_gradients_train2017"
+    dataset = data.load_coco(str(folder / "person_keypoints_train2017.json"), str(folder / "images"))
+    sigmas, warning = keypoint_sigmas(list(dataset.keypoints.names))
+    assert warning is None and sigmas.shape == (17,)
+    # people with no labelled keypoint are not scored by COCOeval (it ignores them), so not predicted
+    labelled = dict(dataset.gt, annotations=[a for a in dataset.gt["annotations"] if a["num_keypoints"] > 0])
+    scores = evaluate(dataset.gt, ground_truth_as_results(labelled), iou_types=("keypoints",), sigmas=sigmas)
+    assert scores.stats["keypoints"][0] == pytest.approx(1.0) and len(scores.stats["keypoints"]) == 10
+    assert set(as_metrics(scores)) == {f"keypoints_{n}" for n in KEYPOINT_STAT_NAMES}
+    assert "Average Precision  (AP) @[ OKS=0.50:0.95 | area=   all | maxDets= 20 ] = 1.000" in format_table(scores)
+    wrong = [
+        dict(r, keypoints=[v + 25 * (i % 3 != 2) for i, v in enumerate(r["keypoints"])])
+        for r in ground_truth_as_results(labelled)
+    ]
+    assert evaluate(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
+
+
+def test_keypoint_sigmas_for_other_keypoint_sets():
+    from maskrcnn.evaluate import DEFAULT_KEYPOINT_SIGMA, keypoint_sigmas
+
+    sigmas, warning = keypoint_sigmas(["head", "tail"])
+    assert sigmas.tolist() == [DEFAULT_KEYPOINT_SIGMA] * 2 and "no --keypoint-sigmas for these 2 keypoints" in warning
+    assert keypoint_sigmas(["head", "tail"], [0.1, 0.2])[0].tolist() == [0.1, 0.2]
+    with pytest.raises(ValueError, match="gives 1 values for 2 keypoints"):
+        keypoint_sigmas(["head", "tail"], [0.1])
