@@ -269,28 +269,48 @@ def init_model(
     ``arch_kwargs`` are :func:`build_model`'s keyword arguments, ``num_classes`` included.
     ``weights`` is a torchvision weight name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
     ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
-    URI, or None for random initialisation.
+    URI, or None for random initialisation. Tensors load where name and shape match, so
+    COCO weights fine-tune on other classes. The joint mask + keypoint model takes two,
+    ``MASK,KEYPOINT`` (see :func:`_joint_sources`).
     """
     kwargs = dict(arch_kwargs, pretrained=weights is not None)
     if weights is None:
         return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    tv = None if model_lib.is_path(weights) else model_lib.torchvision_weights(weights, arch)
-    if tv is None and not model_lib.is_path(weights):
-        raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
+    sources = _joint_sources(weights) if model_lib.has_masks(arch) and model_lib.has_keypoints(arch) else [weights]
+    tv = None if model_lib.is_path(sources[0]) else model_lib.torchvision_weights(sources[0], arch)
     if tv is not None and type(tv).__name__.startswith("ResNet"):
         try:
             return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
         except (OSError, RuntimeError) as err:
             raise download_error(weights, tv, err, "--weights") from err
-    if tv is not None:
-        try:
-            state_dict = tv.get_state_dict(progress=False)
-        except (OSError, RuntimeError) as err:
-            raise download_error(weights, tv, err, "--weights") from err
-    else:
-        state_dict = state_dict_of(read(weights, WeightsError), weights)
-    if "frozen_bn_eps" in model_lib.structure(state_dict, tv.url if tv is not None else weights):
+    loaded = [_initial_state_dict(source, arch) for source in sources]
+    if "frozen_bn_eps" in model_lib.structure(*loaded[0]):
         kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does
     model = build_model(arch, skip_resize=skip_resize, **kwargs)
-    model_lib.load_matching(model, state_dict, weights)
+    model_lib.load_matching(model, loaded[0][0], sources[0])
+    if len(loaded) > 1:  # only the keypoint head comes from the keypoint weights
+        head = {k: v for k, v in loaded[1][0].items() if k.startswith("roi_heads.keypoint_")}
+        model_lib.load_matching(model, head, sources[1])
     return model, kwargs
+
+
+def _joint_sources(weights: str) -> list[str]:
+    """The joint model's initial weights, as the paper's Table 4 starts it: Mask R-CNN's for the
+    backbone, box and mask heads, then Keypoint R-CNN's for the keypoint head. ``COCO_V1``
+    means torchvision's two COCO_V1s; otherwise ``MASK,KEYPOINT`` (names or files) or one."""
+    if weights == "COCO_V1":
+        return ["MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"]
+    return [w.strip() for w in weights.split(",") if w.strip()][:2]
+
+
+def _initial_state_dict(weights: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """One ``--weights`` source's tensors (downloaded or read) and where they came from."""
+    tv = None if model_lib.is_path(weights) else model_lib.torchvision_weights(weights, arch)
+    if tv is None and not model_lib.is_path(weights):
+        raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
+    if tv is None:
+        return state_dict_of(read(weights, WeightsError), weights), weights
+    try:
+        return tv.get_state_dict(progress=False), tv.url
+    except (OSError, RuntimeError) as err:
+        raise download_error(weights, tv, err, "--weights") from err

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import get_model_weights, get_weight, resnet
-from torchvision.models.detection import FasterRCNN, MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection import (
+    FasterRCNN,
+    KeypointRCNN_ResNet50_FPN_Weights,
+    MaskRCNN,
+    MaskRCNN_ResNet50_FPN_Weights,
+)
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -45,10 +50,13 @@ KEYPOINT_ARCHS = (
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
-# torchvision's COCO_V1 Mask R-CNN weights were trained with frozen batch norm's eps at 0
-# (pytorch/vision#2933): its builder sets eps back to 0 when it loads them, and so does this
-# project, for the weight name and for that file by its published name.
-LEGACY_EPS_FILE = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url.rsplit("/", 1)[-1]
+# torchvision's COCO_V1 Mask R-CNN and Keypoint R-CNN weights were trained with frozen batch
+# norm's eps at 0 (pytorch/vision#2933): its builders set eps back to 0 when they load them,
+# and so does this project, for the weight names and for those files by their published names.
+LEGACY_EPS_FILES = tuple(
+    w.COCO_V1.url.rsplit("/", 1)[-1] for w in (MaskRCNN_ResNet50_FPN_Weights, KeypointRCNN_ResNet50_FPN_Weights)
+)
+LEGACY_EPS_FILE = LEGACY_EPS_FILES[0]
 
 
 class WeightsError(UserError):
@@ -123,7 +131,7 @@ def build_model(
     weights enum) is only passed when the backbone really is to be downloaded.
     ``skip_resize`` lets the data pipeline do multi-scale resizing in training, as
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
-    ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILE`).
+    ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILES`).
     """
     if arch not in ARCHS + KEYPOINT_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -163,7 +171,7 @@ def structure(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, Any
     """The :func:`build_model` arguments a torchvision state dict implies: frozen batch norm
     (``pretrained``) when it has no ``num_batches_tracked``, and eps 0 for the COCO_V1 file."""
     pretrained = "backbone.body.bn1.num_batches_tracked" not in state_dict
-    legacy = pretrained and source.replace("\\", "/").rsplit("/", 1)[-1] == LEGACY_EPS_FILE
+    legacy = pretrained and source.replace("\\", "/").rsplit("/", 1)[-1] in LEGACY_EPS_FILES
     return {"pretrained": pretrained, **({"frozen_bn_eps": 0.0} if legacy else {})}
 
 

@@ -226,3 +226,31 @@ def test_torchvisions_coco_v1_file_gets_frozen_batch_norm_eps_zero_as_its_builde
         assert eps(checkpoint.build(ckpt)) == expected, name
         model, kwargs = init_model("maskrcnn_resnet50_fpn", {"num_classes": 3}, str(tmp_path / name))
         assert eps(model) == expected and eps(build_model("maskrcnn_resnet50_fpn", **kwargs)) == expected
+
+
+def test_the_joint_model_starts_from_mask_weights_and_a_keypoint_head(tmp_path):
+    """Table 4's initialisation: Mask R-CNN's COCO tensors for the backbone, box and mask heads,
+    Keypoint R-CNN's for the keypoint head (files here; COCO_V1 names both when online)."""
+    from torchvision.models.detection import keypointrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    mask = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    keypoint = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    torch.save(mask, tmp_path / "mask.pth")
+    torch.save(keypoint, tmp_path / "keypoint.pth")
+    sources = f"{tmp_path / 'mask.pth'},{tmp_path / 'keypoint.pth'}"
+    arch = "maskrcnn_keypoint_resnet50_fpn"
+    model, kwargs = init_model(arch, {"num_classes": 2, "num_keypoints": 17}, sources)
+    got = model.state_dict()
+    for name in (
+        "backbone.body.layer1.0.conv1.weight",
+        "roi_heads.box_head.fc6.weight",
+        "roi_heads.mask_head.0.0.weight",
+    ):
+        assert torch.equal(got[name], mask[name]), name
+    for name in ("roi_heads.keypoint_head.0.weight", "roi_heads.keypoint_predictor.kps_score_lowres.weight"):
+        assert torch.equal(got[name], keypoint[name]), name
+    assert not torch.equal(got["backbone.body.layer1.0.conv1.weight"], keypoint["backbone.body.layer1.0.conv1.weight"])
+    assert kwargs == {"num_classes": 2, "num_keypoints": 17, "pretrained": True}
+    with pytest.raises(WeightsError, match="unknown weights 'NOPE'"):
+        init_model(arch, {"num_classes": 2}, "NOPE")
