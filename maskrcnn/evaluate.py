@@ -68,6 +68,7 @@ _KEYPOINT_STAT_LABELS = tuple(
 )
 # The mean of COCO's 17 person sigmas (0.0669): what a keypoint set with no --keypoint-sigmas is scored with.
 DEFAULT_KEYPOINT_SIGMA = 0.067
+COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
 
 
 def stat_names(iou_type: str) -> tuple[str, ...]:
@@ -88,9 +89,6 @@ def keypoint_sigmas(names: list[str], given: list[float] | None = None) -> tuple
         f"no --keypoint-sigmas for these {len(names)} keypoints: scoring OKS with {DEFAULT_KEYPOINT_SIGMA} for each"
     )
     return np.full(len(names), DEFAULT_KEYPOINT_SIGMA), warning
-
-
-COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
 
 
 @contextlib.contextmanager

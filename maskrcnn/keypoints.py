@@ -36,9 +36,6 @@ class KeypointSpec:
         index = {name: i for i, name in enumerate(self.names)}
         return [index.get(_mirrored(name), i) for i, name in enumerate(self.names)]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"keypoints": list(self.names), "skeleton": [list(pair) for pair in self.skeleton]}
-
 
 def _mirrored(name: str) -> str:
     swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "l": "r", "r": "l"}

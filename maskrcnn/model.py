@@ -56,7 +56,6 @@ SMALL_FPN_CHANNELS = 64
 LEGACY_EPS_FILES = tuple(
     w.COCO_V1.url.rsplit("/", 1)[-1] for w in (MaskRCNN_ResNet50_FPN_Weights, KeypointRCNN_ResNet50_FPN_Weights)
 )
-LEGACY_EPS_FILE = LEGACY_EPS_FILES[0]
 
 
 class WeightsError(UserError):

@@ -220,7 +220,7 @@ def test_torchvisions_coco_v1_file_gets_frozen_batch_norm_eps_zero_as_its_builde
 
     # COCO_V1's structure (frozen batch norm, 91 classes), random weights
     state_dict = build_model("maskrcnn_resnet50_fpn", 91, pretrained=True).state_dict()
-    for name, expected in ((model_lib.LEGACY_EPS_FILE, {0.0}), ("my_maskrcnn.pth", {1e-5})):
+    for name, expected in ((model_lib.LEGACY_EPS_FILES[0], {0.0}), ("my_maskrcnn.pth", {1e-5})):
         torch.save(state_dict, tmp_path / name)
         ckpt = checkpoint.load(str(tmp_path / name))
         assert eps(checkpoint.build(ckpt)) == expected, name
