@@ -1,5 +1,5 @@
-"""Evaluate a model on a COCO set: COCO box and mask AP, overall and per category,
-printed and written as JSON.
+"""Evaluate a model on a COCO set: COCO box, mask and keypoint AP (those the model
+predicts), overall and per category, printed and written as JSON.
 
 The driver checks and cleans the ground truth by the training rules and scores with
 pycocotools; inference runs in --num-workers Ray actors, each with one GPU when --gpu is
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import storage
-from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, add_model_arguments, floats, job_parser, run_main
 from maskrcnn.evaluate import as_json, evaluate_model, format_table
 
 
@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per inference actor; default: CPU")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per inference actor (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--keypoint-sigmas", type=floats, help=KEYPOINT_SIGMAS_HELP)
     return p
 
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker,
         batch_size=args.batch_size,
+        keypoint_sigmas=args.keypoint_sigmas,
     )
     scores = report.pop("scores")
     print(f"[evaluate] {report['model']} on {report['images']} images; skipped: {report['skipped_images'] or 'none'}")

@@ -12,6 +12,8 @@ so loading never runs pickled code)::
     arch_kwargs      keyword arguments of maskrcnn.model.build_model (num_classes included)
     classes          class names, index i+1 = contiguous label i+1 (0 is background)
     category_ids     the COCO category id of each class, same order
+    keypoints        {"keypoints": names, "skeleton": pairs} of a keypoint model (as its COCO
+                     category gives them), else None; absent from files written before keypoints
     state_dict       the model's weights (no DDP "module." prefix)
     step, epoch      optimizer steps done, epochs completed
     metrics          dict of floats (losses, AP, ...)
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
+from maskrcnn import keypoints as keypoints_lib
 from maskrcnn import model as model_lib
 from maskrcnn import storage
 from maskrcnn.errors import UserError
@@ -59,8 +62,11 @@ def make(
     epoch: int,
     metrics: dict[str, float] | None = None,
     train_state: dict | None = None,
+    keypoints: keypoints_lib.KeypointSpec | None = None,
 ) -> dict[str, Any]:
     model = getattr(model, "module", model)  # unwrap DDP
+    if model_lib.has_keypoints(arch) != (keypoints is not None):
+        raise ValueError(f"{arch} checkpoints need keypoint names exactly when the model predicts keypoints")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -68,6 +74,7 @@ def make(
         "arch_kwargs": dict(arch_kwargs),
         "classes": list(classes),
         "category_ids": [int(c) for c in category_ids],
+        "keypoints": keypoints.as_dict() if keypoints else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "step": int(step),
         "epoch": int(epoch),
@@ -163,24 +170,41 @@ def _from_state_dict(
     if scores is None:
         raise CheckpointError(f"{source} is not a Mask R-CNN state dict: it has no roi_heads.box_predictor")
     num_classes = scores.shape[0]
+    count = model_lib.num_keypoints_of(state_dict) if model_lib.has_keypoints(arch) else None
     if categories is None and num_classes == len(COCO_CATEGORIES):
         categories = COCO_CATEGORIES
+    elif categories is None and count == len(keypoints_lib.COCO_PERSON) and num_classes == 2:
+        categories = ["__background__", "person"]  # torchvision's Keypoint R-CNN file
     names = categories[1:] if categories else [f"class_{i}" for i in range(1, num_classes)]
     # torchvision's COCO models predict the COCO category id itself; "N/A" fills the gaps.
     kwargs = {"num_classes": num_classes, **model_lib.structure(state_dict, source)}
+    if count:
+        kwargs["num_keypoints"] = count
     model = build_model(arch, **kwargs)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         raise CheckpointError(f"{source} does not fit {arch}: {_mismatch(err)}; pass the right --arch") from err
     return make(
-        model, arch=arch, arch_kwargs=kwargs, classes=names, category_ids=list(range(1, num_classes)), step=0, epoch=0
+        model,
+        arch=arch,
+        arch_kwargs=kwargs,
+        classes=names,
+        category_ids=list(range(1, num_classes)),
+        step=0,
+        epoch=0,
+        keypoints=keypoints_lib.unnamed(count) if count else None,
     )
 
 
 def _mismatch(err: RuntimeError) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[1][:200] if len(lines) > 1 else lines[0][:200]
+
+
+def keypoint_spec(ckpt: dict[str, Any]) -> keypoints_lib.KeypointSpec | None:
+    """The keypoint names and skeleton of a checkpoint's model; None for a model without keypoints."""
+    return keypoints_lib.KeypointSpec.from_dict(ckpt.get("keypoints"))
 
 
 def categories(ckpt: dict[str, Any]) -> list[dict[str, Any]]:

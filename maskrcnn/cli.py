@@ -88,6 +88,17 @@ def ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def floats(text: str) -> tuple[float, ...]:
+    """``"0.026,0.025"`` -> ``(0.026, 0.025)``; each positive."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
 def names(text: str) -> list[str]:
     """``"person, dog"`` -> ``["person", "dog"]``."""
     return [n.strip() for n in text.split(",") if n.strip()]
@@ -131,8 +142,13 @@ MODEL_HELP = (
     "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1), downloaded once by this process"
 )
 ARCH_HELP = (
-    "the architecture of a .pth file that does not say (default: from the file; "
-    "maskrcnn_resnet50_fpn for a bare weight name)"
+    "the architecture of a .pth file that does not say, or of a bare weight name "
+    "(default: from the file; maskrcnn_resnet50_fpn for a bare weight name: "
+    "--arch keypointrcnn_resnet50_fpn --model COCO_V1 is torchvision's Keypoint R-CNN)"
+)
+KEYPOINT_SIGMAS_HELP = (
+    "keypoint models: the OKS sigma of each keypoint, comma-separated, in the category's order "
+    "(default: COCO's for COCO's 17 person keypoints, else 0.067 each, with a warning)"
 )
 
 

@@ -1,5 +1,5 @@
-"""COCO box and mask AP (overall and per category) with pycocotools, and scoring a model on
-a COCO set with Ray actors."""
+"""COCO box, mask and keypoint AP (overall and per category) with pycocotools, and scoring a
+model on a COCO set with Ray actors."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from ray.util import ActorPool
-from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
 
-from maskrcnn import checkpoint, data
+from maskrcnn import checkpoint, data, keypoints
 from maskrcnn.export import to_results
+from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.predictor import Predictor
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import init_ray, without_false_alarms
@@ -66,29 +66,15 @@ _KEYPOINT_STAT_LABELS = tuple(
         ["   all", "   all", "   all", "medium", " large"] * 2,
     )
 )
-# The mean of COCO's 17 person sigmas (0.0669): what a keypoint set with no --keypoint-sigmas is scored with.
-DEFAULT_KEYPOINT_SIGMA = 0.067
-COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
 
 
 def stat_names(iou_type: str) -> tuple[str, ...]:
     return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
 
 
-def keypoint_sigmas(names: list[str], given: list[float] | None = None) -> tuple[np.ndarray, str | None]:
-    """The OKS sigma of each keypoint and, when they had to be guessed, a warning: ``given``
-    ones, else COCO's for COCO's 17 person keypoints, else :data:`DEFAULT_KEYPOINT_SIGMA`."""
-    if given is not None:
-        if len(given) != len(names):
-            raise ValueError(f"--keypoint-sigmas gives {len(given)} values for {len(names)} keypoints")
-        return np.asarray(given, dtype=float), None
-    coco = COCOeval(iouType="keypoints").params.kpt_oks_sigmas
-    if list(names) == COCO_KEYPOINTS:
-        return coco, None
-    warning = (
-        f"no --keypoint-sigmas for these {len(names)} keypoints: scoring OKS with {DEFAULT_KEYPOINT_SIGMA} for each"
-    )
-    return np.full(len(names), DEFAULT_KEYPOINT_SIGMA), warning
+def iou_types(arch: str) -> tuple[str, ...]:
+    """What a model of ``arch`` is scored on: boxes, then masks and keypoints where it has them."""
+    return ("bbox",) + (("segm",) if has_masks(arch) else ()) + (("keypoints",) if has_keypoints(arch) else ())
 
 
 @contextlib.contextmanager
@@ -131,7 +117,7 @@ def evaluate(
     sigmas: np.ndarray | None = None,
 ) -> Scores:
     """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`),
-    for each of ``iou_types`` (``bbox``, ``segm``, ``keypoints``; ``sigmas``: see :func:`keypoint_sigmas`).
+    for each of ``iou_types`` (``bbox``, ``segm``, ``keypoints``; ``sigmas``: see :func:`maskrcnn.keypoints.sigmas`).
 
     With no detections at all every stat is 0.0 (pycocotools cannot load an empty result).
     """
@@ -211,14 +197,16 @@ def evaluate_model(
     gpu: bool = False,
     cpus_per_worker: float = 1.0,
     batch_size: int = 2,
+    keypoint_sigmas: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Score a model (anything :func:`maskrcnn.checkpoint.load` takes) on a COCO set. The
     driver checks the ground truth and scores; ``num_workers`` Ray actors (one GPU each with
     ``gpu``) do the inference, so under ``ray job submit`` it runs where the GPUs are."""
     ckpt = checkpoint.load(model, arch)  # fail fast (and fetch once), before any actor starts
     model_id, known, weights = checkpoint.identity(ckpt), set(ckpt["category_ids"]), checkpoint.to_bytes(ckpt)
-    del ckpt
     dataset = data.load_coco(annotations, image_root)
+    types, sigmas = _scored(ckpt, dataset, annotations, keypoint_sigmas)
+    del ckpt
     unknown = sorted(set(dataset.category_ids) - known)
     if unknown and dataset.gt["annotations"]:
         print(f"[evaluate] warning: the model does not know category ids {unknown}; they score 0 AP", flush=True)
@@ -251,8 +239,27 @@ def evaluate_model(
         "detections": len(results),
         "skipped_images": dict(skipped),
         "dropped_annotations": dict(dataset.dropped),
-        "scores": evaluate(dataset.gt, results, image_ids=[r["image_id"] for r in dataset.records]),
+        "scores": evaluate(dataset.gt, results, [r["image_id"] for r in dataset.records], types, sigmas),
     }
+
+
+def _scored(
+    ckpt: dict[str, Any], dataset: data.CocoDataset, annotations: str, given: tuple[float, ...] | None
+) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """What to score a model on (:func:`iou_types`), and the OKS sigmas of its keypoints. A
+    keypoint model needs ground truth with the same keypoints; without any, it is scored on boxes."""
+    types, spec = iou_types(ckpt["arch"]), checkpoint.keypoint_spec(ckpt)
+    if spec is None:
+        return types, None
+    if dataset.keypoints is None:
+        print(f"[evaluate] warning: {annotations} has no keypoints; scoring boxes and masks only", flush=True)
+        return tuple(t for t in types if t != "keypoints"), None
+    if dataset.keypoints.names != spec.names:
+        raise data.DatasetError(f"{annotations}: its keypoints are not the model's ({', '.join(spec.names[:3])}, ...)")
+    sigmas, warning = keypoints.sigmas(spec.names, list(given) if given else None)
+    if warning:
+        print(f"[evaluate] warning: {warning}", flush=True)
+    return types, sigmas
 
 
 class Evaluator:

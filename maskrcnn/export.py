@@ -67,17 +67,18 @@ def relative(uri: str, root: str) -> str | None:
 
 
 def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
-    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts."""
-    return [
-        {
-            "image_id": int(image_id),
-            "category_id": i["category_id"],
-            "bbox": i["bbox"],
-            "score": i["score"],
-            "segmentation": i["mask"],
-        }
-        for i in instances
-    ]
+    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts:
+    ``segmentation`` where there is a mask, ``keypoints`` ``[x, y, 1] * K`` where there are
+    keypoints (visibility 1, as torchvision's references write them; COCOeval reads only x, y)."""
+    results = []
+    for i in instances:
+        result = {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"]}
+        if i.get("mask") is not None:
+            result["segmentation"] = i["mask"]
+        if i.get("keypoints") is not None:
+            result["keypoints"] = [v for x, y, _ in i["keypoints"] for v in (x, y, 1)]
+        results.append(result)
+    return results
 
 
 class _JsonList:

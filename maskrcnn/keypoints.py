@@ -1,5 +1,6 @@
 """Person keypoints, COCO's ``keypoints`` ``[x, y, v] * K``: the dataset's keypoint names and
-skeleton (:class:`KeypointSpec`), the left/right swap a horizontal flip needs, and that flip.
+skeleton (:class:`KeypointSpec`, stored in the checkpoint), the left/right swap a horizontal
+flip needs, that flip, and the OKS sigmas that score them (:func:`sigmas`).
 
 The swap comes from the names (``left_eye`` <-> ``right_eye``), not from a table written for
 COCO persons, so any keypoint set whose names say left and right flips correctly.
@@ -11,8 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
+from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
 from torchvision.transforms import v2
 
 from maskrcnn.errors import UserError
@@ -35,6 +39,32 @@ class KeypointSpec:
         its ``right`` twin; a name with no twin (``nose``) stays."""
         index = {name: i for i, name in enumerate(self.names)}
         return [index.get(_mirrored(name), i) for i, name in enumerate(self.names)]
+
+    def as_dict(self) -> dict[str, list]:
+        """What a checkpoint and a COCO category hold: ``{"keypoints": names, "skeleton": pairs}``."""
+        return {"keypoints": list(self.names), "skeleton": [list(pair) for pair in self.skeleton]}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, list] | None) -> KeypointSpec | None:
+        if not value:
+            return None
+        return cls(tuple(value["keypoints"]), tuple((a, b) for a, b in value["skeleton"]))
+
+
+# COCO's 17 person keypoints (torchvision's Keypoint R-CNN predicts them) and the skeleton of
+# COCO's person category, which torchvision's weights do not carry.
+COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
+_PAIRS = "16-14 14-12 17-15 15-13 12-13 6-12 7-13 6-7 6-8 7-9 8-10 9-11 2-3 1-2 1-3 2-4 3-5 4-6 5-7"
+COCO_SKELETON = tuple((int(a), int(b)) for a, b in (pair.split("-") for pair in _PAIRS.split()))
+COCO_PERSON = KeypointSpec(tuple(COCO_KEYPOINTS), COCO_SKELETON)
+
+
+def unnamed(count: int) -> KeypointSpec:
+    """The spec of a keypoint head that came without names: COCO's persons for 17 (as 91
+    classes are COCO's), else ``keypoint_1`` .. ``keypoint_K`` with no skeleton."""
+    if count == len(COCO_PERSON):
+        return COCO_PERSON
+    return KeypointSpec(tuple(f"keypoint_{i}" for i in range(1, count + 1)), ())
 
 
 def _mirrored(name: str) -> str:
@@ -99,3 +129,20 @@ class RandomHorizontalFlip(v2.Transform):
                 visibility=target["visibility"][:, self.permutation],
             )
         return image, target
+
+
+# The mean of COCO's 17 person sigmas (0.0669): what a keypoint set with no --keypoint-sigmas is scored with.
+DEFAULT_SIGMA = 0.067
+
+
+def sigmas(names: list[str] | tuple[str, ...], given: list[float] | None = None) -> tuple[np.ndarray, str | None]:
+    """The OKS sigma of each keypoint and, when they had to be guessed, a warning: ``given``
+    ones, else COCO's for COCO's 17 person keypoints, else :data:`DEFAULT_SIGMA`."""
+    if given is not None:
+        if len(given) != len(names):
+            raise KeypointError(f"--keypoint-sigmas gives {len(given)} values for {len(names)} keypoints")
+        return np.asarray(given, dtype=float), None
+    if list(names) == COCO_KEYPOINTS:
+        return COCOeval(iouType="keypoints").params.kpt_oks_sigmas, None
+    warning = f"no --keypoint-sigmas for these {len(names)} keypoints: scoring OKS with {DEFAULT_SIGMA} for each"
+    return np.full(len(names), DEFAULT_SIGMA), warning

@@ -37,16 +37,17 @@ from maskrcnn.errors import UserError
 log = logging.getLogger(__name__)
 
 SMALL = "maskrcnn_resnet18_fpn_small"
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL)  # what the jobs' --arch offers
-# Person keypoints (issue #12): torchvision's Keypoint R-CNN, and the paper's Table 4 model with
-# a mask head and a keypoint head in one RoI head set; each in R50-FPN and the small CPU size.
-# They build and train here; the jobs offer them once the rest of the keypoint path exists.
+# Person keypoints: torchvision's Keypoint R-CNN, and the paper's Table 4 model with a mask
+# head and a keypoint head in one RoI head set; each in R50-FPN and the small CPU size.
 KEYPOINT_ARCHS = (
     "keypointrcnn_resnet50_fpn",
     "keypointrcnn_resnet18_fpn_small",
     "maskrcnn_keypoint_resnet50_fpn",
     "maskrcnn_keypoint_resnet18_fpn_small",
 )
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL, *KEYPOINT_ARCHS)  # what --arch offers
+# The architectures torchvision publishes weights for (by name: COCO_V1).
+TORCHVISION_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
@@ -132,7 +133,7 @@ def build_model(
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
     ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILES`).
     """
-    if arch not in ARCHS + KEYPOINT_ARCHS:
+    if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must count background plus at least one class, got {num_classes}")
@@ -218,7 +219,7 @@ def torchvision_weights(name: str, arch: str) -> Any | None:
     try:
         if "." in name:
             return get_weight(name)
-        if arch != SMALL:
+        if arch in TORCHVISION_ARCHS:
             return get_model_weights(arch)[name]
     except (KeyError, ValueError, AttributeError):
         return None
@@ -227,7 +228,7 @@ def torchvision_weights(name: str, arch: str) -> Any | None:
 
 def arch_of_weights(weights: Any) -> str | None:
     """The architecture whose torchvision weights these are; None for backbone weights."""
-    return next((a for a in ARCHS if a != SMALL and get_model_weights(a) is type(weights)), None)
+    return next((a for a in TORCHVISION_ARCHS if get_model_weights(a) is type(weights)), None)
 
 
 def is_path(name: str) -> bool:
@@ -241,7 +242,15 @@ def guess_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
         return "maskrcnn_resnet50_fpn_v2"
     if "roi_heads.box_head.fc6.weight" not in state_dict:
         return None
+    masks, points = "roi_heads.mask_head.0.0.weight" in state_dict, num_keypoints_of(state_dict) is not None
+    family = ("maskrcnn_keypoint" if masks else "keypointrcnn") if points else "maskrcnn"
     if "backbone.body.layer1.0.conv3.weight" in state_dict:
-        return "maskrcnn_resnet50_fpn"
+        return family + "_resnet50_fpn"
     fpn = state_dict.get("backbone.fpn.inner_blocks.0.0.weight")
-    return SMALL if fpn is not None and fpn.shape[0] == SMALL_FPN_CHANNELS else None
+    return family + "_resnet18_fpn_small" if fpn is not None and fpn.shape[0] == SMALL_FPN_CHANNELS else None
+
+
+def num_keypoints_of(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """How many keypoints a state dict's keypoint head predicts; None without one."""
+    weight = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    return None if weight is None else int(weight.shape[1])  # ConvTranspose2d: (in, out, k, k)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from maskrcnn import storage
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: instances have keypoints
 MASK = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 INSTANCE = pa.struct(
     [
@@ -27,7 +27,10 @@ INSTANCE = pa.struct(
         ("category", pa.string()),
         ("score", pa.float32()),
         ("bbox", pa.list_(pa.float32())),  # COCO [x, y, w, h] in pixels of the oriented image
-        ("mask", MASK),  # COCO compressed RLE; size = [height, width]
+        ("mask", MASK),  # COCO compressed RLE; size = [height, width]; null for Keypoint R-CNN
+        # K [x, y, score] in pixels of the oriented image (score: the heatmap's logit);
+        # null for models without keypoints. The names and skeleton are in the checkpoint.
+        ("keypoints", pa.list_(pa.list_(pa.float32(), 3))),
     ]
 )
 SCHEMA = pa.schema(

@@ -10,7 +10,8 @@ real archives. On CPU every image runs alone: batching is slower there (measured
 ``docs/benchmarks.md``), and alone its result is bit-identical at any batch size.
 
 Masks go straight from the 28x28 probabilities to full-image RLE in time proportional to
-the box areas (:func:`maskrcnn.masks.paste_and_encode`).
+the box areas (:func:`maskrcnn.masks.paste_and_encode`). A keypoint model's instances also
+carry their keypoints, K ``[x, y, score]`` in the same coordinates as the boxes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 from maskrcnn import checkpoint, masks
 
@@ -133,15 +134,20 @@ class Predictor:
         return detections
 
     def _instances(self, det: dict[str, torch.Tensor], resized: tuple[int, int], size: tuple[int, int]) -> list[dict]:
+        """One image's detections as instance dicts, in the coordinates of ``size``: ``mask``
+        (COCO RLE) and ``keypoints`` (K x ``[x, y, score]``) are None where the model has no
+        such head."""
         h, w = size
-        boxes = resize_boxes(det["boxes"].float(), resized, (h, w))
-        labels, scores, probs = det["labels"], det["scores"].float(), det["masks"].float()
+        det = dict(det, boxes=resize_boxes(det["boxes"].float(), resized, (h, w)))
+        if "keypoints" in det:
+            det["keypoints"] = resize_keypoints(det["keypoints"].float(), resized, (h, w))
         if self.keep is not None:
-            sel = torch.isin(labels, self.keep.to(labels.device))
-            boxes, labels, scores, probs = boxes[sel], labels[sel], scores[sel], probs[sel]
-        n = min(len(boxes), self.max_detections)
-        boxes, labels, scores, probs = boxes[:n], labels[:n], scores[:n], probs[:n]
-        rles = masks.paste_and_encode(probs, boxes, h, w)
+            sel = torch.isin(det["labels"], self.keep.to(det["labels"].device))
+            det = {k: v[sel] for k, v in det.items()}
+        det = {k: v[: self.max_detections] for k, v in det.items()}
+        boxes = det["boxes"]
+        rles = masks.paste_and_encode(det["masks"].float(), boxes, h, w) if "masks" in det else [None] * len(boxes)
+        points = _keypoint_triples(det) if "keypoints" in det else [None] * len(boxes)
         return [
             {
                 "category_id": self.category_ids[label - 1],
@@ -149,6 +155,16 @@ class Predictor:
                 "score": score,
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
                 "mask": rle,
+                "keypoints": kps,
             }
-            for (x0, y0, x1, y1), label, score, rle in zip(boxes.tolist(), labels.tolist(), scores.tolist(), rles)
+            for (x0, y0, x1, y1), label, score, rle, kps in zip(
+                boxes.tolist(), det["labels"].tolist(), det["scores"].float().tolist(), rles, points
+            )
         ]
+
+
+def _keypoint_triples(det: dict[str, torch.Tensor]) -> list[list[list[float]]]:
+    """torchvision's ``keypoints`` (N, K, 3: x, y, 1) and ``keypoints_scores`` (N, K: the heatmap
+    logit at each keypoint) -> per instance, K ``[x, y, score]``."""
+    xy = det["keypoints"][..., :2]
+    return torch.cat([xy, det["keypoints_scores"].float().unsqueeze(-1)], dim=-1).tolist()

@@ -156,6 +156,11 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
         mine = _job_record(cfg, model_id)
+        if previous.get("schema_version") != output.SCHEMA_VERSION:
+            raise SegmentError(
+                f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
+                f"{output.SCHEMA_VERSION}, which this version writes; pass --overwrite or choose another --output"
+            )
         changed = [k for k in ("input", "model", "rows_per_file") if previous.get(k) != mine[k]]
         if changed:
             raise SegmentError(

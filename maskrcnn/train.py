@@ -12,7 +12,8 @@ Where a run writes (all under ``STORAGE/NAME/``, local or S3):
 
 - ``checkpoint_NNNNNNNN/model.pt``: Ray Train's checkpoints, by step (:meth:`~maskrcnn.worker.Worker.report`
   names them; Ray keeps the latest and the best two);
-- ``best.pt``: the best validation mask AP so far, without optimizer state
+- ``best.pt``: the best validation score so far (mask AP; keypoint AP for Keypoint R-CNN),
+  without optimizer state
   (:meth:`~maskrcnn.worker.Worker.keep_best`);
 - ``config.json``, ``metrics.jsonl`` and TensorBoard events (:mod:`maskrcnn.history`).
 
@@ -42,12 +43,12 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from maskrcnn import data, history, storage
-from maskrcnn.cli import ints, option
+from maskrcnn import data, history, keypoints, storage
+from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, floats, ints, option
 from maskrcnn.engine import OPTIMIZERS
-from maskrcnn.model import ARCHS, SMALL, default_sizes
+from maskrcnn.model import ARCHS, SMALL, default_sizes, has_keypoints
 from maskrcnn.runtime import init_ray, without_false_alarms
-from maskrcnn.worker import SCORE, worker_loop
+from maskrcnn.worker import score_name, worker_loop
 
 DATA, MODEL, RUN = "data (local paths or s3:// URIs)", "model", "run"
 OPTIM, LOGS = "optimisation", "logging and checkpoints"
@@ -61,6 +62,12 @@ class TrainConfig:
     train_images: str = option("directory holding the training images' file_names", group=DATA)
     val_annotations: str | None = option("COCO instances JSON evaluated after every epoch", None, group=DATA)
     val_images: str | None = option("directory holding the validation images", None, group=DATA)
+    keypoint_sigmas: tuple[float, ...] | None = option(
+        KEYPOINT_SIGMAS_HELP,
+        None,
+        group=DATA,
+        type=floats,
+    )
     arch: str = option("architecture", SMALL, group=MODEL, choices=ARCHS)
     weights: str | None = option(
         "initial weights: a torchvision weight name (COCO_V1, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "
@@ -158,7 +165,7 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute=score_name(cfg.arch), checkpoint_score_order="max"
             ),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -175,8 +182,10 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
     train = data.load_coco(cfg.train_annotations, cfg.train_images)
     storage.check_readable_dir(cfg.train_images)
     val_dropped: dict[str, int] = {}
+    val_spec = None
     if cfg.val_annotations:
-        val_dropped = dict(data.load_coco(cfg.val_annotations, cfg.val_images).dropped)
+        val = data.load_coco(cfg.val_annotations, cfg.val_images)
+        val_dropped, val_spec = dict(val.dropped), val.keypoints
         storage.check_readable_dir(cfg.val_images)
     steps_per_epoch = len(train.records) // cfg.num_workers // cfg.batch_size
     if steps_per_epoch == 0:
@@ -194,8 +203,29 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
         "steps_per_epoch": steps_per_epoch,
         "dropped": dict(train.dropped),
         "val_dropped": val_dropped,
+        **_keypoint_meta(cfg, train, val_spec),
     }
     return train, meta
+
+
+def _keypoint_meta(cfg: TrainConfig, train: data.CocoDataset, val_spec: keypoints.KeypointSpec | None) -> dict:
+    """A keypoint model's keypoint names and skeleton (from the training set's category) and
+    the OKS sigmas validation scores them with. A model without keypoints ignores them."""
+    if not has_keypoints(cfg.arch):
+        for record in train.records:
+            record.pop("num_keypoints", None)
+        return {"keypoints": None, "sigmas": None}
+    spec = train.keypoints
+    if spec is None:
+        raise data.DatasetError(
+            f"{cfg.train_annotations}: no category lists 'keypoints', which --arch {cfg.arch} needs"
+        )
+    if cfg.val_annotations and val_spec != spec:
+        raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_annotations}'s")
+    sigmas, warning = keypoints.sigmas(spec.names, cfg.keypoint_sigmas)
+    if warning:
+        print(f"[train] warning: {warning}", flush=True)
+    return {"keypoints": spec.as_dict(), "sigmas": sigmas.tolist()}
 
 
 def _announce(cfg: TrainConfig, train: data.CocoDataset, meta: dict[str, Any]) -> None:

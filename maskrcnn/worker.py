@@ -21,13 +21,19 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from maskrcnn import checkpoint, data, engine, history, storage
-from maskrcnn.evaluate import as_metrics, evaluate, format_table
+from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
+from maskrcnn.keypoints import KeypointSpec
+from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
 
 if TYPE_CHECKING:
     from maskrcnn.train import TrainConfig
 
-SCORE = "val_segm_AP"  # the validation metric that picks best.pt and the checkpoints Ray keeps
+
+def score_name(arch: str) -> str:
+    """The validation metric that picks ``best.pt`` and the checkpoints Ray keeps: mask AP,
+    or keypoint AP for a model without masks."""
+    return "val_segm_AP" if has_masks(arch) else "val_keypoints_AP"
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -71,7 +77,8 @@ class Worker:
         self.amp = cfg.amp and self.device.type == "cuda"
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
-        self.augment = data.train_transform(cfg.scales, cfg.max_size)
+        self.keypoints = KeypointSpec.from_dict(meta["keypoints"])
+        self.augment = data.train_transform(cfg.scales, cfg.max_size, self.keypoints)
         self.val: data.CocoDataset | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
@@ -82,6 +89,7 @@ class Worker:
         torch.manual_seed(cfg.seed)
         restored = self._restored()
         model = checkpoint.build(restored, skip_resize=True) if restored else self._initial_model()
+        self.score = score_name(self.arch)
         self.model = ray.train.torch.prepare_model(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = engine.make_optimizer(
@@ -108,13 +116,15 @@ class Worker:
     def _initial_model(self) -> torch.nn.Module:
         cfg = self.cfg
         kwargs = {"num_classes": len(self.meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
+        if has_keypoints(cfg.arch):
+            kwargs["num_keypoints"] = len(self.keypoints)
         model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
         self.arch = cfg.arch
         return model
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
         self.step, self.epoch = ckpt["step"], ckpt["epoch"]
-        self.best = ckpt["metrics"].get("best_" + SCORE, float("-inf"))
+        self.best = ckpt["metrics"].get("best_" + self.score, float("-inf"))
         if ckpt.get("train_state"):
             self.optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
             self.scaler.load_state_dict(ckpt["train_state"]["scaler"])
@@ -203,7 +213,13 @@ class Worker:
         if gathered is None:
             return {}
         results, skipped = gathered
-        scores = evaluate(self.val.gt, results, image_ids=[r["image_id"] for r in self.val.records])
+        scores = evaluate(
+            self.val.gt,
+            results,
+            image_ids=[r["image_id"] for r in self.val.records],
+            iou_types=iou_types(self.arch),
+            sigmas=self.meta["sigmas"],
+        )
         self.log(f"validation after epoch {self.epoch}:\n{format_table(scores)}")
         metrics = {f"val_{k}": v for k, v in as_metrics(scores).items()}
         metrics["val_skipped_images"] = float(sum(skipped.values()))
@@ -212,25 +228,28 @@ class Worker:
         return metrics
 
     def keep_best(self, metrics: dict[str, float]) -> None:
-        """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the segm AP improves."""
-        if self.rank != 0 or SCORE not in metrics or metrics[SCORE] <= self.best:
+        """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the score (:func:`score_name`) improves."""
+        if self.rank != 0 or self.score not in metrics or metrics[self.score] <= self.best:
             return
-        self.best = metrics[SCORE]
+        self.best = metrics[self.score]
         uri = storage.join(self.cfg.run_dir, "best.pt")
         # No optimizer state: best.pt is for inference and fine-tuning, and AdamW's state would
         # triple the file every inference actor downloads. Resume uses Ray's checkpoints.
-        best = dict(self._checkpoint(dict(metrics, **{"best_" + SCORE: self.best})), train_state=None)
+        best = dict(self._checkpoint(dict(metrics, **{"best_" + self.score: self.best})), train_state=None)
         checkpoint.save(uri, best)
-        self.log(f"new best {SCORE} {self.best:.4f} -> {uri}")
+        self.log(f"new best {self.score} {self.best:.4f} -> {uri}")
 
     def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
         """Every worker calls this the same number of times (it is a barrier); only rank 0
         writes the checkpoint file, which Ray Train copies to
         ``STORAGE/NAME/checkpoint_NNNNNNNN/model.pt`` (NNNNNNNN: the step)."""
         metrics = dict(metrics, step=self.step, epoch=self.epoch, **self._skipped_totals())
-        metrics.setdefault(SCORE, float("nan"))  # unevaluated checkpoints rank lowest
+        # Unevaluated checkpoints rank lowest. The driver ranks by --arch's score, which is not
+        # this one when a run resumes with another --arch than its checkpoints'.
+        for name in {self.score, score_name(self.cfg.arch)}:
+            metrics.setdefault(name, float("nan"))
         if self.best > float("-inf"):
-            metrics["best_" + SCORE] = self.best
+            metrics["best_" + self.score] = self.best
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -252,6 +271,7 @@ class Worker:
             step=self.step,
             epoch=self.epoch,
             metrics=metrics,
+            keypoints=self.keypoints if has_keypoints(self.arch) else None,
             train_state={
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),

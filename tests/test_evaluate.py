@@ -99,12 +99,12 @@ def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, co
 
 
 def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
-    from maskrcnn import data
-    from maskrcnn.evaluate import KEYPOINT_STAT_NAMES, keypoint_sigmas
+    from maskrcnn import data, keypoints
+    from maskrcnn.evaluate import KEYPOINT_STAT_NAMES
 
     folder = shared_data / "coco_keypoints" / "super_gradients_train2017"
     dataset = data.load_coco(str(folder / "person_keypoints_train2017.json"), str(folder / "images"))
-    sigmas, warning = keypoint_sigmas(list(dataset.keypoints.names))
+    sigmas, warning = keypoints.sigmas(dataset.keypoints.names)
     assert warning is None and sigmas.shape == (17,)
     # people with no labelled keypoint are not scored by COCOeval (it ignores them), so not predicted
     labelled = dict(dataset.gt, annotations=[a for a in dataset.gt["annotations"] if a["num_keypoints"] > 0])
@@ -117,13 +117,3 @@ def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
         for r in ground_truth_as_results(labelled)
     ]
     assert evaluate(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
-
-
-def test_keypoint_sigmas_for_other_keypoint_sets():
-    from maskrcnn.evaluate import DEFAULT_KEYPOINT_SIGMA, keypoint_sigmas
-
-    sigmas, warning = keypoint_sigmas(["head", "tail"])
-    assert sigmas.tolist() == [DEFAULT_KEYPOINT_SIGMA] * 2 and "no --keypoint-sigmas for these 2 keypoints" in warning
-    assert keypoint_sigmas(["head", "tail"], [0.1, 0.2])[0].tolist() == [0.1, 0.2]
-    with pytest.raises(ValueError, match="gives 1 values for 2 keypoints"):
-        keypoint_sigmas(["head", "tail"], [0.1])

@@ -117,3 +117,19 @@ def test_datasets_without_keypoints_load_as_before(coco_small):
     assert dataset.keypoints is None and "num_keypoints" not in dataset.records[0]
     row = data.load_example(dataset.records[0], data.resize_transform(128, 192))
     assert "keypoints" not in row
+
+
+def test_sigmas_for_other_keypoint_sets_fall_back_with_a_warning():
+    sigmas, warning = keypoints.sigmas(["head", "tail"])
+    assert sigmas.tolist() == [keypoints.DEFAULT_SIGMA] * 2 and "no --keypoint-sigmas for these 2 keypoints" in warning
+    assert keypoints.sigmas(["head", "tail"], [0.1, 0.2])[0].tolist() == [0.1, 0.2]
+    with pytest.raises(keypoints.KeypointError, match="gives 1 values for 2 keypoints"):
+        keypoints.sigmas(["head", "tail"], [0.1])
+
+
+def test_the_coco_person_spec_is_cocos_own_category(shared_data):
+    """The names and skeleton a torchvision Keypoint R-CNN file gets are those of COCO's person category."""
+    gt = json.loads((shared_data / "coco_keypoints" / "mmpose" / "test_coco.json").read_text())
+    assert keypoints.spec_of(gt["categories"], "test_coco.json") == keypoints.COCO_PERSON == keypoints.unnamed(17)
+    assert keypoints.KeypointSpec.from_dict(keypoints.COCO_PERSON.as_dict()) == keypoints.COCO_PERSON
+    assert keypoints.unnamed(3).names == ("keypoint_1", "keypoint_2", "keypoint_3")

@@ -8,8 +8,8 @@ def _predictor_weight(m):
     return m.roi_heads.box_predictor.cls_score.weight
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_builds_and_predicts(arch):
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in KEYPOINT_ARCHS])
+def test_every_mask_architecture_builds_and_predicts(arch):
     m = build_model(arch, num_classes=4, min_size=96, max_size=128).eval()
     with torch.no_grad():
         out = m([torch.rand(3, 80, 120)])[0]
@@ -53,3 +53,12 @@ def test_torchvisions_keypoint_and_mask_weights_fit_by_name():
     mask = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).state_dict()
     head = {k: v for k, v in keypoint.items() if k.startswith("roi_heads.keypoint_")}
     build_model("maskrcnn_keypoint_resnet50_fpn", 2, num_keypoints=17).load_state_dict({**mask, **head})  # strict
+
+
+def test_the_architecture_and_keypoint_count_are_read_back_from_the_layers():
+    from maskrcnn.model import guess_arch, num_keypoints_of
+
+    for arch in ARCHS:
+        state_dict = build_model(arch, 2, num_keypoints=7).state_dict()
+        assert guess_arch(state_dict) == arch
+        assert num_keypoints_of(state_dict) == (7 if arch in KEYPOINT_ARCHS else None)
