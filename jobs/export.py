@@ -27,7 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import checkpoint, export, storage
-from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.cli import BOXES_HELP, add_model_arguments, job_parser, run_main
+from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.progress import Progress
 from maskrcnn.report import Report
 
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     pics.add_argument(
         "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
     )
-    pics.add_argument("--boxes", action="store_true", help="draw boxes as well as masks and labels")
+    pics.add_argument("--boxes", action="store_true", help=BOXES_HELP)
     pics.add_argument(
         "--html",
         metavar="DIR",
@@ -71,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     check(p, args)
     root = args.images or export.job_input(args.predictions)
+    keypoints = export.job_keypoints(args.predictions)  # a keypoint model's names and skeleton
     progress = Progress("export", export.count_rows(args.predictions), unit="rows")
     with contextlib.ExitStack() as stack:
-        sinks = [stack.enter_context(sink) for sink in sinks_for(args, root)]
+        sinks = [stack.enter_context(sink) for sink in sinks_for(args, root, keypoints)]
         for row in export.read_rows(args.predictions):
             for sink in sinks:
                 sink.add(row)
@@ -102,7 +104,7 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         raise storage.StorageError(f"cannot read {args.predictions}: no such output")
 
 
-def sinks_for(args: argparse.Namespace, root: str | None) -> list:
+def sinks_for(args: argparse.Namespace, root: str | None, keypoints: KeypointSpec | None = None) -> list:
     """The outputs asked for, each a sink that takes the rows one at a time."""
     sinks: list = []
     if args.coco_results:
@@ -114,7 +116,7 @@ def sinks_for(args: argparse.Namespace, root: str | None) -> list:
         sinks.append(export.CocoResults(args.coco_results, image_id, args.min_score))
     if args.coco_dataset:
         categories = checkpoint.categories_of(args.model, args.arch) if args.model else None
-        sinks.append(export.CocoDataset(args.coco_dataset, args.images, args.min_score, categories))
+        sinks.append(export.CocoDataset(args.coco_dataset, args.images, args.min_score, categories, keypoints))
     if args.render_dir or args.contact_sheet:
         sinks.append(
             export.Pictures(
@@ -126,11 +128,19 @@ def sinks_for(args: argparse.Namespace, root: str | None) -> list:
                 max_side=args.max_side,
                 min_score=args.min_score,
                 boxes=args.boxes,
+                keypoints=keypoints,
             )
         )
     if args.html:
         sinks.append(
-            Report(args.html, args.predictions, pictures=args.render or 24, root=root, min_score=args.min_score)
+            Report(
+                args.html,
+                args.predictions,
+                pictures=args.render or 24,
+                root=root,
+                min_score=args.min_score,
+                keypoints=keypoints,
+            )
         )
     return sinks
 

@@ -1,4 +1,5 @@
-"""Quick predictions, with no Ray: images in, overlay pictures and COCO JSON out.
+"""Quick predictions, with no Ray: images in, overlay pictures (masks, and skeletons for a
+keypoint model) and COCO JSON out.
 
 Examples:
   python jobs/predict.py --input photos/ --model runs/shapes/best.pt --output predictions/
@@ -25,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import checkpoint, draw, export, images, storage
-from maskrcnn.cli import add_model_arguments, job_parser, run_main
+from maskrcnn.cli import BOXES_HELP, add_model_arguments, job_parser, run_main
 from maskrcnn.model import inference_size
 from maskrcnn.predictor import Predictor
 from maskrcnn.progress import Progress
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
     )
-    p.add_argument("--boxes", action="store_true", help="draw boxes as well as masks and labels")
+    p.add_argument("--boxes", action="store_true", help=BOXES_HELP)
     p.add_argument("--json-per-image", action="store_true", help="also write one JSON per image beside its picture")
     return p
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         max_detections=args.max_detections,
         keep_classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
     )
-    categories = checkpoint.categories(ckpt)
+    categories, keypoints = checkpoint.categories(ckpt), checkpoint.keypoint_spec(ckpt)
+    skeleton = keypoints.skeleton if keypoints else ()
     del ckpt
     # 3. Each image: predict, draw, and add its row to the COCO files.
     progress = Progress("predict", len(inputs), every=0)
@@ -73,14 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     names: set[str] = set()
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(
-            export.CocoDataset(storage.join(args.output, "coco_dataset.json"), categories=categories)
+            export.CocoDataset(
+                storage.join(args.output, "coco_dataset.json"), categories=categories, keypoints=keypoints
+            )
         )
         results = stack.enter_context(export.CocoResults(storage.join(args.output, "coco_results.json")))
         for uri, root in inputs:
             row, rgb = _predict(predictor, uri, fit)
             dataset.add(row)
             results.add(row)
-            progress.add(1, _write(args, row, rgb, _unique(export.picture_name(uri, root), names)))
+            progress.add(1, _write(args, row, rgb, _unique(export.picture_name(uri, root), names), skeleton))
             failed += [row] if row["error"] else []
     print(f"[predict] {results.items.count} instances in {results.rows} images -> {args.output}")
     if failed:
@@ -119,15 +123,14 @@ def _predict(predictor: Predictor, uri: str, fit: tuple[int, int]) -> tuple[dict
     return row, decoded.pixels
 
 
-def _write(args: argparse.Namespace, row: dict, rgb: object, name: str) -> str:
+def _write(args: argparse.Namespace, row: dict, rgb: object, name: str, skeleton: tuple) -> str:
     """The row's picture (and JSON); returns what the progress line says of it."""
     label = name.removesuffix(".png")
     if row["error"]:
         return f"{label}: {row['error']}"
     target = storage.join(args.output, *name.split("/"))
-    picture = draw.picture(
-        rgb, row["instances"], (row["height"], row["width"]), max_side=args.max_side, boxes=args.boxes
-    )
+    size = (row["height"], row["width"])
+    picture = draw.picture(rgb, row["instances"], size, max_side=args.max_side, boxes=args.boxes, skeleton=skeleton)
     storage.write_bytes(target, draw.png(picture))
     if args.json_per_image:
         storage.write_text(target.removesuffix(".png") + ".json", json.dumps(row))

@@ -146,6 +146,7 @@ ARCH_HELP = (
     "(default: from the file; maskrcnn_resnet50_fpn for a bare weight name: "
     "--arch keypointrcnn_resnet50_fpn --model COCO_V1 is torchvision's Keypoint R-CNN)"
 )
+BOXES_HELP = "draw boxes as well as masks, keypoints and labels (boxes are always drawn where there is no mask)"
 KEYPOINT_SIGMAS_HELP = (
     "keypoint models: the OKS sigma of each keypoint, comma-separated, in the category's order "
     "(default: COCO's for COCO's 17 person keypoints, else 0.067 each, with a warning)"

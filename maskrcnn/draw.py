@@ -2,8 +2,9 @@
 
 Like detectron2's ``Visualizer``: every instance has its own colour (by rank of score, from
 a palette of well-separated colours), its mask is filled at :data:`ALPHA` and outlined with a
-solid contour, and its label (``category score``) sits on a filled background inside the
-picture. Labels never overlap: one that fits nowhere free is left out, and the strip under
+solid contour, its keypoints and skeleton are drawn over it in the same colour
+(``torchvision.utils.draw_keypoints``), and its label (``category score``) sits on a filled
+background inside the picture. Labels never overlap: one that fits nowhere free is left out, and the strip under
 the picture still counts every instance by category.
 """
 
@@ -15,7 +16,9 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_keypoints
 
 from maskrcnn import masks
 
@@ -44,6 +47,9 @@ PALETTE = [
     (0, 0, 128),
 ]
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in picture pixels, exclusive ends
+# A keypoint is drawn when its score (torchvision's heatmap logit) is above this, as
+# detectron2's Visualizer leaves out its low-confidence keypoints; a bone needs both ends.
+KEYPOINT_MIN_SCORE = 0.0
 
 
 def picture(
@@ -54,11 +60,13 @@ def picture(
     max_side: int = 1024,
     enlarge_to: int = 512,
     boxes: bool = False,
+    skeleton: tuple[tuple[int, int], ...] = (),
 ) -> Image.Image:
     """Draw ``instances`` (output rows' instances, in the coordinates of ``size`` = the full
     image's ``(height, width)``, by default the array's own) over ``rgb``, with a strip below
     that counts them. The picture is scaled down to fit ``max_side``, and a small image is
-    enlarged until its longest side is ``enlarge_to``, so that its labels stay readable."""
+    enlarged until its longest side is ``enlarge_to``, so that its labels stay readable.
+    ``skeleton`` (1-based keypoint pairs, as COCO writes them) joins the instances' keypoints."""
     height, width = size or rgb.shape[:2]
     longest = max(height, width)
     scale = max_side / longest if longest > max_side else max(1.0, min(enlarge_to, max_side) / longest)
@@ -71,13 +79,18 @@ def picture(
     colours = [PALETTE[k % len(PALETTE)] for k in range(len(ranked))]
     thickness = max(1, round(max(out) / 400))
     for inst, colour in zip(ranked, colours):
-        _fill(canvas, inst, (height, width), scale, colour, thickness)
+        if inst.get("mask") is not None:
+            _fill(canvas, inst, (height, width), scale, colour, thickness)
     drawn = Image.fromarray(canvas.round().astype(np.uint8))
+    for inst, colour in zip(ranked, colours):
+        if inst.get("keypoints") is not None:  # over a mask of its own colour, in the label's ink
+            ink = colour if inst.get("mask") is None else _ink(colour)
+            drawn = _skeleton(drawn, inst["keypoints"], scale, ink, max(2, thickness), skeleton)
     font = _font(max(out))
     pen = ImageDraw.Draw(drawn)
     rects = [_scaled_box(i["bbox"], scale, out) for i in ranked]
-    if boxes:
-        for rect, colour in zip(rects, colours):
+    for inst, rect, colour in zip(ranked, rects, colours):
+        if boxes or inst.get("mask") is None:  # a keypoint model's instances have no mask to show
             pen.rectangle((rect[0], rect[1], rect[2] - 1, rect[3] - 1), outline=colour, width=thickness)
     texts = [f"{i['category']} {i['score']:.2f}" for i in ranked]
     spots = place_labels(rects, [_text_size(font, t) for t in texts], out)
@@ -117,6 +130,24 @@ def _fill(canvas: np.ndarray, inst: dict, size: tuple[int, int], scale: float, c
     region = canvas[oy0:oy1, ox0:ox1]
     region[mask] = region[mask] * (1 - ALPHA) + np.asarray(colour, np.float32) * ALPHA
     region[mask & ~_eroded(mask, thickness)] = colour
+
+
+def _skeleton(
+    drawn: Image.Image, points: list, scale: float, colour: tuple, thickness: int, skeleton: tuple
+) -> Image.Image:
+    """One instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the bones between them."""
+    triples = torch.tensor(points, dtype=torch.float32).reshape(1, -1, 3)
+    image = torch.from_numpy(np.array(drawn)).permute(2, 0, 1)
+    image = draw_keypoints(
+        image,
+        triples[..., :2] * scale,
+        connectivity=[(a - 1, b - 1) for a, b in skeleton],
+        colors=colour,
+        radius=thickness + 1,
+        width=thickness,
+        visibility=triples[..., 2] > KEYPOINT_MIN_SCORE,
+    )
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
 
 
 def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import pyarrow.parquet as pq
 
 from maskrcnn import draw, images, masks, storage
+from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.output import part_of
 
 
@@ -47,11 +48,21 @@ def count_rows(output: str) -> int:
     )
 
 
+def job_record(output: str) -> dict[str, Any]:
+    """The segmentation job's ``_job.json`` (input, model, keypoint names and skeleton), or {}."""
+    record = storage.join(output, "_job.json")
+    return json.loads(storage.read_text(record)) if storage.exists(record) else {}
+
+
 def job_input(output: str) -> str | None:
     """The directory or prefix a segmentation output was made from (None for a manifest)."""
-    record = storage.join(output, "_job.json")
-    source = json.loads(storage.read_text(record))["input"] if storage.exists(record) else None
+    source = job_record(output).get("input")
     return None if source is None or source.lower().endswith((".parquet", ".csv", ".txt")) else source
+
+
+def job_keypoints(output: str) -> KeypointSpec | None:
+    """The keypoint names and skeleton of the model that made a segmentation output, if it had keypoints."""
+    return KeypointSpec.from_dict(job_record(output).get("keypoints"))
 
 
 def relative(uri: str, root: str) -> str | None:
@@ -138,11 +149,21 @@ def ground_truth_ids(annotations: str, root: str) -> Callable[[dict], int | None
 class CocoDataset(contextlib.ExitStack):
     """A COCO instances file (images, annotations with their ``score``, categories) for
     labelling tools. ``file_name`` is the image's URI, or its path relative to ``root``.
-    ``categories`` (the model's) are listed even where nothing was found."""
+    ``categories`` (the model's) are listed even where nothing was found. With ``keypoints``
+    (a keypoint model's), the categories carry their names and skeleton, and each annotation
+    its ``keypoints`` ``[x, y, v]``: v 2 where the keypoint is drawn (see :data:`maskrcnn.draw.KEYPOINT_MIN_SCORE`),
+    else 0 at (0, 0), as COCO writes unlabelled keypoints."""
 
-    def __init__(self, uri: str, root: str | None = None, min_score: float = 0.0, categories: list[dict] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        root: str | None = None,
+        min_score: float = 0.0,
+        categories: list[dict] | None = None,
+        keypoints: KeypointSpec | None = None,
+    ):
         super().__init__()
-        self.root, self.min_score = root, min_score
+        self.root, self.min_score, self.keypoints = root, min_score, keypoints
         self.categories = {c["id"]: c["name"] for c in categories or []}
         self.file = open(self.enter_context(storage.staged(uri)), "w")
         self.callback(self.file.close)
@@ -168,10 +189,11 @@ class CocoDataset(contextlib.ExitStack):
                         "image_id": image_id,
                         "category_id": inst["category_id"],
                         "bbox": inst["bbox"],
-                        "area": masks.area(inst["mask"]),
-                        "segmentation": inst["mask"],
+                        "area": masks.area(inst["mask"]) if inst["mask"] else inst["bbox"][2] * inst["bbox"][3],
+                        "segmentation": inst["mask"] or _box_polygon(inst["bbox"]),
                         "iscrowd": 0,
                         "score": inst["score"],
+                        **_labelled_keypoints(inst.get("keypoints")),
                     }
                 )
 
@@ -180,9 +202,23 @@ class CocoDataset(contextlib.ExitStack):
             self.file.write('], "annotations": [')
             self.anns_file.seek(0)
             shutil.copyfileobj(self.anns_file, self.file)
-            categories = [{"id": i, "name": n} for i, n in sorted(self.categories.items())]
+            extra = self.keypoints.as_dict() if self.keypoints else {}
+            categories = [{"id": i, "name": n, **extra} for i, n in sorted(self.categories.items())]
             self.file.write(f'], "categories": {json.dumps(categories)}}}')
         return super().__exit__(*exc)
+
+
+def _labelled_keypoints(points: list | None) -> dict[str, Any]:
+    if points is None:
+        return {}
+    shown = [(x, y, 2) if s > draw.KEYPOINT_MIN_SCORE else (0, 0, 0) for x, y, s in points]
+    return {"keypoints": [v for p in shown for v in p], "num_keypoints": sum(p[2] > 0 for p in shown)}
+
+
+def _box_polygon(bbox: list[float]) -> list[list[float]]:
+    """A Keypoint R-CNN instance has no mask: its box, as the polygon loadRes gives a box result."""
+    x, y, w, h = bbox
+    return [[x, y, x, y + h, x + w, y + h, x + w, y]]
 
 
 # ---------------------------------------------------------------- pictures
@@ -230,6 +266,7 @@ class Pictures(contextlib.AbstractContextManager):
         max_side: int = 1024,
         min_score: float = 0.0,
         boxes: bool = False,
+        keypoints: KeypointSpec | None = None,
     ):
         self.count, self.directory, self.sheet, self.root, self.columns, self.cell = (
             count,
@@ -239,7 +276,7 @@ class Pictures(contextlib.AbstractContextManager):
             columns,
             cell,
         )
-        self.style = {"min_score": min_score, "boxes": boxes}
+        self.style = {"min_score": min_score, "boxes": boxes, "skeleton": keypoints.skeleton if keypoints else ()}
         self.max_side, self.drawn, self.cells = max_side, 0, []
 
     def add(self, row: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from maskrcnn import export, masks, output, storage
+from maskrcnn.keypoints import KeypointSpec
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
@@ -37,11 +38,17 @@ class Report(contextlib.AbstractContextManager):
         min_score: float = 0.0,
         max_errors: int = 1000,
         max_side: int = 640,
+        keypoints: KeypointSpec | None = None,
     ):
         self.directory, self.source, self.root, self.min_score = directory, source, root, min_score
         self.max_errors = max_errors
         self.pictures = export.Pictures(
-            pictures, storage.join(directory, "pictures"), root=root, max_side=max_side, min_score=min_score
+            pictures,
+            storage.join(directory, "pictures"),
+            root=root,
+            max_side=max_side,
+            min_score=min_score,
+            keypoints=keypoints,
         )
         self.images, self.instances, self.errors, self.classes = 0, 0, Counter(), Counter()
         self.error_rows: list[tuple[str, str]] = []
@@ -70,7 +77,7 @@ class Report(contextlib.AbstractContextManager):
                 i["category"],
                 f"{i['score']:.3f}",
                 ", ".join(f"{v:.0f}" for v in i["bbox"]),
-                f"{masks.area(i['mask']):.0f}",
+                f"{masks.area(i['mask']):.0f}" if i.get("mask") else "none",
             )
             for i in sorted(kept, key=lambda i: -i["score"])
         ]

@@ -30,6 +30,7 @@ from maskrcnn import checkpoint, images, listing, output, storage
 from maskrcnn.cli import arch_option, extensions, model_option, names, option, pool_size, resources
 from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
+from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.listing import KEYS, LISTED
 from maskrcnn.model import inference_size, is_path
 from maskrcnn.predictor import Predictor, check_classes
@@ -124,11 +125,12 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     ckpt = checkpoint.load(cfg.model, cfg.arch)
     check_classes(ckpt["classes"], cfg.classes)
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
+    spec = checkpoint.keypoint_spec(ckpt)
     weights = checkpoint.to_bytes(ckpt)
     del ckpt
     if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
         raise SegmentError(f"no images found in {cfg.input}")
-    resumed = {k: output.read_footer(uri) for k, uri in prepare_output(cfg, model_id).items()}
+    resumed = {k: output.read_footer(uri) for k, uri in prepare_output(cfg, model_id, spec).items()}
     # 2. One pipeline for the whole input; the driver writes each part once it is whole.
     init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
     model = [ray.put(weights)]  # the actors read the weights from the object store, not the source
@@ -147,15 +149,16 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- 1. before the pool starts
 
 
-def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
+def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None = None) -> dict[int, str]:
     """Check the output is writable and belongs to this job; return the parts already there.
+    ``_job.json`` records the job, and a keypoint model's keypoint names and skeleton for export.
 
     One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
     (temporary files, the previous run's _SUCCESS and _listing.json) and finding the finished parts."""
     record_uri = storage.join(cfg.output, "_job.json")
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
-        mine = _job_record(cfg, model_id)
+        mine = _job_record(cfg, model_id, keypoints)
         if previous.get("schema_version") != output.SCHEMA_VERSION:
             raise SegmentError(
                 f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
@@ -167,7 +170,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
                 f"{cfg.output} holds output of another job ({', '.join(f'{k}={previous.get(k)}' for k in changed)}); "
                 "pass --overwrite or choose another --output"
             )
-    storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id), indent=2))
+    storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id, keypoints), indent=2))
     parts: dict[int, str] = {}
     for uri in storage.iter_files(cfg.output):
         name = uri.rsplit("/", 1)[-1]
@@ -181,12 +184,13 @@ def prepare_output(cfg: SegmentConfig, model_id: str) -> dict[int, str]:
     return parts
 
 
-def _job_record(cfg: SegmentConfig, model_id: str) -> dict[str, Any]:
+def _job_record(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> dict[str, Any]:
     return {
         "input": cfg.input,
         "model": model_id,
         "rows_per_file": cfg.rows_per_file,
         "schema_version": output.SCHEMA_VERSION,
+        "keypoints": keypoints.as_dict() if keypoints else None,
     }
 
 

@@ -18,8 +18,9 @@ import torch
 
 from maskrcnn import checkpoint
 from maskrcnn.cli import load_parser
+from maskrcnn.keypoints import COCO_PERSON
 from maskrcnn.local_s3 import free_port  # noqa: F401 - tests pick ports with it
-from maskrcnn.model import SMALL, build_model
+from maskrcnn.model import SMALL, build_model, has_keypoints
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,17 +102,21 @@ def small_checkpoint(
     classes: tuple[str, ...] = ("a", "b", "c"),
     category_ids: tuple[int, ...] = (2, 5, 9),
     seed: int = 1,
+    arch: str = SMALL,
     **fields: Any,
 ) -> tuple[torch.nn.Module, dict]:
-    """The small Mask R-CNN with random weights (``seed``) and its project checkpoint
-    (``fields`` fill in ``step``, ``epoch``, ``metrics``): what the inference tests run.
-    Its speed and shapes are real; its labels are noise."""
+    """The small Mask R-CNN (or small keypoint ``arch``, with COCO's 17 person keypoints) with
+    random weights (``seed``) and its project checkpoint (``fields`` fill in ``step``, ``epoch``,
+    ``metrics``): what the inference tests run. Its speed and shapes are real; its labels are noise."""
     torch.manual_seed(seed)
     kwargs = {"num_classes": len(classes) + 1, "min_size": min_size, "max_size": max_size}
-    model = build_model(SMALL, **kwargs)
-    fields = {"step": 0, "epoch": 0, **fields}
+    spec = COCO_PERSON if has_keypoints(arch) else None
+    if spec:
+        kwargs["num_keypoints"] = len(spec)
+    model = build_model(arch, **kwargs)
+    fields = {"step": 0, "epoch": 0, "keypoints": spec, **fields}
     ckpt = checkpoint.make(
-        model, arch=SMALL, arch_kwargs=kwargs, classes=list(classes), category_ids=list(category_ids), **fields
+        model, arch=arch, arch_kwargs=kwargs, classes=list(classes), category_ids=list(category_ids), **fields
     )
     return model, ckpt
 

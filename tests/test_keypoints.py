@@ -4,14 +4,19 @@ keypoints through the data pipeline: loaded, cleaned, moved and scaled with the 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 
-from maskrcnn import data, keypoints
+from maskrcnn import data, evaluate, keypoints, storage
 from maskrcnn.keypoints import KeypointError
+from tests.helpers import call_job, run_job, small_model_file
 
 MMPOSE = "coco_keypoints/mmpose"
 TRAIN2017 = "coco_keypoints/super_gradients_train2017"
@@ -133,3 +138,72 @@ def test_the_coco_person_spec_is_cocos_own_category(shared_data):
     assert keypoints.spec_of(gt["categories"], "test_coco.json") == keypoints.COCO_PERSON == keypoints.unnamed(17)
     assert keypoints.KeypointSpec.from_dict(keypoints.COCO_PERSON.as_dict()) == keypoints.COCO_PERSON
     assert keypoints.unnamed(3).names == ("keypoint_1", "keypoint_2", "keypoint_3")
+
+
+# ---------------------------------------------------------------- through the jobs
+
+
+@pytest.fixture(scope="module")
+def keypoint_labels(shared_data, tmp_path_factory) -> tuple[Path, Path]:
+    """jobs/segment_bucket.py with a small Keypoint R-CNN (random weights) on mmpose's 4 real
+    COCO images, plus one of them as a PNG twice: upright, and stored sideways with EXIF
+    orientation 6 (the same picture once oriented). Returns the archive and the output."""
+    root = tmp_path_factory.mktemp("keypoint_labels")
+    archive, out = root / "archive", root / "out"
+    shutil.copytree(shared_data / MMPOSE / "images", archive)
+    upright = Image.open(archive / "000000000785.jpg").convert("RGB")
+    upright.save(archive / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save(archive / "rotated.png", exif=exif.tobytes())
+    model = small_model_file(
+        root / "kp.pt", arch="keypointrcnn_resnet18_fpn_small", classes=("person",), category_ids=(1,)
+    )
+    args = ["--input", str(archive), "--output", str(out), "--model", model, "--score-threshold", "0"]
+    result = run_job("segment_bucket.py", *args, "--max-detections", "10")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return archive, out
+
+
+@pytest.mark.slow
+def test_segmentation_writes_keypoints_in_the_oriented_images_coordinates(keypoint_labels):
+    archive, out = keypoint_labels
+    fs, path = storage.filesystem(str(out))
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
+    assert len(rows) == 6 and not any(r["error"] for r in rows.values())
+    assert (rows["rotated.png"]["width"], rows["rotated.png"]["height"]) == (640, 425)
+    assert rows["rotated.png"]["instances"] == rows["upright.png"]["instances"]  # oriented, not stored, pixels
+    for row in rows.values():
+        assert 0 < len(row["instances"]) <= 10
+        for inst in row["instances"]:
+            points = np.asarray(inst["keypoints"])
+            assert inst["mask"] is None and points.shape == (17, 3)
+            assert (points[:, 0] >= 0).all() and (points[:, 0] <= row["width"]).all()
+            assert (points[:, 1] >= 0).all() and (points[:, 1] <= row["height"]).all()
+    job = json.loads((out / "_job.json").read_text())
+    assert job["keypoints"] == keypoints.COCO_PERSON.as_dict() and job["schema_version"] == "2"
+
+
+@pytest.mark.slow
+def test_export_writes_coco_keypoint_results_and_draws_skeletons(keypoint_labels, shared_data, tmp_path):
+    archive, out = keypoint_labels
+    results, dataset, sheet = tmp_path / "results.json", tmp_path / "dataset.json", tmp_path / "sheet.png"
+    gt = shared_data / MMPOSE / "test_coco.json"
+    args = f"--predictions {out} --coco-results {results} --annotations {gt} --images {archive}"
+    exported = call_job(
+        "export.py", *args.split(), "--coco-dataset", str(dataset), "--render", "2", "--contact-sheet", str(sheet)
+    )
+    assert exported.returncode == 0, exported.stderr
+    found = json.loads(results.read_text())
+    assert {r["image_id"] for r in found} == {785, 40083, 196141, 197388}  # the PNG copies are not in the gt
+    assert all(len(r["keypoints"]) == 51 and set(r["keypoints"][2::3]) == {1} for r in found)
+    api = evaluate.coco_api(json.loads(gt.read_text()))
+    scores = evaluate.evaluate(
+        api, found, iou_types=("keypoints",), sigmas=keypoints.sigmas(keypoints.COCO_KEYPOINTS)[0]
+    )
+    assert len(scores.stats["keypoints"]) == 10  # loadRes took them and COCOeval scored them
+    coco = json.loads(dataset.read_text())
+    assert coco["categories"] == [{"id": 1, "name": "person", **keypoints.COCO_PERSON.as_dict()}]
+    ann = coco["annotations"][0]
+    assert len(ann["keypoints"]) == 51 and ann["num_keypoints"] == sum(v > 0 for v in ann["keypoints"][2::3])
+    assert Image.open(sheet).size[0] > 0

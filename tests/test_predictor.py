@@ -132,3 +132,25 @@ def test_a_reduced_decode_feeds_the_model_nearly_what_a_full_decode_does(size, s
         (a, a_size), (b, b_size) = predictor._canvas(full.pixels), predictor._canvas(reduced.pixels)
         assert a.shape == b.shape and a_size == b_size
         assert ((a - b).abs()[0] * std).mean() < 2.0
+
+
+@pytest.mark.parametrize("arch", ["keypointrcnn_resnet18_fpn_small", "maskrcnn_keypoint_resnet18_fpn_small"])
+def test_keypoints_match_torchvision_in_the_oriented_images_coordinates(arch, shared_data, tmp_path):
+    """On a real person photo stored sideways (EXIF orientation 6): K [x, y, score] per
+    instance, where torchvision's own forward pass puts them on the displayed picture."""
+    path = small_model_file(tmp_path / "kp.pt", arch=arch, classes=("person",), category_ids=(1,))
+    rgb = images.decode(large_jpeg(shared_data, 480, 320, orientation=6))
+    h, w = rgb.shape[:2]
+    assert (h, w) == (480, 320)
+    (ours,) = Predictor.load(path, score_threshold=0.0, max_detections=20).predict([rgb])
+    reference = checkpoint.build(checkpoint.load(path))
+    reference.roi_heads.score_thresh, reference.roi_heads.detections_per_img = 0.0, 20
+    with torch.no_grad():
+        ref = reference([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])[0]
+    assert len(ours) == len(ref["boxes"]) > 0
+    for inst, points, scores in zip(ours, ref["keypoints"], ref["keypoints_scores"]):
+        got = np.asarray(inst["keypoints"])
+        assert got.shape == (17, 3) and (inst["mask"] is None) == arch.startswith("keypointrcnn")
+        assert np.allclose(got[:, :2], points[:, :2].numpy(), atol=1.0)
+        assert np.allclose(got[:, 2], scores.numpy(), atol=1e-3)
+        assert (got[:, 0] >= 0).all() and (got[:, 0] <= w).all() and (got[:, 1] >= 0).all() and (got[:, 1] <= h).all()

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maskrcnn import checkpoint, storage
+from maskrcnn import checkpoint, keypoints, storage
 from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
@@ -293,3 +293,35 @@ def test_help_explains_every_flag():
     assert "ray job submit" in result.stdout
     result = call_job("evaluate.py", "--help")
     assert result.returncode == 0 and "--model" in result.stdout and "--output" in result.stdout
+
+
+def test_keypoint_rcnn_trains_on_real_coco_keypoints_and_keeps_the_best_keypoint_ap(shared_data, tmp_path):
+    """The small Keypoint R-CNN on 30 real COCO person images (one crowd, 11 with no one),
+    validated on mmpose's 4: keypoint AP in training and in jobs/evaluate.py, and a best.pt
+    that carries COCO's keypoint names and skeleton from the dataset's category."""
+    train, val = shared_data / "coco_keypoints" / "super_gradients_train2017", shared_data / "coco_keypoints" / "mmpose"
+    data = (
+        f"--train-annotations {train / 'person_keypoints_train2017.json'} --train-images {train / 'images'} "
+        f"--val-annotations {val / 'test_coco.json'} --val-images {val / 'images'}"
+    )
+    fixed = "--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1 --epochs 1"
+    run = f"--arch keypointrcnn_resnet18_fpn_small --storage {tmp_path / 'runs'} --name kp"
+    result = run_job("train.py", *data.split(), *fixed.split(), *run.split())
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert [s for s, _ in _steps(out)] == list(range(1, 8))  # 30 images // (2 workers x 2)
+    assert "IoU metric: keypoints" in out and "IoU metric: segm" not in out and "'crowd': 1" in out
+    assert "no --keypoint-sigmas" not in out  # COCO's person keypoints: COCO's sigmas
+    best = checkpoint.load(str(tmp_path / "runs" / "kp" / "best.pt"))
+    assert best["arch"] == "keypointrcnn_resnet18_fpn_small" and best["arch_kwargs"]["num_keypoints"] == 17
+    assert checkpoint.keypoint_spec(best) == keypoints.COCO_PERSON and "best_val_keypoints_AP" in best["metrics"]
+
+    report_file = tmp_path / "eval.json"
+    flags = f"--model {tmp_path / 'runs' / 'kp' / 'best.pt'} --output {report_file}"
+    evaluated = run_job(
+        "evaluate.py", *flags.split(), "--annotations", str(val / "test_coco.json"), "--images", str(val / "images")
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads(report_file.read_text())
+    assert set(report) >= {"bbox", "keypoints"} and "segm" not in report
+    assert report["keypoints"]["AP"] == pytest.approx(best["metrics"]["val_keypoints_AP"], abs=0.01)
