@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-clean test lint install clean
+.PHONY: demo demo-keypoints demo-clean test lint install clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(PY) scripts/demo.py
 
+demo-keypoints: install
+	DEMO_KEYPOINTS=1 $(PY) scripts/demo.py
+
 demo-clean:
-	rm -rf demo_out demo_out_s3
+	rm -rf demo_out demo_out_s3 demo_out_keypoints demo_out_keypoints_s3
 
 test: lint
 	$(PY) -m pytest

@@ -7,6 +7,10 @@ Examples:
   # torchvision's COCO Mask R-CNN, no training (a local copy of the .pth where there is no internet)
   python jobs/segment_bucket.py --input photos/ --output labels/coco/ --model COCO_V1
 
+  # torchvision's Keypoint R-CNN: boxes and 17 person keypoints per instance
+  python jobs/segment_bucket.py --input photos/ --output labels/persons/ \\
+      --model COCO_V1 --arch keypointrcnn_resnet50_fpn
+
   ray job submit --working-dir . -- python jobs/segment_bucket.py \\
       --input s3://archive/photos/ --output s3://labels/run1/ --model s3://models/best.pt \\
       --num-gpus-per-actor 1 --concurrency 1,16 --batch-size 8

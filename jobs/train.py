@@ -1,4 +1,5 @@
-"""Train torchvision Mask R-CNN on COCO-format data with Ray Train (data-parallel, DDP).
+"""Train torchvision Mask R-CNN (or Keypoint R-CNN, or both in one model) on COCO-format
+data with Ray Train (data-parallel, DDP).
 
 Examples:
   # on a laptop, 2 CPU workers, the small model
@@ -15,9 +16,15 @@ Examples:
       --arch maskrcnn_resnet50_fpn --weights COCO_V1 --num-workers 8 --gpu \\
       --storage s3://bucket/runs --name r50-coco
 
+  # person keypoints: torchvision's Keypoint R-CNN, on COCO's person_keypoints files
+  python jobs/train.py --arch keypointrcnn_resnet50_fpn --weights COCO_V1 \
+      --train-annotations coco/annotations/person_keypoints_train2017.json --train-images coco/train2017 \
+      --storage runs --name persons
+
 Re-running with the same --storage and --name continues from the latest checkpoint.
 Checkpoints go to STORAGE/NAME/checkpoint_NNNNNNNN/model.pt, and the best by validation
-mask AP to STORAGE/NAME/best.pt (see maskrcnn/train.py for the recipe).
+mask AP (keypoint AP for Keypoint R-CNN) to STORAGE/NAME/best.pt (see maskrcnn/train.py
+for the recipe).
 """
 
 from __future__ import annotations

@@ -135,19 +135,22 @@ def _fill(canvas: np.ndarray, inst: dict, size: tuple[int, int], scale: float, c
 def _skeleton(
     drawn: Image.Image, points: list, scale: float, colour: tuple, thickness: int, skeleton: tuple
 ) -> Image.Image:
-    """One instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the bones between them."""
+    """One instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the bones between them, in
+    ``colour``. ``draw_keypoints`` draws bones in white only, so it draws on a black canvas and
+    its strokes are painted in ``colour``: its geometry and visibility rules, our colours."""
     triples = torch.tensor(points, dtype=torch.float32).reshape(1, -1, 3)
-    image = torch.from_numpy(np.array(drawn)).permute(2, 0, 1)
-    image = draw_keypoints(
-        image,
+    strokes = draw_keypoints(
+        torch.zeros((3, drawn.height, drawn.width), dtype=torch.uint8),
         triples[..., :2] * scale,
         connectivity=[(a - 1, b - 1) for a, b in skeleton],
-        colors=colour,
+        colors=(255, 255, 255),
         radius=thickness + 1,
         width=thickness,
         visibility=triples[..., 2] > KEYPOINT_MIN_SCORE,
     )
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
+    pixels = np.array(drawn)
+    pixels[strokes.amax(0).numpy() > 0] = colour
+    return Image.fromarray(pixels)
 
 
 def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:

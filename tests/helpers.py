@@ -61,8 +61,9 @@ MIXED = [
 def load_script(path: str) -> types.ModuleType:
     """The script at ``path`` (relative to the repository) imported as a module, as its
     ``python path`` would run it but without calling its ``main``."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    spec = importlib.util.spec_from_file_location(f"script_{Path(path).stem}", REPO / path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

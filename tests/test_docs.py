@@ -85,17 +85,19 @@ def test_configuration_reference_is_the_parsers_flag_tables():
 
 def test_readme_and_demo_agree_on_its_time_and_promise():
     demo, readme = load_script("scripts/demo.py"), (REPO / "README.md").read_text()
-    assert (
-        f"make demo     # generate data, train, evaluate, segment an archive, draw the masks (CPU, ~{demo.MINUTES} min)"
-        in readme
-    )
-    assert f"about {demo.MINUTES} minutes on 2 cores" in readme
-    assert f"mask AP of at least {demo.PROMISED_MASK_AP}" in readme
+    shapes, figures = demo.SHAPES, demo.FIGURES
+    assert f"segment an archive, draw the masks (CPU, ~{shapes.minutes} min)" in readme
+    assert f"about {shapes.minutes} minutes on 2 cores" in readme
+    assert f"mask AP of at least {shapes.promised_ap}" in readme
+    assert f"draw skeletons (CPU, ~{figures.minutes} min)" in readme
+    assert f"It promises keypoint AP ≥ {figures.promised_ap} on its val split" in readme
 
 
-def test_the_demo_runs_only_commands_that_parse(tmp_path, monkeypatch):
-    """The demo's command lines, captured instead of run (the demo itself takes about demo.MINUTES)."""
+@pytest.mark.parametrize("recipe", ["SHAPES", "FIGURES"])
+def test_the_demo_runs_only_commands_that_parse(recipe, tmp_path, monkeypatch):
+    """The demo's command lines, captured instead of run (the demo itself takes minutes)."""
     demo = load_script("scripts/demo.py")
+    monkeypatch.setattr(demo, "RECIPE", getattr(demo, recipe))
     ran: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda *args: ran.append(["python", *args]))
     (tmp_path / "labels").mkdir()

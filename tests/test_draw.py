@@ -76,3 +76,16 @@ def test_contact_sheet_keeps_aspect_ratios_and_captions_each_cell(shape):
     assert max(fitted_h, fitted_w) == 160 and abs(fitted_w / fitted_h - shape[1] / shape[0]) < 0.05
     caption = sheet[6 + 160 : 6 + 160 + 14, 6 : 6 + 160]
     assert (caption < 100).any()  # dark text under the cell
+
+
+def test_keypoints_and_their_bones_are_drawn_in_the_instances_colour_only_where_confident():
+    """A keypoint model's instance (no mask): its box, its keypoints above KEYPOINT_MIN_SCORE and
+    the bones between two of them, in its colour; a bone to a keypoint scored below is left out."""
+    grey = np.full((200, 300, 3), 100, np.uint8)
+    points = [[50, 100, 5.0], [150, 100, 3.0], [250, 100, -1.0]]  # the third is not confident
+    inst = {"category": "figure", "category_id": 1, "score": 0.9, "bbox": [40, 60, 220, 100], "mask": None}
+    picture = np.asarray(draw.picture(grey, [dict(inst, keypoints=points)], max_side=300, skeleton=((1, 2), (2, 3))))
+    colour = np.array(draw.PALETTE[0])
+    assert (picture[100, 100] == colour).all()  # on the bone from keypoint 1 to 2
+    assert (picture[100, 200] == 100).all() and (picture[100, 250] == 100).all()  # no bone to 3, nor 3 itself
+    assert (picture[80, 40] == colour).all()  # the box, drawn because there is no mask
