@@ -65,3 +65,19 @@ def test_a_row_that_breaks_the_schema_writes_nothing(tmp_path):
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         output.write_part(str(tmp_path), 0, [bad])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_of_an_older_schema_is_refused_on_resume(tmp_path):
+    """Schema 2 added keypoints: a rerun into schema-1 part files would mix two schemas."""
+    import json
+
+    from maskrcnn.segment import SegmentConfig, SegmentError, prepare_output
+
+    cfg = SegmentConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="m.pt")
+    (tmp_path / "out").mkdir()
+    record = {"input": cfg.input, "model": "x", "rows_per_file": 1000, "schema_version": "1"}
+    (tmp_path / "out" / "_job.json").write_text(json.dumps(record))
+    with pytest.raises(SegmentError, match="holds part files of schema version 1, not 2.*pass --overwrite"):
+        prepare_output(cfg, "x")
+    assert prepare_output(SegmentConfig(**{**vars(cfg), "overwrite": True}), "x") == {}
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["schema_version"] == output.SCHEMA_VERSION

@@ -110,3 +110,28 @@ def test_torchvision_models_label_with_coco_classes(form, torchvision_pth, share
     dataset = json.loads((out / "coco_dataset.json").read_text())
     assert len(dataset["categories"]) == 80 and {"id": TOOTHBRUSH, "name": "toothbrush"} in dataset["categories"]
     assert len(dataset["annotations"]) == 10 and {a["category_id"] for a in dataset["annotations"]} == {TOOTHBRUSH}
+
+
+def test_a_keypoint_model_gives_skeleton_pictures_and_coco_keypoints(shared_data, tmp_path):
+    """The joint model's instances carry masks and keypoints; the COCO dataset names the
+    keypoints and skeleton; the results load in pycocotools."""
+    from maskrcnn.keypoints import COCO_PERSON
+
+    model = small_model_file(
+        tmp_path / "kp.pt", arch="maskrcnn_keypoint_resnet18_fpn_small", classes=("person",), category_ids=(1,)
+    )
+    out = tmp_path / "out"
+    photos = shared_data / "coco_keypoints" / "mmpose" / "images"
+    _predict(
+        "--input", str(photos), "--model", model, "--output", str(out), "--score-threshold", "0", "--json-per-image"
+    )
+    dataset = COCO(str(out / "coco_dataset.json"))
+    assert dataset.dataset["categories"] == [{"id": 1, "name": "person", **COCO_PERSON.as_dict()}]
+    ann = dataset.dataset["annotations"][0]
+    assert len(ann["keypoints"]) == 51 and "counts" in ann["segmentation"]
+    results = json.loads((out / "coco_results.json").read_text())
+    assert all(len(r["keypoints"]) == 51 and "segmentation" in r for r in results)
+    assert len(dataset.loadRes(results).anns) == len(results) > 0
+    row = json.loads((out / "000000000785.json").read_text())
+    assert all(len(i["keypoints"]) == 17 and i["mask"] for i in row["instances"])
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.stem + ".png" for p in photos.iterdir())

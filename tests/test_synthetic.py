@@ -55,3 +55,33 @@ def test_archive_holds_images_and_damaged_files_that_decode_as_errors(tmp_path):
         "damaged_not_an_image.jpg": "not_an_image",
         "damaged_truncated.jpg": "corrupt",
     }
+
+
+def test_stick_figures_have_named_joints_that_face_the_viewer_and_load_for_training(tmp_path):
+    """Each figure: 11 joints inside the image, its left limbs on the image's right (it faces
+    the viewer), visibility 2 on its own pixels, 1 where another
+    figure hides it; the dataset loads with keypoints and its flip swaps left and right."""
+    from maskrcnn.synthetic import FIGURE_KEYPOINTS
+
+    gt = json.loads(open(generate_split(str(tmp_path), 40, seed=5, size_range=(128, 192), kind="figures")).read())
+    (category,) = gt["categories"]
+    assert category["keypoints"] == list(FIGURE_KEYPOINTS.names) and category["skeleton"]
+    name = {n: i for i, n in enumerate(FIGURE_KEYPOINTS.names)}
+    hidden = 0
+    for ann in gt["annotations"]:
+        img = next(i for i in gt["images"] if i["id"] == ann["image_id"])
+        points = np.asarray(ann["keypoints"]).reshape(11, 3)
+        assert (points[:, 0] >= 0).all() and (points[:, 0] < img["width"]).all()
+        assert (points[:, 1] >= 0).all() and (points[:, 1] < img["height"]).all()
+        x = {n: points[i, 0] for n, i in name.items()}
+        assert x["left_hand"] >= x["left_elbow"] > x["neck"] > x["right_elbow"] >= x["right_hand"]
+        assert x["left_knee"] > x["hip"] > x["right_knee"] and x["left_foot"] > x["right_foot"]
+        assert set(points[:, 2]) <= {1, 2} and ann["num_keypoints"] == 11
+        mask = masks.decode(ann["segmentation"], img["height"], img["width"])
+        xy = points[:, :2].round().astype(int)
+        assert (mask[xy[:, 1], xy[:, 0]] == (points[:, 2] == 2)).all()
+        hidden += int((points[:, 2] == 1).sum())
+    assert hidden > 0 and len(gt["annotations"]) > len(gt["images"])  # some overlap, several per image
+    ds = data.load_coco(str(tmp_path / "annotations.json"), str(tmp_path / "images"))
+    assert ds.keypoints == FIGURE_KEYPOINTS and not ds.dropped
+    assert FIGURE_KEYPOINTS.flip_permutation()[name["left_hand"]] == name["right_hand"]
