@@ -62,12 +62,7 @@ class TrainConfig:
     train_images: str = option("directory holding the training images' file_names", group=DATA)
     val_annotations: str | None = option("COCO instances JSON evaluated after every epoch", None, group=DATA)
     val_images: str | None = option("directory holding the validation images", None, group=DATA)
-    keypoint_sigmas: tuple[float, ...] | None = option(
-        KEYPOINT_SIGMAS_HELP,
-        None,
-        group=DATA,
-        type=floats,
-    )
+    keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
     arch: str = option("architecture", SMALL, group=MODEL, choices=ARCHS)
     weights: str | None = option(
         "initial weights: a torchvision weight name (COCO_V1, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "
