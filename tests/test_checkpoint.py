@@ -259,13 +259,12 @@ def test_the_joint_model_starts_from_mask_weights_and_a_keypoint_head(tmp_path):
 def test_torchvisions_keypoint_rcnn_file_is_a_model_with_cocos_persons_and_skeleton(tmp_path):
     """Keypoint R-CNN's COCO_V1 file (its structure, random weights) as --model: the arch from
     its layers, "person", COCO's 17 keypoint names and skeleton, and eps 0 by its published name."""
-    from torchvision.models.detection import keypointrcnn_resnet50_fpn
     from torchvision.ops import FrozenBatchNorm2d
 
     from maskrcnn.keypoints import COCO_PERSON
 
-    path = tmp_path / model_lib.LEGACY_EPS_FILES[1]
-    torch.save(keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), path)
+    path = tmp_path / model_lib.LEGACY_EPS_FILES[1]  # torchvision's keys (test_model checks), frozen batch norm
+    torch.save(build_model("keypointrcnn_resnet50_fpn", 2, num_keypoints=17, pretrained=True).state_dict(), path)
     ckpt = checkpoint.load(str(path))
     assert ckpt["arch"] == "keypointrcnn_resnet50_fpn" and ckpt["classes"] == ["person"]
     assert ckpt["arch_kwargs"]["num_keypoints"] == 17 and checkpoint.keypoint_spec(ckpt) == COCO_PERSON

@@ -144,10 +144,10 @@ def test_the_coco_person_spec_is_cocos_own_category(shared_data):
 
 
 @pytest.fixture(scope="module")
-def keypoint_labels(shared_data, tmp_path_factory) -> tuple[Path, Path]:
+def keypoint_labels(shared_data, tmp_path_factory) -> tuple[Path, Path, str]:
     """jobs/segment_bucket.py with a small Keypoint R-CNN (random weights) on mmpose's 4 real
     COCO images, plus one of them as a PNG twice: upright, and stored sideways with EXIF
-    orientation 6 (the same picture once oriented). Returns the archive and the output."""
+    orientation 6 (the same picture once oriented). Returns the archive, the output and the model."""
     root = tmp_path_factory.mktemp("keypoint_labels")
     archive, out = root / "archive", root / "out"
     shutil.copytree(shared_data / MMPOSE / "images", archive)
@@ -162,12 +162,12 @@ def keypoint_labels(shared_data, tmp_path_factory) -> tuple[Path, Path]:
     args = ["--input", str(archive), "--output", str(out), "--model", model, "--score-threshold", "0"]
     result = run_job("segment_bucket.py", *args, "--max-detections", "10")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return archive, out
+    return archive, out, model
 
 
 @pytest.mark.slow
 def test_segmentation_writes_keypoints_in_the_oriented_images_coordinates(keypoint_labels):
-    archive, out = keypoint_labels
+    archive, out, _ = keypoint_labels
     fs, path = storage.filesystem(str(out))
     rows = {r["uri"].rsplit("/", 1)[1]: r for r in pq.read_table(path, filesystem=fs).to_pylist()}
     assert len(rows) == 6 and not any(r["error"] for r in rows.values())
@@ -186,7 +186,7 @@ def test_segmentation_writes_keypoints_in_the_oriented_images_coordinates(keypoi
 
 @pytest.mark.slow
 def test_export_writes_coco_keypoint_results_and_draws_skeletons(keypoint_labels, shared_data, tmp_path):
-    archive, out = keypoint_labels
+    archive, out, _ = keypoint_labels
     results, dataset, sheet = tmp_path / "results.json", tmp_path / "dataset.json", tmp_path / "sheet.png"
     gt = shared_data / MMPOSE / "test_coco.json"
     args = f"--predictions {out} --coco-results {results} --annotations {gt} --images {archive}"
@@ -207,3 +207,30 @@ def test_export_writes_coco_keypoint_results_and_draws_skeletons(keypoint_labels
     ann = coco["annotations"][0]
     assert len(ann["keypoints"]) == 51 and ann["num_keypoints"] == sum(v > 0 for v in ann["keypoints"][2::3])
     assert Image.open(sheet).size[0] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_keypoint_model_on_keypoints_and_boxes(keypoint_labels, shared_data, tmp_path):
+    _, _, model = keypoint_labels
+    gt, images = shared_data / MMPOSE / "test_coco.json", shared_data / MMPOSE / "images"
+    report_file = tmp_path / "eval.json"
+    result = run_job(
+        "evaluate.py", "--model", model, "--annotations", str(gt), "--images", str(images), "--output", str(report_file)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IoU metric: keypoints" in result.stdout and "IoU metric: segm" not in result.stdout
+    report = json.loads(report_file.read_text())
+    assert set(report) >= {"bbox", "keypoints"} and "segm" not in report and len(report["keypoints"]) == 10
+
+
+def test_evaluate_refuses_ground_truth_with_other_keypoints(keypoint_labels, tmp_path):
+    from maskrcnn.synthetic import generate_split
+
+    _, _, model = keypoint_labels
+    gt = generate_split(str(tmp_path / "figures"), 2, seed=0, kind="figures")  # 11 joints, not COCO's 17
+    result = call_job(
+        "evaluate.py", "--model", model, "--annotations", gt, "--images", str(tmp_path / "figures" / "images")
+    )
+    assert (
+        result.returncode == 2 and "its keypoints are not the model's (nose, left_eye, right_eye, ...)" in result.stderr
+    )
