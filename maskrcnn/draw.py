@@ -136,20 +136,29 @@ def _skeleton(
     drawn: Image.Image, points: list, scale: float, colour: tuple, thickness: int, skeleton: tuple
 ) -> Image.Image:
     """One instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the bones between them, in
-    ``colour``. ``draw_keypoints`` draws bones in white only, so it draws on a black canvas and
-    its strokes are painted in ``colour``: its geometry and visibility rules, our colours."""
+    ``colour``. ``draw_keypoints`` draws bones in white only, so it draws on a black canvas the
+    size of the keypoints' extent, and its strokes are painted in ``colour``."""
     triples = torch.tensor(points, dtype=torch.float32).reshape(1, -1, 3)
+    shown = triples[..., 2] > KEYPOINT_MIN_SCORE
+    if not shown.any():
+        return drawn
+    xy, margin = triples[..., :2] * scale, thickness + 2
+    x0, y0 = (max(0, int(v) - margin) for v in xy[shown].amin(0).tolist())
+    x1, y1 = (int(v) + margin + 1 for v in xy[shown].amax(0).tolist())
+    x1, y1 = min(x1, drawn.width), min(y1, drawn.height)
+    if x1 <= x0 or y1 <= y0:
+        return drawn
     strokes = draw_keypoints(
-        torch.zeros((3, drawn.height, drawn.width), dtype=torch.uint8),
-        triples[..., :2] * scale,
+        torch.zeros((3, y1 - y0, x1 - x0), dtype=torch.uint8),
+        xy - torch.tensor([x0, y0]),
         connectivity=[(a - 1, b - 1) for a, b in skeleton],
         colors=(255, 255, 255),
         radius=thickness + 1,
         width=thickness,
-        visibility=triples[..., 2] > KEYPOINT_MIN_SCORE,
+        visibility=shown,
     )
     pixels = np.array(drawn)
-    pixels[strokes.amax(0).numpy() > 0] = colour
+    pixels[y0:y1, x0:x1][strokes.amax(0).numpy() > 0] = colour
     return Image.fromarray(pixels)
 
 
