@@ -194,9 +194,10 @@ def report(result: dict, wall: float) -> None:
     summary = result["summary"]
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
     local = result["local"]
+    label = {"segm": "mask", "keypoints": "keypoint"}[RECIPE.metric]
     lines = [
-        f"{RECIPE.metric} AP (val): {metrics[RECIPE.metric]['AP']:.3f}   box AP: {metrics['bbox']['AP']:.3f}   "
-        f"{RECIPE.metric} AP50: {metrics[RECIPE.metric]['AP50']:.3f}",
+        f"{label} AP (val): {metrics[RECIPE.metric]['AP']:.3f}   box AP: {metrics['bbox']['AP']:.3f}   "
+        f"{label} AP50: {metrics[RECIPE.metric]['AP50']:.3f}",
         f"segmentation: {summary['images_in']} files -> {summary['rows_out']} rows, {summary['instances']} instances, "
         f"errors: {errors}; {summary['images_per_s']} images/s",
         f"checkpoint:   {result['model']}",
@@ -214,7 +215,7 @@ def report(result: dict, wall: float) -> None:
     say("summary\n  " + "\n  ".join(line for line in lines if line))
     achieved = metrics[RECIPE.metric]["AP"]
     if achieved < RECIPE.promised_ap and EPOCHS is None:
-        raise SystemExit(f"[demo] {RECIPE.metric} AP {achieved:.3f} is below the promised {RECIPE.promised_ap}")
+        raise SystemExit(f"[demo] {label} AP {achieved:.3f} is below the promised {RECIPE.promised_ap}")
 
 
 def main() -> None:
