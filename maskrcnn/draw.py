@@ -81,11 +81,12 @@ def picture(
     for inst, colour in zip(ranked, colours):
         if inst.get("mask") is not None:
             _fill(canvas, inst, (height, width), scale, colour, thickness)
-    drawn = Image.fromarray(canvas.round().astype(np.uint8))
+    pixels = canvas.round().astype(np.uint8)
     for inst, colour in zip(ranked, colours):
         if inst.get("keypoints") is not None:  # over a mask of its own colour, in the label's ink
             ink = colour if inst.get("mask") is None else _ink(colour)
-            drawn = _skeleton(drawn, inst["keypoints"], scale, ink, max(2, thickness), skeleton)
+            _skeleton(pixels, inst["keypoints"], scale, ink, max(2, thickness), skeleton)
+    drawn = Image.fromarray(pixels)
     font = _font(max(out))
     pen = ImageDraw.Draw(drawn)
     rects = [_scaled_box(i["bbox"], scale, out) for i in ranked]
@@ -132,22 +133,20 @@ def _fill(canvas: np.ndarray, inst: dict, size: tuple[int, int], scale: float, c
     region[mask & ~_eroded(mask, thickness)] = colour
 
 
-def _skeleton(
-    drawn: Image.Image, points: list, scale: float, colour: tuple, thickness: int, skeleton: tuple
-) -> Image.Image:
-    """One instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the bones between them, in
-    ``colour``. ``draw_keypoints`` draws bones in white only, so it draws on a black canvas the
+def _skeleton(pixels: np.ndarray, points: list, scale: float, colour: tuple, thickness: int, skeleton: tuple) -> None:
+    """Draw into ``pixels`` one instance's keypoints above :data:`KEYPOINT_MIN_SCORE`, and the
+    bones between them, in ``colour``. ``draw_keypoints`` draws bones in white only, so it draws on a black canvas the
     size of the keypoints' extent, and its strokes are painted in ``colour``."""
     triples = torch.tensor(points, dtype=torch.float32).reshape(1, -1, 3)
     shown = triples[..., 2] > KEYPOINT_MIN_SCORE
     if not shown.any():
-        return drawn
+        return
     xy, margin = triples[..., :2] * scale, thickness + 2
     x0, y0 = (max(0, int(v) - margin) for v in xy[shown].amin(0).tolist())
     x1, y1 = (int(v) + margin + 1 for v in xy[shown].amax(0).tolist())
-    x1, y1 = min(x1, drawn.width), min(y1, drawn.height)
+    x1, y1 = min(x1, pixels.shape[1]), min(y1, pixels.shape[0])
     if x1 <= x0 or y1 <= y0:
-        return drawn
+        return
     strokes = draw_keypoints(
         torch.zeros((3, y1 - y0, x1 - x0), dtype=torch.uint8),
         xy - torch.tensor([x0, y0]),
@@ -157,9 +156,7 @@ def _skeleton(
         width=thickness,
         visibility=shown,
     )
-    pixels = np.array(drawn)
     pixels[y0:y1, x0:x1][strokes.amax(0).numpy() > 0] = colour
-    return Image.fromarray(pixels)
 
 
 def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:
