@@ -237,6 +237,8 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
         ("missing_image_dir", "error: cannot reach .*nowhere: no such directory"),
         ("too_few_images", "error: .*2 images is fewer than one step"),
         ("val_duplicate_id", r"error: .*val\.json: annotation id \d+: the id is used twice"),
+        ("no_keypoints", r"error: .*annotations\.json: no category lists 'keypoints', which --arch keypointrcnn_"),
+        ("sigma_count", r"error: --keypoint-sigmas gives 2 values for 11 keypoints"),
     ],
 )
 def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, tmp_path):
@@ -254,7 +256,17 @@ def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, t
     elif case == "too_few_images":
         gt["images"] = gt["images"][:2]
         Path(ann).write_text(json.dumps(gt))
-    extra = []
+    extra = {
+        "no_keypoints": ["--arch", "keypointrcnn_resnet18_fpn_small"],
+        "sigma_count": ["--arch", "keypointrcnn_resnet18_fpn_small", "--keypoint-sigmas", "0.1,0.2"],
+    }.get(case, [])
+    if case == "sigma_count":  # stick figures: 11 keypoints
+        from maskrcnn.synthetic import generate_split
+
+        ann, images = (
+            generate_split(str(tmp_path / "figures"), 6, seed=0, kind="figures"),
+            str(tmp_path / "figures" / "images"),
+        )
     if case == "val_duplicate_id":  # a defect no rule can clean, in the validation file
         val = json.loads((shapes / "val" / "annotations.json").read_text())
         val["annotations"].append(dict(val["annotations"][3]))
