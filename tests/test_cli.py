@@ -89,6 +89,7 @@ def test_the_flag_table_is_the_help():
         (cli.extensions, "*", None),
         (cli.names, "person, dog ,", ["person", "dog"]),
         (cli.resources, '{"gpu_node": 1}', {"gpu_node": 1.0}),
+        (cli.floats, "0.026,0.1", (0.026, 0.1)),
     ],
 )
 def test_flag_values_parse(parse, text, expected):
@@ -96,7 +97,15 @@ def test_flag_values_parse(parse, text, expected):
 
 
 @pytest.mark.parametrize(
-    "parse, text", [(cli.pool_size, "3,1"), (cli.pool_size, "0"), (cli.resources, "[1]"), (cli.resources, "{")]
+    "parse, text",
+    [
+        (cli.pool_size, "3,1"),
+        (cli.pool_size, "0"),
+        (cli.resources, "[1]"),
+        (cli.resources, "{"),
+        (cli.floats, "0.1,x"),
+        (cli.floats, "0.1,0"),
+    ],
 )
 def test_bad_flag_values_say_what_was_expected(parse, text):
     with pytest.raises(argparse.ArgumentTypeError, match=f"expected .*, got {re.escape(repr(text))}$"):
