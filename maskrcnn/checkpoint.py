@@ -23,9 +23,11 @@ so loading never runs pickled code)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
+import os
+import posixpath
+import urllib.parse
 from typing import Any
 
 import torch
@@ -149,12 +151,8 @@ def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
             f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights"
         )
     print(f"[model] {name}: torchvision's weights from {weights.url} (or torch's cache)", flush=True)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch hub's own "Downloading: ..." line
-            state_dict = weights.get_state_dict(progress=False)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(str(download_error(name, weights, err, "--model"))) from err
-    return _from_state_dict(state_dict, weights.url, arch, weights.meta["categories"])
+    state_dict, path = torchvision_state_dict(weights, name, "--model", CheckpointError)
+    return _from_state_dict(state_dict, path, arch, weights.meta["categories"])
 
 
 def _from_state_dict(
@@ -273,6 +271,28 @@ def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def torchvision_state_dict(
+    weights: Any, name: str, flag: str, error: type[Exception] = WeightsError
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of torchvision's published ``weights`` and the file they came from: torch's
+    cache (``$TORCH_HOME/hub/checkpoints/``), downloaded there first if missing (its hash
+    checked, as torch hub does). The file is read like any other weights file, by :func:`read`,
+    so a file someone put in the cache runs no pickled code either; torch hub's own loader
+    would unpickle it in full."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(urllib.parse.urlparse(weights.url).path))
+    if not os.path.exists(path):
+        digest = torch.hub.HASH_REGEX.search(posixpath.basename(path))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, path, digest.group(1) if digest else None, progress=False)
+        except (OSError, RuntimeError) as err:
+            raise error(str(download_error(name, weights, err, flag))) from err
+    try:
+        return state_dict_of(read(path, error), path), path
+    except WeightsError as err:
+        raise error(str(err)) from err
+
+
 def download_error(name: str, weights: Any, err: Exception, flag: str) -> WeightsError:
     """The offline error: names the URL and says what to pass instead."""
     return WeightsError(
@@ -300,14 +320,10 @@ def init_model(
     kwargs = dict(arch_kwargs, pretrained=weights is not None)
     if weights is None:
         return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    sources = _joint_sources(weights) if model_lib.has_masks(arch) and model_lib.has_keypoints(arch) else [weights]
+    loaded, sources = initial_weights(weights, arch), _sources(weights, arch)
     tv = None if model_lib.is_path(sources[0]) else model_lib.torchvision_weights(sources[0], arch)
-    if tv is not None and type(tv).__name__.startswith("ResNet"):
-        try:
-            return build_model(arch, backbone_weights=tv, skip_resize=skip_resize, **kwargs), kwargs
-        except (OSError, RuntimeError) as err:
-            raise download_error(weights, tv, err, "--weights") from err
-    loaded = [_initial_state_dict(source, arch) for source in sources]
+    if tv is not None and type(tv).__name__.startswith("ResNet"):  # ImageNet weights of the ResNet body
+        return build_model(arch, backbone_state_dict=loaded[0][0], skip_resize=skip_resize, **kwargs), kwargs
     if "frozen_bn_eps" in model_lib.structure(*loaded[0]):
         kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does
     model = build_model(arch, skip_resize=skip_resize, **kwargs)
@@ -316,6 +332,16 @@ def init_model(
         head = {k: v for k, v in loaded[1][0].items() if k.startswith("roi_heads.keypoint_")}
         model_lib.load_matching(model, head, sources[1])
     return model, kwargs
+
+
+def initial_weights(weights: str, arch: str) -> list[tuple[dict[str, torch.Tensor], str]]:
+    """Each ``--weights`` source's tensors (downloaded or read, never unpickling code) and where
+    they came from. The driver calls it before any worker starts, so a bad source fails in one line."""
+    return [_initial_state_dict(source, arch) for source in _sources(weights, arch)]
+
+
+def _sources(weights: str, arch: str) -> list[str]:
+    return _joint_sources(weights) if model_lib.has_masks(arch) and model_lib.has_keypoints(arch) else [weights]
 
 
 def _joint_sources(weights: str) -> list[str]:
@@ -334,7 +360,4 @@ def _initial_state_dict(weights: str, arch: str) -> tuple[dict[str, torch.Tensor
         raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
     if tv is None:
         return state_dict_of(read(weights, WeightsError), weights), weights
-    try:
-        return tv.get_state_dict(progress=False), tv.url
-    except (OSError, RuntimeError) as err:
-        raise download_error(weights, tv, err, "--weights") from err
+    return torchvision_state_dict(tv, weights, "--weights")

@@ -63,12 +63,15 @@ class WeightsError(UserError):
     """Initial weights that cannot be found, downloaded or matched to the model."""
 
 
-def _resnet(arch: str, pretrained: bool, backbone_weights: Any) -> resnet.ResNet:
+def _resnet(arch: str, pretrained: bool, backbone_state_dict: dict[str, torch.Tensor] | None) -> resnet.ResNet:
     # torchvision's convention: frozen batch norm when starting from pretrained weights
     # (v2 keeps plain batch norm in its body, as torchvision's own builder does).
     frozen = pretrained and arch != "maskrcnn_resnet50_fpn_v2"
     builder = resnet.resnet18 if is_small(arch) else resnet.resnet50
-    return builder(weights=backbone_weights, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    body = builder(weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    if backbone_state_dict is not None:
+        body.load_state_dict(backbone_state_dict)  # what torchvision's builder does with its weights
+    return body
 
 
 def is_small(arch: str) -> bool:
@@ -120,15 +123,15 @@ def build_model(
     trainable_layers: int | None = None,
     min_size: int | tuple[int, ...] | None = None,
     max_size: int | None = None,
-    backbone_weights: Any = None,
+    backbone_state_dict: dict[str, torch.Tensor] | None = None,
     skip_resize: bool = False,
     frozen_bn_eps: float | None = None,
 ) -> MaskRCNN:
     """Build ``arch`` for ``num_classes`` classes (background included).
 
     ``pretrained`` selects the structure used for fine-tuning (frozen batch norm, three
-    trainable stages) without downloading anything; ``backbone_weights`` (a torchvision
-    weights enum) is only passed when the backbone really is to be downloaded.
+    trainable stages) without downloading anything; ``backbone_state_dict`` holds ImageNet
+    weights of the ResNet body (read by :mod:`maskrcnn.checkpoint`, as every weights file is).
     ``skip_resize`` lets the data pipeline do multi-scale resizing in training, as
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
     ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILES`).
@@ -140,7 +143,7 @@ def build_model(
     if trainable_layers is None:
         trainable_layers = 3 if pretrained else 5
     fpn_norm = nn.BatchNorm2d if arch == "maskrcnn_resnet50_fpn_v2" else None
-    body = _resnet(arch, pretrained, backbone_weights)
+    body = _resnet(arch, pretrained, backbone_state_dict)
     backbone = _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm)
     if is_small(arch):
         backbone.fpn = FeaturePyramidNetwork([64, 128, 256, 512], SMALL_FPN_CHANNELS, extra_blocks=LastLevelMaxPool())

@@ -43,7 +43,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from maskrcnn import data, history, keypoints, storage
+from maskrcnn import checkpoint, data, history, keypoints, storage
 from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, floats, ints, option
 from maskrcnn.engine import OPTIMIZERS
 from maskrcnn.model import ARCHS, SMALL, default_sizes, has_keypoints
@@ -188,6 +188,8 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
             f"{cfg.train_annotations}: {len(train.records)} images is fewer than one step "
             f"({cfg.num_workers} workers x batch {cfg.batch_size})"
         )
+    if cfg.weights:  # read once here (downloaded if a name), so a bad or unsafe file fails before Ray
+        checkpoint.initial_weights(cfg.weights, cfg.arch)
     if storage.is_s3(cfg.storage):
         storage.check_readable_dir(cfg.storage)
     else:

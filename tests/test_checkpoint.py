@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+import torchvision
 
 from maskrcnn import checkpoint
 from maskrcnn import model as model_lib
@@ -174,15 +175,14 @@ def test_weights_file_with_other_class_count_reinitialises_only_the_heads(tmp_pa
         assert m.roi_heads.box_predictor.cls_score.weight.shape[0] == 3  # head re-initialised for 3 classes
 
 
-def test_torchvision_weight_name_without_internet_fails_with_a_one_line_hint(monkeypatch):
+def test_torchvision_weight_name_without_internet_fails_with_a_one_line_hint(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     # The real download path runs until the network call, which is made to fail here so
     # the test means the same on a machine that does have the internet.
-    import torchvision.models._api
-
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     for name in ("COCO_V1", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "ResNet50_Weights.IMAGENET1K_V1"):
         with pytest.raises(WeightsError) as err:
             init_model("maskrcnn_resnet50_fpn", {"num_classes": 3}, name)
@@ -272,3 +272,72 @@ def test_torchvisions_keypoint_rcnn_file_is_a_model_with_cocos_persons_and_skele
     with pytest.raises(ValueError, match="need keypoint names exactly when the model predicts keypoints"):
         fields = {"arch_kwargs": {}, "classes": ["a"], "category_ids": [1], "step": 0, "epoch": 0}
         checkpoint.make(build_model(SMALL, num_classes=2), arch="keypointrcnn_resnet18_fpn_small", **fields)
+
+
+# ---------------------------------------------------------------- torch's cache is read like any other file
+
+
+class _Marker:
+    """Pickled code that would leave a file behind if it ever ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.path}'",))
+
+
+@pytest.mark.parametrize(
+    "job, args",
+    [
+        ("segment_bucket.py", ["--model", "COCO_V1", "--input", "{photos}", "--output", "{tmp}/out"]),
+        ("predict.py", ["--model", "COCO_V1", "--input", "{photos}", "--output", "{tmp}/out"]),
+        ("evaluate.py", ["--model", "COCO_V1", "--annotations", "{gt}", "--images", "{images}"]),
+        ("train.py", ["--weights", "COCO_V1", "--arch", "maskrcnn_resnet50_fpn"]),
+        ("train.py", ["--weights", "ResNet50_Weights.IMAGENET1K_V1", "--arch", "maskrcnn_resnet50_fpn"]),
+        ("train.py", ["--weights", "COCO_V1", "--arch", "maskrcnn_keypoint_resnet50_fpn"]),
+    ],
+    ids=["segment", "predict", "evaluate", "train-coco", "train-imagenet", "train-joint"],
+)
+def test_a_malicious_file_in_torchs_cache_is_refused_and_never_runs(job, args, tmp_path, monkeypatch, coco_small):
+    """Where the offline error tells users to put a download, a pickle that runs code: every
+    job refuses it in one line naming the file, and the payload never runs."""
+    from tests.helpers import call_job
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    for name in (*model_lib.LEGACY_EPS_FILES, "resnet50-0676ba61.pth"):  # the published file names
+        torch.save({"model": _Marker(marker)}, cache / name)
+    for key, value in {**OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}.items():
+        monkeypatch.setenv(key, value)
+    gt, images = coco_small
+    if job == "train.py":
+        args = [*args, "--train-annotations", gt, "--train-images", images, "--storage", "{tmp}/runs", "--name", "r"]
+    fill = {"photos": os.path.dirname(images), "tmp": str(tmp_path), "gt": gt, "images": images}
+    result = call_job(job, *[a.format(**fill) for a in args])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"refusing to load {cache}/" in lines[0] and "Weights only load failed" in lines[0]
+    assert not marker.exists()
+
+
+def test_a_weight_name_found_in_torchs_cache_loads_offline(tmp_path, monkeypatch):
+    """The same file route with real tensors (torchvision's COCO_V1 structure, random weights):
+    it loads by name with no internet, with COCO's classes and eps 0."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(
+        build_model("maskrcnn_resnet50_fpn", 91, pretrained=True).state_dict(), cache / model_lib.LEGACY_EPS_FILES[0]
+    )
+    torch.save(torchvision.models.resnet50().state_dict(), cache / "resnet50-0676ba61.pth")
+    for key, value in {**OFFLINE, "TORCH_HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    ckpt = checkpoint.load("COCO_V1")
+    assert ckpt["classes"][0] == "person" and ckpt["arch_kwargs"]["frozen_bn_eps"] == 0.0
+    assert {m.eps for m in checkpoint.build(ckpt).modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
+    model, _ = init_model("maskrcnn_resnet50_fpn", {"num_classes": 3}, "ResNet50_Weights.IMAGENET1K_V1")
+    body = torch.load(cache / "resnet50-0676ba61.pth", weights_only=True)
+    assert torch.equal(model.backbone.body.layer4[0].conv1.weight, body["layer4.0.conv1.weight"])
