@@ -1,8 +1,15 @@
 """The one place that reads, writes and lists local paths, ``file://`` and ``s3://`` URIs.
 
-Reads and writes go through pyarrow's filesystems; Ray Train's checkpoint storage gets the
-same filesystem object through :func:`filesystem`. Listing an S3 prefix goes through boto3's
-paginator (:func:`iter_files`), page by page, so that a prefix of millions of keys streams.
+Writes go through pyarrow's filesystems; Ray Train's checkpoint storage gets the same
+filesystem object through :func:`filesystem`. An S3 object is read (and checked for) with
+boto3 by its exact key: pyarrow normalises a key's ``.``, ``..`` and empty segments, so it
+would read another object (or one in another bucket) than the one listed, and S3 allows such
+keys. Listing an S3 prefix goes through boto3's paginator (:func:`iter_files`), page by page,
+so that a prefix of millions of keys streams.
+
+A local file whose name is not UTF-8 is listed as a ``file://`` URI with that name
+percent-encoded (RFC 8089), since Parquet and Ray Data hold text as UTF-8; ``file://`` URIs
+are percent-decoded wherever they are read.
 S3 is configured only by the standard AWS settings: pyarrow and boto3 read the keys
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` or an instance profile) themselves, and
 :func:`_s3` passes pyarrow the region (``AWS_REGION``) and the endpoint (``AWS_ENDPOINT_URL_S3``
@@ -17,6 +24,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import urllib.parse
 from functools import lru_cache
 from typing import Any, Iterator
 
@@ -64,15 +72,34 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+def local_path(uri: str) -> str:
+    """The OS path of a local path or ``file://`` URI (percent-decoded, to the file name's own bytes)."""
+    if not uri.startswith("file://"):
+        return uri
+    return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://") :]))
+
+
+def _local_uri(path: str) -> str:
+    """A listed local path as text every reader can hold: the path itself, or, for a name
+    that is not UTF-8 (Python keeps its bytes as surrogates), its percent-encoded ``file://`` URI."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(path))
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    """An s3:// URI's bucket and its key exactly as written, dot and empty segments included."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path)`` for a URI, for pyarrow, Parquet and Ray Train."""
     if is_s3(uri):
         return _s3(), uri[len("s3://") :].rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
 
 
 def _fail(action: str, uri: str, err: Exception) -> StorageError:
@@ -81,14 +108,33 @@ def _fail(action: str, uri: str, err: Exception) -> StorageError:
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
+    """The whole object or file; an S3 object by its exact key (see the module docstring)."""
+    if is_s3(uri):
+        return _read_s3(uri)
     try:
-        # A random-access file reads in one ranged GET of known size; an input stream reads
-        # S3 in small chunks (150x slower for a 144 MiB checkpoint on an S3-compatible store).
-        with fs.open_input_file(path) as f:
+        with open(local_path(uri), "rb") as f:
             return f.read()
     except (OSError, ValueError) as err:
         raise _fail("read", uri, err) from err
+
+
+# botocore retries a request that fails, but not a body that breaks off while it is read.
+_BODY_ATTEMPTS = 5
+
+
+def _read_s3(uri: str) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, ResponseStreamingError
+
+    bucket, key = _bucket_key(uri)
+    for attempt in range(1, _BODY_ATTEMPTS + 1):
+        try:
+            return _boto3_s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (IncompleteReadError, ResponseStreamingError) as err:
+            if attempt == _BODY_ATTEMPTS:
+                raise _fail("read", uri, err) from err
+        except (BotoCoreError, ClientError, OSError, ValueError) as err:
+            raise _fail("read", uri, err) from err
+    raise AssertionError("unreachable")
 
 
 def read_text(uri: str) -> str:
@@ -96,10 +142,24 @@ def read_text(uri: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
+    """Whether a file or directory (an S3 object by its exact key, or a prefix) is there."""
+    if not is_s3(uri):
+        return os.path.exists(local_path(uri))
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_key(uri)
+    client = _boto3_s3()
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as err:
+        if key and not key.endswith("/"):
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+        prefix = key.rstrip("/") + "/" if key else ""
+        return client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+    except (BotoCoreError, ClientError) as err:
         raise _fail("check", uri, err) from err
 
 
@@ -117,7 +177,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with fs.open_output_stream(path) as f:
             f.write(data)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("write", uri, err) from err
 
 
@@ -137,9 +197,9 @@ def staged(uri: str) -> Iterator[str]:
     try:
         if local is not None:
             os.makedirs(local, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{posixpath.basename(path)}.tmp-", dir=local)
+        fd, tmp = tempfile.mkstemp(prefix=f".{shorten(posixpath.basename(path), 200)}.tmp-", dir=local)
         os.close(fd)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("write", uri, err) from err
     try:
         yield tmp
@@ -150,18 +210,24 @@ def staged(uri: str) -> Iterator[str]:
             return
         with open(tmp, "rb") as src, fs.open_output_stream(path) as out:
             shutil.copyfileobj(src, out, 8 << 20)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("write", uri, err) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def shorten(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` bytes of UTF-8, at a character boundary."""
+    data = name.encode("utf-8", "surrogateescape")[:max_bytes]
+    return data.decode("utf-8", "ignore")
+
+
 def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
         fs.delete_file(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("delete", uri, err) from err
 
 
@@ -169,7 +235,7 @@ def make_dirs(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
         fs.create_dir(path, recursive=True)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("create", uri, err) from err
 
 
@@ -186,7 +252,7 @@ def _walk_local(root: str) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
+            yield _local_uri(os.path.join(dirpath, name))
 
 
 def _walk_s3(prefix: str, page_size: int) -> Iterator[str]:
@@ -213,7 +279,7 @@ def iter_files(prefix: str, extensions: tuple[str, ...] | None = None, page_size
     """
     exts = tuple(e.lower() for e in extensions) if extensions else None
     try:
-        walk = _walk_s3(prefix, page_size) if is_s3(prefix) else _walk_local(_local_path(prefix))
+        walk = _walk_s3(prefix, page_size) if is_s3(prefix) else _walk_local(local_path(prefix))
         for uri in walk:
             if exts is None or uri.lower().endswith(exts):
                 yield uri
@@ -234,12 +300,12 @@ def expand(spec: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
         fs, path = filesystem(spec)
         try:
             kind = fs.get_file_info(path).type
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise _fail("reach", spec, err) from err
         if kind == pafs.FileType.NotFound and not is_s3(spec):
             raise StorageError(f"cannot read {spec}: no such file or directory")
         if kind == pafs.FileType.File:
-            yield spec, spec.rsplit("/" if is_s3(spec) else os.sep, 1)[0]
+            yield _local_uri(spec), spec.rsplit("/" if is_s3(spec) else os.sep, 1)[0]
         else:
             yield from ((uri, spec) for uri in iter_files(spec, extensions))
         return
@@ -265,7 +331,7 @@ def check_readable_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
         info = fs.get_file_info(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _fail("reach", uri, err) from err
     if info.type == pafs.FileType.NotFound and not is_s3(uri):
         raise StorageError(f"cannot reach {uri}: no such directory")
@@ -274,5 +340,5 @@ def check_readable_dir(uri: str) -> None:
         try:
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise StorageError(f"cannot reach {uri}: bucket {bucket!r} does not exist")
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise _fail("reach", uri, err) from err

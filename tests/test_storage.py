@@ -1,4 +1,5 @@
 import os
+import urllib.parse
 
 import pytest
 
@@ -58,3 +59,58 @@ def test_absolute_resolves_local_paths_on_the_driver_and_leaves_uris(tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert storage.absolute("data/x.json") == str(tmp_path / "data" / "x.json")
     assert storage.absolute("s3://b/k") == "s3://b/k" and storage.absolute("file:///a/b") == "file:///a/b"
+
+
+def test_s3_objects_are_read_by_their_exact_key(bucket):
+    """S3 allows ``.``, ``..`` and empty segments in a key; each names its own object, and
+    ``..`` never reaches another bucket (pyarrow's normalised path would)."""
+    import boto3
+
+    client = boto3.client("s3")
+    other = f"{bucket}-other"
+    client.create_bucket(Bucket=other)
+    client.put_object(Bucket=other, Key="secret.jpg", Body=b"the other bucket's")
+    keys = ["names/plain.jpg", "names/a/../plain.jpg", "names/./dot.jpg", "odd//double.jpg", f"../{other}/secret.jpg"]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    listed = list(storage.iter_files(f"s3://{bucket}"))
+    assert sorted(listed) == sorted(f"s3://{bucket}/{k}" for k in keys)
+    for uri in listed:
+        assert storage.read_bytes(uri) == uri.split("/", 3)[3].encode() and storage.exists(uri)
+    assert not storage.exists(f"s3://{bucket}/names/dot.jpg") and storage.exists(f"s3://{bucket}/names")
+    with pytest.raises(storage.StorageError, match=r"cannot read s3://.*/names/\./gone\.jpg"):
+        storage.read_bytes(f"s3://{bucket}/names/./gone.jpg")
+
+
+def test_s3_reads_survive_a_store_that_fails_one_request_in_six(bucket, s3_server, monkeypatch):
+    """500s, 503 SlowDown, resets and bodies cut off halfway: every read still returns the
+    whole object (botocore retries requests; a broken body is read again)."""
+    import boto3
+
+    from tests.helpers import FlakyS3
+
+    blobs = {f"x/{i:03d}.bin": os.urandom(2000 + 97 * i) for i in range(60)}
+    for key, data in blobs.items():
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
+    with FlakyS3(s3_server, rate=1 / 6) as flaky:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
+        storage._boto3_s3.cache_clear()
+        try:
+            assert all(storage.read_bytes(f"s3://{bucket}/{k}") == data for k, data in blobs.items())
+        finally:
+            storage._boto3_s3.cache_clear()
+    assert set(flaky.failed) == set(FlakyS3.KINDS), flaky.failed
+
+
+def test_legal_local_names_are_listed_read_and_written(tmp_path):
+    """A name that is not UTF-8 is listed as its percent-encoded file:// URI, which reads the
+    file; a 255-byte name is written atomically (its staging name stays within the limit)."""
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9 latin-1.jpg")
+    with open(raw, "wb") as f:
+        f.write(b"latin")
+    long = str(tmp_path / ("n" * 251 + ".png"))
+    storage.write_bytes(long, b"long")
+    listed = list(storage.iter_files(str(tmp_path)))
+    uri = f"file://{urllib.parse.quote(str(tmp_path))}/caf%E9%20latin-1.jpg"
+    assert listed == [uri, long] and storage.read_bytes(uri) == b"latin" and storage.exists(uri)
+    assert storage.read_bytes(long) == b"long" and sorted(os.listdir(tmp_path))[1:] == [b"n".decode() * 251 + ".png"]
