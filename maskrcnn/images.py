@@ -95,6 +95,8 @@ def decode_to_fit(
     if im.width * im.height > max_pixels:
         raise ImageError("too_large", f"{im.width}x{im.height} pixels exceeds --max-pixels {max_pixels}")
     full_w, full_h = im.size
+    if im.format == "JPEG":
+        _check_jpeg_length(data)
     if fit is not None:
         _draft(im, *fit)
     with _pil():
@@ -122,6 +124,53 @@ def _pil() -> Iterator[None]:
         raise ImageError("not_an_image", "not a recognised image format") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageError("corrupt", f"undecodable image: {err}") from err
+
+
+# Huffman-coded JPEG frames (baseline, extended, progressive, lossless). Their entropy-coded
+# data spends at least one bit on every 8x8 block of every component (its DC term; the EOB
+# run of a progressive AC scan can cover many blocks, the DC scan cannot). Arithmetic-coded
+# frames (SOF9 and up) have no such floor and are not checked.
+_HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2, 0xC3)
+
+
+def _check_jpeg_length(data: bytes) -> None:
+    """Refuse a JPEG whose data ends long before its declared size. libjpeg pads the missing
+    blocks without an error (a "premature end of data segment" warning that PIL discards), so
+    such a file would decode to a flat, made-up picture: a fraction of a bit per block is
+    impossible for a Huffman-coded JPEG."""
+    frame = _jpeg_frame(data)
+    if frame is None or frame[0] not in _HUFFMAN_FRAMES:
+        return
+    _, width, height, components, end = frame
+    h_max, v_max = max(h for h, _ in components), max(v for _, v in components)
+    blocks = sum(
+        math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
+        for h, v in components
+    )
+    if (len(data) - end) * 8 < blocks:
+        raise ImageError(
+            "corrupt", f"JPEG data ends early: {len(data)} bytes cannot hold {width}x{height} pixels ({blocks} blocks)"
+        )
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, list[tuple[int, int]], int] | None:
+    """The first frame header of a JPEG: (SOF marker, width, height, each component's
+    sampling factors, where the header ends); None if the markers before it do not parse."""
+    at = 2  # after SOI
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            header = data[at + 4 : at + 2 + length]
+            if len(header) < 6 or len(header) < 6 + 3 * header[5]:
+                return None
+            height, width = int.from_bytes(header[1:3], "big"), int.from_bytes(header[3:5], "big")
+            sampling = [(max(1, b >> 4), max(1, b & 15)) for b in header[7 : 6 + 3 * header[5] : 3]]
+            return (marker, width, height, sampling, at + 2 + length) if sampling else None
+        at += 2 + length
+    return None
 
 
 def _draft(im: Image.Image, min_size: int, max_size: int) -> None:

@@ -85,3 +85,24 @@ def test_only_jpegs_decode_reduced(shared_data):
     Image.fromarray(images.decode(large_jpeg(shared_data, 2000, 1500))).save(png, "PNG")
     decoded = images.decode_to_fit(png.getvalue(), (320, 512))
     assert decoded.pixels.shape == (1500, 2000, 3) and (decoded.height, decoded.width) == (1500, 2000)
+
+
+def test_a_jpeg_whose_data_ends_long_before_its_declared_size_is_corrupt(shared_data):
+    """libjpeg pads the missing blocks of such a file without an error; a Huffman-coded JPEG
+    spends at least a bit on every block, which a flat black progressive JPEG shows is enough."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 200)).save(buf, "JPEG")
+    fake = bytearray(buf.getvalue())
+    struct.pack_into(">HH", fake, fake.find(b"\xff\xc0") + 5, 9000, 10000)  # declare 10000x9000
+    with pytest.raises(images.ImageError, match=r"JPEG data ends early: \d+ bytes cannot hold 10000x9000") as err:
+        images.decode(bytes(fake))
+    assert err.value.kind == "corrupt"
+    for progressive in (False, True):
+        black = io.BytesIO()
+        Image.new("L", (4000, 3000), 0).save(black, "JPEG", optimize=True, progressive=progressive)
+        assert images.decode(black.getvalue()).shape == (3000, 4000, 3)
