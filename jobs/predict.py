@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Each image: predict, draw, and add its row to the COCO files.
     progress = Progress("predict", len(inputs), every=0)
     failed: list[dict] = []
-    names: set[str] = set()
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(
             export.CocoDataset(
@@ -80,11 +79,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         results = stack.enter_context(export.CocoResults(storage.join(args.output, "coco_results.json")))
+        names = export.PictureNames()  # one picture per image, however their names collide
         for uri, root in inputs:
             row, rgb = _predict(predictor, uri, fit)
             dataset.add(row)
             results.add(row)
-            progress.add(1, _write(args, row, rgb, _unique(export.picture_name(uri, root), names), skeleton))
+            progress.add(1, _write(args, row, rgb, names(uri, root), skeleton))
             failed += [row] if row["error"] else []
     print(f"[predict] {results.items.count} instances in {results.rows} images -> {args.output}")
     if failed:
@@ -96,16 +96,6 @@ def _listed(spec: str) -> list[tuple[str, str]]:
     if not found:
         raise storage.StorageError(f"no images found in {spec}")
     return found
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    """``name``, or ``name-2.png``, ``name-3.png``... when two inputs would share a picture."""
-    stem, n = name.removesuffix(".png"), 1
-    while name in taken:
-        n += 1
-        name = f"{stem}-{n}.png"
-    taken.add(name)
-    return name
 
 
 def _predict(predictor: Predictor, uri: str, fit: tuple[int, int]) -> tuple[dict, object]:

@@ -11,9 +11,11 @@ at a time, and JSON goes to a local staging file before it is stored whole
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator
@@ -67,6 +69,8 @@ def job_keypoints(output: str) -> KeypointSpec | None:
 
 def relative(uri: str, root: str) -> str | None:
     """``uri``'s path under ``root``, with ``/`` separators; None when it is not under it."""
+    if uri.startswith("file://") and not root.startswith("file://"):
+        uri = storage.local_path(uri)  # a listed name that is not UTF-8 (see maskrcnn.storage)
     root = root.rstrip("/\\")
     for sep in ("/", os.sep):
         if uri.startswith(root + sep):
@@ -246,8 +250,54 @@ def source_name(uri: str, root: str | None) -> str:
 
 
 def picture_name(uri: str, root: str | None) -> str:
-    """Where a picture of ``uri`` goes under an output directory: :func:`source_name` as ``.png``."""
-    return posixpath.splitext(source_name(uri, root))[0] + ".png"
+    """Where a picture of ``uri`` goes under an output directory: :func:`source_name` as a
+    relative path ending in ``.png`` that stays inside that directory whatever the name holds.
+    Empty and ``.`` segments go, ``..`` becomes ``%2E%2E``, characters a file name or a
+    terminal should not carry are percent-encoded (:func:`printable`), and a segment too long
+    for a file system is cut, with a hash of the whole to keep it apart from its neighbours."""
+    segments = [s for s in source_name(uri, root).split("/") if s not in ("", ".")] or ["_"]
+    segments[-1] = posixpath.splitext(segments[-1])[0] or "_"
+    safe = [_shortened(printable(s) if s != ".." else "%2E%2E") for s in segments]
+    return "/".join(safe) + ".png"
+
+
+# Characters no picture name or caption carries as they are: control characters, the backslash
+# (a separator elsewhere) and the lone surrogates that stand for a file name's non-UTF-8 bytes.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\ud800-\udfff]")
+SEGMENT_BYTES = 200  # a picture's file name, with "-N", ".png", ".json" or staging's ".tmp-" added, stays < 255
+
+
+def printable(name: str) -> str:
+    """``name`` with its :data:`_UNPRINTABLE` characters percent-encoded (a surrogate as the byte it stands for)."""
+
+    def encode(m: re.Match) -> str:
+        return "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogateescape"))
+
+    return _UNPRINTABLE.sub(encode, name)
+
+
+def _shortened(segment: str) -> str:
+    if len(segment.encode("utf-8")) <= SEGMENT_BYTES:
+        return segment
+    digest = hashlib.sha256(segment.encode("utf-8")).hexdigest()[:8]
+    return storage.shorten(segment, SEGMENT_BYTES - 9) + "~" + digest
+
+
+class PictureNames:
+    """One :func:`picture_name` per image: a second image whose name comes out the same
+    (``dup.jpg`` and ``dup.png``, or ``a//b.jpg`` and ``a/b.jpg`` on S3) gets ``-2``, ``-3``..."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+
+    def __call__(self, uri: str, root: str | None) -> str:
+        name = picture_name(uri, root)
+        stem, n = name.removesuffix(".png"), 1
+        while name in self.taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self.taken.add(name)
+        return name
 
 
 class Pictures(contextlib.AbstractContextManager):
@@ -277,25 +327,28 @@ class Pictures(contextlib.AbstractContextManager):
             cell,
         )
         self.style = {"min_score": min_score, "boxes": boxes, "skeleton": keypoints.skeleton if keypoints else ()}
-        self.max_side, self.drawn, self.cells = max_side, 0, []
+        self.max_side, self.drawn, self.cells, self.names = max_side, 0, [], PictureNames()
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any]) -> str | None:
+        """Draw the row if it is one of the first ``count`` to draw; return its picture's name
+        (relative to ``directory``), or None if it was not drawn."""
         if (
             self.drawn >= self.count
             or row["error"]
             or not any(i["score"] >= self.style["min_score"] for i in row["instances"])
         ):
-            return
+            return None
         self.drawn += 1
-        name = picture_name(row["uri"], self.root)
+        name = self.names(row["uri"], self.root)
         rgb = read_image(row, self.max_side if self.directory else self.cell)
         if self.directory:
             target = storage.join(self.directory, *name.split("/"))
             storage.write_bytes(target, draw.png(picture(row, rgb, max_side=self.max_side, **self.style)))
-            print(f"[export] {target}", flush=True)
+            print(f"[export] {printable(target)}", flush=True)
         if self.sheet:
             cell = picture(row, rgb, max_side=self.cell, enlarge_to=self.cell, **self.style)
-            self.cells.append((cell, source_name(row["uri"], self.root)))
+            self.cells.append((cell, printable(source_name(row["uri"], self.root))))
+        return name
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None and self.sheet and self.cells:

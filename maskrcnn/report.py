@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import urllib.parse
 from collections import Counter
 from typing import Any
 
@@ -59,19 +60,19 @@ class Report(contextlib.AbstractContextManager):
         if row["error"]:
             self.errors[output.error_kind(row["error"])] += 1
             if len(self.error_rows) < self.max_errors:
-                self.error_rows.append((row["uri"], row["error"]))
+                self.error_rows.append((export.printable(row["uri"]), export.printable(row["error"])))
             return
         kept = [i for i in row["instances"] if i["score"] >= self.min_score]
         self.instances += len(kept)
         self.classes.update(i["category"] for i in kept)
-        drawn = self.pictures.drawn
-        self.pictures.add(row)
-        if self.pictures.drawn > drawn:
-            self.figures.append(self._figure(row, kept))
+        name = self.pictures.add(row)
+        if name:
+            self.figures.append(self._figure(row, kept, name))
 
-    def _figure(self, row: dict[str, Any], kept: list[dict]) -> str:
-        """The HTML of a picture :class:`maskrcnn.export.Pictures` has just drawn, and its instances."""
-        name = "pictures/" + export.picture_name(row["uri"], self.root)
+    def _figure(self, row: dict[str, Any], kept: list[dict], name: str) -> str:
+        """The HTML of the picture :class:`maskrcnn.export.Pictures` has just drawn as ``name``,
+        and its instances. The link is percent-encoded, so ``#``, ``?`` and ``%`` in a name are
+        part of the file's name, not a fragment or a query."""
         rows = [
             (
                 i["category"],
@@ -82,9 +83,10 @@ class Report(contextlib.AbstractContextManager):
             for i in sorted(kept, key=lambda i: -i["score"])
         ]
         table = _table(("category", "score", "box x, y, w, h", "mask area"), rows)
+        uri = export.printable(row["uri"])
         return (
-            f'<figure><img src="{html.escape(name)}" alt="{html.escape(row["uri"])}">'
-            f"<figcaption>{html.escape(row['uri'])}</figcaption>{table}</figure>"
+            f'<figure><img src="{html.escape(urllib.parse.quote("pictures/" + name))}" alt="{html.escape(uri)}">'
+            f"<figcaption>{html.escape(uri)}</figcaption>{table}</figure>"
         )
 
     def __exit__(self, *exc: Any) -> None:

@@ -249,6 +249,33 @@ def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_
     assert f"instances {sum(len(r['instances']) for r in rows)}" in text and "images 7" in text
 
 
+@pytest.mark.parametrize(
+    "uri, root, name",
+    [
+        ("s3://b/in/../../other/secret.jpg", "s3://b/in", "%2E%2E/%2E%2E/other/secret.png"),
+        ("s3://b/in/a/./b//c.jpg", "s3://b/in", "a/b/c.png"),
+        ("/in/new\nline\\back.jpg", "/in", "new%0Aline%5Cback.png"),
+        ("/in/<b> #1 & 50% ?.jpg", "/in", "<b> #1 & 50% ?.png"),
+        ("file:///in/caf%E9.jpg", "/in", "caf%E9.png"),
+        ("s3://b/x/..", None, "%2E%2E.png"),
+    ],
+)
+def test_picture_names_stay_inside_the_output_folder(uri, root, name):
+    from maskrcnn.export import picture_name
+
+    assert picture_name(uri, root) == name
+
+
+def test_long_and_colliding_names_get_one_picture_each():
+    from maskrcnn.export import SEGMENT_BYTES, PictureNames
+
+    names = PictureNames()
+    long_a, long_b = "/in/" + "é" * 120 + "a.jpg", "/in/" + "é" * 120 + "b.jpg"
+    got = [names(u, "/in") for u in ("/in/dup.jpg", "/in/dup.png", "/in/dup-2.jpg", long_a, long_b)]
+    assert got[:3] == ["dup.png", "dup-2.png", "dup-2-2.png"] and got[3] != got[4]
+    assert all(len(n.encode()) <= SEGMENT_BYTES + 4 for n in got[3:]) and got[3].startswith("é" * 90)
+
+
 def test_nothing_to_draw_is_a_one_line_error(predictions, tmp_path):
     result = call_job(
         "export.py",
