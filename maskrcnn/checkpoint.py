@@ -306,7 +306,12 @@ def download_error(name: str, weights: Any, err: Exception, flag: str) -> Weight
 
 
 def init_model(
-    arch: str, arch_kwargs: dict[str, Any], weights: str | None = None, *, skip_resize: bool = False
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    weights: str | None = None,
+    *,
+    skip_resize: bool = False,
+    loaded: list[tuple[dict[str, torch.Tensor], str]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build a model and load initial weights; return it with the ``arch_kwargs`` to store.
 
@@ -315,12 +320,13 @@ def init_model(
     ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
     URI, or None for random initialisation. Tensors load where name and shape match, so
     COCO weights fine-tune on other classes. The joint mask + keypoint model takes two,
-    ``MASK,KEYPOINT`` (see :func:`_joint_sources`).
+    ``MASK,KEYPOINT`` (see :func:`_joint_sources`). ``loaded`` is what :func:`initial_weights`
+    read of them already (training's driver reads them once for all its workers).
     """
     kwargs = dict(arch_kwargs, pretrained=weights is not None)
     if weights is None:
         return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    loaded, sources = initial_weights(weights, arch), _sources(weights, arch)
+    loaded, sources = loaded or initial_weights(weights, arch), _sources(weights, arch)
     tv = None if model_lib.is_path(sources[0]) else model_lib.torchvision_weights(sources[0], arch)
     if tv is not None and type(tv).__name__.startswith("ResNet"):  # ImageNet weights of the ResNet body
         return build_model(arch, backbone_state_dict=loaded[0][0], skip_resize=skip_resize, **kwargs), kwargs

@@ -162,6 +162,9 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, list[tuple[int, int]], int]
         if marker == 0xFF:  # fill byte
             at += 1
             continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
             header = data[at + 4 : at + 2 + length]
             if len(header) < 6 or len(header) < 6 + 3 * header[5]:

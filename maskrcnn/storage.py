@@ -10,6 +10,7 @@ so that a prefix of millions of keys streams.
 A local file whose name is not UTF-8 is listed as a ``file://`` URI with that name
 percent-encoded (RFC 8089), since Parquet and Ray Data hold text as UTF-8; ``file://`` URIs
 are percent-decoded wherever they are read.
+
 S3 is configured only by the standard AWS settings: pyarrow and boto3 read the keys
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` or an instance profile) themselves, and
 :func:`_s3` passes pyarrow the region (``AWS_REGION``) and the endpoint (``AWS_ENDPOINT_URL_S3``
@@ -126,15 +127,14 @@ def _read_s3(uri: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, ResponseStreamingError
 
     bucket, key = _bucket_key(uri)
-    for attempt in range(1, _BODY_ATTEMPTS + 1):
+    for _ in range(_BODY_ATTEMPTS):
         try:
             return _boto3_s3().get_object(Bucket=bucket, Key=key)["Body"].read()
         except (IncompleteReadError, ResponseStreamingError) as err:
-            if attempt == _BODY_ATTEMPTS:
-                raise _fail("read", uri, err) from err
+            broken = err
         except (BotoCoreError, ClientError, OSError, ValueError) as err:
             raise _fail("read", uri, err) from err
-    raise AssertionError("unreachable")
+    raise _fail("read", uri, broken) from broken
 
 
 def read_text(uri: str) -> str:

@@ -1,11 +1,12 @@
 """Distributed Mask R-CNN training on Ray Train (``TorchTrainer``, DDP): the recipe.
 
-1. The driver (:func:`run`) indexes the COCO files and fails fast on unusable input
-   (:func:`prepare`), then builds the Ray Dataset whose CPU tasks fetch, decode and resize
-   the images, and starts one ``TorchTrainer``.
-2. Each worker (:func:`maskrcnn.worker.worker_loop`) builds the model (from the latest checkpoint when
-   there is one, else from ``--weights``), wraps it in DDP, and for each epoch trains on
-   its dataset shard (:meth:`~maskrcnn.worker.Worker.train_epoch`), evaluates COCO AP on the validation set
+1. The driver (:func:`run`) indexes the COCO files, reads ``--weights`` (downloading a
+   weight name once) and fails fast on unusable input (:func:`prepare`), then builds the Ray
+   Dataset whose CPU tasks fetch, decode and resize the images, and starts one ``TorchTrainer``.
+2. Each worker (:func:`maskrcnn.worker.worker_loop`) builds the model (from the latest checkpoint
+   when there is one, else from the driver's ``--weights``, through Ray's object store), wraps
+   it in DDP, and for each epoch trains on its dataset shard
+   (:meth:`~maskrcnn.worker.Worker.train_epoch`), evaluates COCO AP on the validation set
    (:meth:`~maskrcnn.worker.Worker.validate`), keeps ``best.pt`` and reports a checkpoint.
 
 Where a run writes (all under ``STORAGE/NAME/``, local or S3):
@@ -140,8 +141,10 @@ class TrainConfig:
 
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train; return Ray Train's result (its ``checkpoint`` is the latest)."""
-    train, meta = prepare(cfg)
+    train, meta, initial = prepare(cfg)
     init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
+    weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
+    del initial
     _announce(cfg, train, meta)
     records = list(train.records)
     random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
@@ -150,7 +153,7 @@ def run(cfg: TrainConfig) -> ray.train.Result:
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg, "meta": meta},
+        train_loop_config={"cfg": cfg, "meta": meta, "weights": weights},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -172,8 +175,9 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         return trainer.fit()
 
 
-def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
-    """Everything that can fail on bad input, before any worker starts."""
+def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any], list | None]:
+    """Everything that can fail on bad input, before any worker starts; returns the training
+    set, what the workers need to know of it, and the ``--weights`` tensors (None without)."""
     train = data.load_coco(cfg.train_annotations, cfg.train_images)
     storage.check_readable_dir(cfg.train_images)
     val_dropped: dict[str, int] = {}
@@ -188,8 +192,7 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
             f"{cfg.train_annotations}: {len(train.records)} images is fewer than one step "
             f"({cfg.num_workers} workers x batch {cfg.batch_size})"
         )
-    if cfg.weights:  # read once here (downloaded if a name), so a bad or unsafe file fails before Ray
-        checkpoint.initial_weights(cfg.weights, cfg.arch)
+    initial = checkpoint.initial_weights(cfg.weights, cfg.arch) if cfg.weights else None
     if storage.is_s3(cfg.storage):
         storage.check_readable_dir(cfg.storage)
     else:
@@ -202,7 +205,7 @@ def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any]]:
         "val_dropped": val_dropped,
         **_keypoint_meta(cfg, train, val_spec),
     }
-    return train, meta
+    return train, meta, initial
 
 
 def _keypoint_meta(cfg: TrainConfig, train: data.CocoDataset, val_spec: keypoints.KeypointSpec | None) -> dict:

@@ -43,7 +43,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # its own progress, so the worker's root logger shows warnings and errors only.
     logging.getLogger().setLevel(logging.WARNING)
     cfg: TrainConfig = config["cfg"]
-    worker = Worker(cfg, config["meta"])
+    worker = Worker(cfg, config["meta"], config["weights"])
     if worker.epoch >= cfg.epochs:
         worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
         return
@@ -69,8 +69,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Worker:
     """State of one training worker; the methods are the phases of :func:`worker_loop`."""
 
-    def __init__(self, cfg: TrainConfig, meta: dict[str, Any]):
-        self.cfg, self.meta = cfg, meta
+    def __init__(self, cfg: TrainConfig, meta: dict[str, Any], weights: list[ray.ObjectRef] | None = None):
+        """``weights``: the reference to the driver's ``--weights`` tensors (a list, so Ray passes the reference)."""
+        self.cfg, self.meta, self.weights = cfg, meta, weights
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -118,7 +119,8 @@ class Worker:
         kwargs = {"num_classes": len(self.meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
         if has_keypoints(cfg.arch):
             kwargs["num_keypoints"] = len(self.keypoints)
-        model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True)
+        loaded = ray.get(self.weights[0]) if self.weights else None
+        model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True, loaded=loaded)
         self.arch = cfg.arch
         return model
 

@@ -341,3 +341,16 @@ def test_a_weight_name_found_in_torchs_cache_loads_offline(tmp_path, monkeypatch
     model, _ = init_model("maskrcnn_resnet50_fpn", {"num_classes": 3}, "ResNet50_Weights.IMAGENET1K_V1")
     body = torch.load(cache / "resnet50-0676ba61.pth", weights_only=True)
     assert torch.equal(model.backbone.body.layer4[0].conv1.weight, body["layer4.0.conv1.weight"])
+
+
+def test_weights_read_once_build_the_same_model_without_reading_again(tmp_path):
+    """Training's driver reads --weights once (initial_weights) and its workers build from those
+    tensors: the file may be gone by then."""
+    source = build_model(SMALL, num_classes=4)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    loaded = checkpoint.initial_weights(str(tmp_path / "w.pth"), SMALL)
+    (tmp_path / "w.pth").unlink()
+    model, kwargs = init_model(SMALL, {"num_classes": 4}, str(tmp_path / "w.pth"), loaded=loaded)
+    assert kwargs["pretrained"] and torch.equal(
+        model.state_dict()["rpn.head.conv.0.0.weight"], source.state_dict()["rpn.head.conv.0.0.weight"]
+    )
