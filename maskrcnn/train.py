@@ -25,8 +25,8 @@ is rebuilt from the checkpoint's own architecture.
 Reproducible: the data order is the seed's (Ray Data keeps it: ``preserve_order``), and the
 random parts of a step (flip, scale, RPN and RoI sampling) draw from a generator seeded with
 (seed, step, rank), so two runs with the same seed see the same data, and a run resumed from
-an end-of-epoch checkpoint goes on exactly as the uninterrupted one. (A resume from a
-mid-epoch checkpoint re-reads that epoch's data from its start.)
+any checkpoint goes on exactly as the uninterrupted one: a mid-epoch resume reads that epoch's
+data from its start and skips the batches trained before the checkpoint.
 """
 
 from __future__ import annotations

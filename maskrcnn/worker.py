@@ -153,7 +153,9 @@ class Worker:
         window_images, window_start = 0, time.perf_counter()
         epoch_images, epoch_start = 0, window_start
         self.model.train()
-        for index, batch in enumerate(batches, start=start):
+        for index, batch in enumerate(batches):
+            if index < start:  # trained before the checkpoint this run resumed from: the same batch, in order
+                continue
             if index >= spe:
                 break
             result, lr = self._step(batch)
