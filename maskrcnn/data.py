@@ -178,12 +178,15 @@ def _clean(
     if _clipped(box, img) is None:
         return "degenerate_box", {}
     segm = ann.get("segmentation")
-    if isinstance(segm, list):  # keep the valid parts, as detectron2 does
+    if isinstance(segm, list):  # keep the valid parts, as detectron2 does (each part checked once)
         segm = [part for part in segm if masks.valid_polygon(part)]
-    try:
-        masks.check_segmentation(segm, img["height"], img["width"])
-    except masks.InvalidSegmentation:
-        return "invalid_segmentation", {}
+        if not segm:
+            return "invalid_segmentation", {}
+    else:
+        try:
+            masks.check_segmentation(segm, img["height"], img["width"])
+        except masks.InvalidSegmentation:
+            return "invalid_segmentation", {}
     if spec and "keypoints" in ann and not keypoints.valid(ann["keypoints"], len(spec)):
         return "invalid_keypoints", {}
     area = ann.get("area")
