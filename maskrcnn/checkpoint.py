@@ -206,8 +206,10 @@ def keypoint_spec(ckpt: dict[str, Any]) -> keypoints_lib.KeypointSpec | None:
 
 
 def categories(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
-    """The model's categories as COCO ``{"id", "name"}`` dicts, placeholders left out."""
-    return [{"id": i, "name": n} for i, n in zip(ckpt["category_ids"], ckpt["classes"]) if n != PLACEHOLDER]
+    """The model's categories as COCO ``{"id", "name"}`` dicts, placeholders left out; a
+    keypoint model's also carry its ``keypoints`` and ``skeleton``, as COCO's person does."""
+    extra = ckpt["keypoints"] if ckpt.get("keypoints") else {}
+    return [{"id": i, "name": n, **extra} for i, n in zip(ckpt["category_ids"], ckpt["classes"]) if n != PLACEHOLDER]
 
 
 def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:

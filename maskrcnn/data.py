@@ -45,7 +45,14 @@ class CocoDataset:
 
 
 def load_coco(annotations: str, image_root: str) -> CocoDataset:
-    """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``.
+    """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``
+    (see :func:`index_coco`)."""
+    return index_coco(_read(annotations), annotations, image_root)
+
+
+def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> CocoDataset:
+    """Index a COCO instances dict read from ``annotations``; ``file_name`` is a path under
+    ``image_root``, or (``image_root`` None) the image's URI.
 
     One set of rules serves training and evaluation, as in detectron2: an annotation that
     training drops (unknown image or category, bad box, no valid polygon) is dropped from
@@ -53,15 +60,14 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
     for evaluation, as COCO defines them, but not trained on (torchvision's references).
     Structural defects that no rule can clean raise :class:`DatasetError`.
     """
-    gt = _read(annotations)
     images_by_id = _checked_images(gt, annotations)
-    categories = _categories(gt, annotations)
-    spec = keypoints.spec_of(categories, annotations)
-    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    cats = categories(gt, annotations)
+    spec = keypoints.spec_of(cats, annotations)
+    label_of = {c["id"]: i + 1 for i, c in enumerate(cats)}
     kept, dropped = [], Counter()
     by_image: dict[int, list] = {image_id: [] for image_id in images_by_id}
     for ann in _checked_annotations(gt, annotations):
-        reason, clean = _clean(ann, images_by_id.get(ann["image_id"]), label_of, spec)
+        reason, clean = clean_annotation(ann, images_by_id.get(ann["image_id"]), label_of, spec)
         if reason:
             dropped[reason] += 1
             continue
@@ -70,12 +76,12 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
             dropped["crowd"] += 1
         else:
             by_image[clean["image_id"]].append(
-                _training_annotation(clean, images_by_id[clean["image_id"]], label_of, spec)
+                training_annotation(clean, images_by_id[clean["image_id"]], label_of, spec)
             )
     records = [
         {
             "image_id": img["id"],
-            "uri": storage.join(image_root, img["file_name"]),
+            "uri": img["file_name"] if image_root is None else storage.join(image_root, img["file_name"]),
             "width": img["width"],
             "height": img["height"],
             "annotations": json.dumps(by_image[img["id"]]),
@@ -84,9 +90,9 @@ def load_coco(annotations: str, image_root: str) -> CocoDataset:
         for img in gt["images"]
     ]
     return CocoDataset(
-        gt=dict(gt, categories=categories, annotations=kept),
-        classes=[c["name"] for c in categories],
-        category_ids=[c["id"] for c in categories],
+        gt=dict(gt, categories=cats, annotations=kept),
+        classes=[c["name"] for c in cats],
+        category_ids=[c["id"] for c in cats],
         records=records,
         dropped=dropped,
         keypoints=spec,
@@ -112,20 +118,27 @@ def _is_int(value: Any) -> bool:
 def _checked_images(gt: dict, path: str) -> dict[int, dict]:
     images: dict[int, dict] = {}
     for i, img in enumerate(gt["images"]):
-        where = f"{path}: image id {img.get('id')}" if isinstance(img, dict) else f"{path}: image #{i}"
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise DatasetError(f"{where}: needs an integer 'id'")
-        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise DatasetError(f"{where}: needs a 'file_name'")
-        if not all(_is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")):
-            raise DatasetError(f"{where}: 'width' and 'height' must be positive integers")
+        check_image(img, i, path)
         if img["id"] in images:
-            raise DatasetError(f"{where}: the id is used twice")
+            raise DatasetError(f"{path}: image id {img['id']}: the id is used twice")
         images[img["id"]] = img
     return images
 
 
-def _categories(gt: dict, path: str) -> list[dict]:
+def check_image(img: Any, i: int, path: str) -> None:
+    """Raise :class:`DatasetError` unless ``img``, the ``i``-th of ``path``'s images, has
+    what training needs: an integer id, a file name, a positive width and height."""
+    where = f"{path}: image id {img.get('id')}" if isinstance(img, dict) else f"{path}: image #{i}"
+    if not isinstance(img, dict) or not _is_int(img.get("id")):
+        raise DatasetError(f"{where}: needs an integer 'id'")
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        raise DatasetError(f"{where}: needs a 'file_name'")
+    if not all(_is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")):
+        raise DatasetError(f"{where}: 'width' and 'height' must be positive integers")
+
+
+def categories(gt: dict, path: str) -> list[dict]:
+    """A COCO file's categories, checked and sorted by id; named by id where it has none."""
     if not gt.get("categories"):  # e.g. torchvision's gallery files: name them by id
         ids = sorted(
             {
@@ -146,23 +159,28 @@ def _categories(gt: dict, path: str) -> list[dict]:
 
 
 def _checked_annotations(gt: dict, path: str) -> Iterator[dict]:
-    """Each annotation, after the checks no cleaning can fix: the keys every COCO reader
-    needs, and unique ids (pycocotools indexes by id, so a repeat would silently replace)."""
-    seen = set()
+    """Each annotation, after the checks no cleaning can fix (:func:`check_annotation`)."""
+    seen: set[int] = set()
     for i, ann in enumerate(gt.get("annotations") or []):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise DatasetError(f"{path}: annotation #{i}: needs an integer 'id'")
-        where = f"{path}: annotation id {ann['id']}"
-        for key in ("image_id", "category_id"):
-            if not _is_int(ann.get(key)):
-                raise DatasetError(f"{where}: {key!r} must be an integer, got {ann.get(key)!r:.40}")
-        if ann["id"] in seen:
-            raise DatasetError(f"{where}: the id is used twice")
-        seen.add(ann["id"])
+        check_annotation(ann, i, path, seen)
         yield ann
 
 
-def _clean(
+def check_annotation(ann: Any, i: int, path: str, seen: set[int]) -> None:
+    """Raise :class:`DatasetError` unless ``ann`` has the keys every COCO reader needs, and an
+    id not in ``seen`` (pycocotools indexes by id, so a repeat would silently replace); adds it."""
+    if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+        raise DatasetError(f"{path}: annotation #{i}: needs an integer 'id'")
+    where = f"{path}: annotation id {ann['id']}"
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            raise DatasetError(f"{where}: {key!r} must be an integer, got {ann.get(key)!r:.40}")
+    if ann["id"] in seen:
+        raise DatasetError(f"{where}: the id is used twice")
+    seen.add(ann["id"])
+
+
+def clean_annotation(
     ann: dict, img: dict | None, label_of: dict[int, int], spec: keypoints.KeypointSpec | None = None
 ) -> tuple[str | None, dict]:
     """``(reason, None)`` for an annotation to drop, else ``(None, cleaned copy)``: only the
@@ -207,7 +225,7 @@ def _clipped(box: list[float], img: dict) -> list[float] | None:
     return [x0, y0, x1, y1] if x1 - x0 >= 1 and y1 - y0 >= 1 else None
 
 
-def _training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: keypoints.KeypointSpec | None) -> dict:
+def training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: keypoints.KeypointSpec | None) -> dict:
     out = {
         "box": _clipped(ann["bbox"], img),
         "label": label_of[ann["category_id"]],

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_keypoints
 
 from maskrcnn import masks
+from maskrcnn.output import KEYPOINT_MIN_SCORE
 
 ALPHA = 0.5
 # Sasha Trubetskoy's 20 distinct colours, in his order (neighbours differ most), minus
@@ -47,9 +48,6 @@ PALETTE = [
     (0, 0, 128),
 ]
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in picture pixels, exclusive ends
-# A keypoint is drawn when its score (torchvision's heatmap logit) is above this, as
-# detectron2's Visualizer leaves out its low-confidence keypoints; a bone needs both ends.
-KEYPOINT_MIN_SCORE = 0.0
 
 
 def picture(

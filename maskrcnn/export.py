@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from maskrcnn import draw, images, masks, storage
 from maskrcnn.keypoints import KeypointSpec
-from maskrcnn.output import part_of
+from maskrcnn.output import as_coco_annotation, part_files
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -35,12 +35,6 @@ def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[st
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
                 yield from batch.to_pylist()
-
-
-def part_files(output: str) -> list[str]:
-    """The output's ``part-NNNNNN.parquet`` files, in order."""
-    parts = {k: uri for uri in storage.iter_files(output) if (k := part_of(posixpath.basename(uri))) is not None}
-    return [parts[k] for k in sorted(parts)]
 
 
 def count_rows(output: str) -> int:
@@ -155,7 +149,7 @@ class CocoDataset(contextlib.ExitStack):
     labelling tools. ``file_name`` is the image's URI, or its path relative to ``root``.
     ``categories`` (the model's) are listed even where nothing was found. With ``keypoints``
     (a keypoint model's), the categories carry their names and skeleton, and each annotation
-    its ``keypoints`` ``[x, y, v]``: v 2 where the keypoint is drawn (see :data:`maskrcnn.draw.KEYPOINT_MIN_SCORE`),
+    its ``keypoints`` ``[x, y, v]``: v 2 where the keypoint is drawn (see :data:`maskrcnn.output.KEYPOINT_MIN_SCORE`),
     else 0 at (0, 0), as COCO writes unlabelled keypoints."""
 
     def __init__(
@@ -187,19 +181,12 @@ class CocoDataset(contextlib.ExitStack):
         for inst in row["instances"]:
             if inst["score"] >= self.min_score:
                 self.categories[inst["category_id"]] = inst["category"]
-                self.annotations.add(
-                    {
-                        "id": self.annotations.count + 1,
-                        "image_id": image_id,
-                        "category_id": inst["category_id"],
-                        "bbox": inst["bbox"],
-                        "area": masks.area(inst["mask"]) if inst["mask"] else inst["bbox"][2] * inst["bbox"][3],
-                        "segmentation": inst["mask"] or _box_polygon(inst["bbox"]),
-                        "iscrowd": 0,
-                        "score": inst["score"],
-                        **_labelled_keypoints(inst.get("keypoints")),
-                    }
-                )
+                self.annotations.add({"id": self.annotations.count + 1, "image_id": image_id, **self._annotation(inst)})
+
+    @staticmethod
+    def _annotation(inst: dict[str, Any]) -> dict[str, Any]:
+        ann = as_coco_annotation(inst)
+        return dict(ann, area=masks.area(inst["mask"]) if inst["mask"] else inst["bbox"][2] * inst["bbox"][3])
 
     def __exit__(self, *exc: Any) -> bool:
         if exc[0] is None:
@@ -210,19 +197,6 @@ class CocoDataset(contextlib.ExitStack):
             categories = [{"id": i, "name": n, **extra} for i, n in sorted(self.categories.items())]
             self.file.write(f'], "categories": {json.dumps(categories)}}}')
         return super().__exit__(*exc)
-
-
-def _labelled_keypoints(points: list | None) -> dict[str, Any]:
-    if points is None:
-        return {}
-    shown = [(x, y, 2) if s > draw.KEYPOINT_MIN_SCORE else (0, 0, 0) for x, y, s in points]
-    return {"keypoints": [v for p in shown for v in p], "num_keypoints": sum(p[2] > 0 for p in shown)}
-
-
-def _box_polygon(bbox: list[float]) -> list[list[float]]:
-    """A Keypoint R-CNN instance has no mask: its box, as the polygon loadRes gives a box result."""
-    x, y, w, h = bbox
-    return [[x, y, x, y + h, x + w, y + h, x + w, y]]
 
 
 # ---------------------------------------------------------------- pictures

@@ -52,6 +52,13 @@ def to_rle(segm: Any, height: int, width: int) -> dict:
     return segm
 
 
+def to_compressed(segm: Any, height: int, width: int) -> dict:
+    """Any COCO segmentation -> one compressed RLE with an ASCII ``counts`` string (Parquet's form)."""
+    rle = to_rle(segm, height, width)
+    counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    return {"size": [int(v) for v in rle["size"]], "counts": counts}
+
+
 def decode(segm: Any, height: int, width: int) -> np.ndarray:
     """Any COCO segmentation -> a ``(height, width)`` uint8 mask of 0 and 1."""
     return mask_utils.decode(to_rle(segm, height, width))

@@ -4,6 +4,12 @@ The input listing is cut, in order, into parts of R rows (``--rows-per-file``): 
 inputs k*R .. (k+1)*R-1 and is written as ``part-{k:06d}.parquet``, whole and atomically.
 Each part file's footer holds the schema version and a few facts about its rows
 (:func:`footer`), so resuming and summarising never need to read the rows.
+
+The same files are the training-data form (:mod:`maskrcnn.labels`): predictions (``model``
+set, instances with scores) are pseudo-labels, and ground truth converted from COCO
+(:mod:`maskrcnn.convert`) has ``model`` null. Beside the part files, ``_categories.json``
+holds the categories as COCO writes them (ids, names, keypoint names and skeleton), so
+nothing scans the rows to learn them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pyarrow.parquet as pq
 
 from maskrcnn import storage
 
-SCHEMA_VERSION = "2"  # 2: instances have keypoints
+SCHEMA_VERSION = "3"  # 2: instances have keypoints; 3: and iscrowd (ground truth), and _categories.json
 MASK = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 INSTANCE = pa.struct(
     [
@@ -30,7 +36,9 @@ INSTANCE = pa.struct(
         ("mask", MASK),  # COCO compressed RLE; size = [height, width]; null for Keypoint R-CNN
         # K [x, y, score] in pixels of the oriented image (score: the heatmap's logit);
         # null for models without keypoints. The names and skeleton are in the checkpoint.
+        # K [x, y, v] in ground truth (v: COCO's visibility, 0 unlabelled).
         ("keypoints", pa.list_(pa.list_(pa.float32(), 3))),
+        ("iscrowd", pa.bool_()),  # ground truth's crowd regions (evaluated, not trained on); null in predictions
     ]
 )
 SCHEMA = pa.schema(
@@ -39,11 +47,12 @@ SCHEMA = pa.schema(
         ("width", pa.int32()),  # after EXIF orientation; null when the image could not be read
         ("height", pa.int32()),
         ("instances", pa.list_(INSTANCE)),
-        ("model", pa.string()),
+        ("model", pa.string()),  # the model that predicted the row; null in ground truth
         ("error", pa.string()),  # null when processed; else "kind: message"
     ],
     metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
 )
+CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories}
 _PART = re.compile(r"part-(\d{6})\.parquet")
 FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
 
@@ -80,6 +89,54 @@ def write_part(output: str, part: int, rows: list[dict[str, Any]]) -> dict[str, 
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes(part_uri(output, part), buf.getvalue())
     return facts
+
+
+def write_categories(output: str, categories: list[dict[str, Any]]) -> None:
+    storage.write_text(storage.join(output, CATEGORIES), json.dumps({"categories": categories}, indent=1))
+
+
+def read_categories(output: str) -> list[dict[str, Any]] | None:
+    """The categories beside an output's part files, or None where there is no ``_categories.json``."""
+    uri = storage.join(output, CATEGORIES)
+    return json.loads(storage.read_text(uri))["categories"] if storage.exists(uri) else None
+
+
+def part_files(output: str) -> list[str]:
+    """The output's ``part-NNNNNN.parquet`` files, in order."""
+    parts = {k: uri for uri in storage.iter_files(output) if (k := part_of(uri.rsplit("/", 1)[-1])) is not None}
+    return [parts[k] for k in sorted(parts)]
+
+
+def as_coco_annotation(inst: dict[str, Any]) -> dict[str, Any]:
+    """One instance of a row -> a COCO annotation (without ids). A prediction keeps its
+    ``score``; its keypoints get visibility 2 where the keypoint is drawn
+    (:data:`KEYPOINT_MIN_SCORE`) and 0 elsewhere, and a Keypoint R-CNN instance (no mask)
+    is its box, as pycocotools' loadRes makes a box result."""
+    ann = {
+        "category_id": inst["category_id"],
+        "bbox": list(inst["bbox"]),
+        "segmentation": dict(inst["mask"]) if inst.get("mask") else _box_polygon(inst["bbox"]),
+        "iscrowd": int(bool(inst.get("iscrowd"))),
+    }
+    points = inst.get("keypoints")
+    if inst.get("score") is not None:
+        ann["score"] = inst["score"]
+        if points is not None:
+            points = [(x, y, 2) if s > KEYPOINT_MIN_SCORE else (0, 0, 0) for x, y, s in points]
+    if points is not None:
+        ann["keypoints"] = [float(v) if i % 3 < 2 else int(v) for p in points for i, v in enumerate(p)]
+        ann["num_keypoints"] = sum(v > 0 for v in ann["keypoints"][2::3])
+    return ann
+
+
+# A predicted keypoint is drawn, exported and trained on when its score (torchvision's heatmap
+# logit) is above this, as detectron2's Visualizer leaves out its low-confidence keypoints.
+KEYPOINT_MIN_SCORE = 0.0
+
+
+def _box_polygon(bbox: list[float]) -> list[list[float]]:
+    x, y, w, h = bbox
+    return [[x, y, x, y + h, x + w, y + h, x + w, y]]
 
 
 def part_of(name: str) -> int | None:

@@ -126,11 +126,12 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     check_classes(ckpt["classes"], cfg.classes)
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
     spec = checkpoint.keypoint_spec(ckpt)
-    weights = checkpoint.to_bytes(ckpt)
+    weights, categories = checkpoint.to_bytes(ckpt), checkpoint.categories(ckpt)
     del ckpt
     if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
         raise SegmentError(f"no images found in {cfg.input}")
     resumed = {k: output.read_footer(uri) for k, uri in prepare_output(cfg, model_id, spec).items()}
+    output.write_categories(cfg.output, categories)
     # 2. One pipeline for the whole input; the driver writes each part once it is whole.
     init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
     model = [ray.put(weights)]  # the actors read the weights from the object store, not the source

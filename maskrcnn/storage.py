@@ -141,6 +141,33 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+@contextlib.contextmanager
+def open_stream(uri: str) -> Iterator[Any]:
+    """A binary stream of a file or S3 object (by its exact key), for files too large to
+    hold: it has ``read(n)``. An S3 body that breaks off is an error, not retried."""
+    if not is_s3(uri):
+        try:
+            f = open(local_path(uri), "rb")
+        except OSError as err:
+            raise _fail("read", uri, err) from err
+        with f:
+            yield f
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        body = _boto3_s3().get_object(Bucket=bucket, Key=key)["Body"]
+    except (BotoCoreError, ClientError) as err:
+        raise _fail("read", uri, err) from err
+    try:
+        yield body
+    except (BotoCoreError, ClientError) as err:
+        raise _fail("read", uri, err) from err
+    finally:
+        body.close()
+
+
 def exists(uri: str) -> bool:
     """Whether a file or directory (an S3 object by its exact key, or a prefix) is there."""
     if not is_s3(uri):

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from maskrcnn import checkpoint, data, history, keypoints, storage
+from maskrcnn import checkpoint, data, history, keypoints, labels, storage
 from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, floats, ints, option
 from maskrcnn.engine import OPTIMIZERS
 from maskrcnn.model import ARCHS, SMALL, default_sizes, has_keypoints
@@ -59,10 +60,25 @@ OPTIM, LOGS = "optimisation", "logging and checkpoints"
 class TrainConfig:
     """Everything a run is told; ``jobs/train.py``'s flags are these fields."""
 
-    train_annotations: str = option("COCO instances JSON for training", group=DATA)
-    train_images: str = option("directory holding the training images' file_names", group=DATA)
-    val_annotations: str | None = option("COCO instances JSON evaluated after every epoch", None, group=DATA)
-    val_images: str | None = option("directory holding the validation images", None, group=DATA)
+    train_annotations: str = option(
+        "COCO instances JSON, or Parquet labels (a directory or prefix: a segmentation output, or "
+        "jobs/coco_to_parquet.py's); several, comma-separated, train together",
+        group=DATA,
+    )
+    train_images: str | None = option(
+        "directory holding the COCO files' file_names (Parquet rows hold URIs)", None, group=DATA
+    )
+    min_score: float | None = option(
+        "keep pseudo-label instances (Parquet rows with scores) scoring at least S; rows left with "
+        "none are skipped (default: all)",
+        None,
+        group=DATA,
+        metavar="S",
+    )
+    val_annotations: str | None = option(
+        "COCO instances JSON or Parquet labels, evaluated after every epoch", None, group=DATA
+    )
+    val_images: str | None = option("directory holding the validation COCO file's images", None, group=DATA)
     keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
     arch: str = option("architecture", SMALL, group=MODEL, choices=ARCHS)
     weights: str | None = option(
@@ -86,6 +102,12 @@ class TrainConfig:
     cpus_per_worker: float = option("CPUs reserved per worker", 1.0, group=RUN)
     max_failures: int = option("restarts from the latest checkpoint after a worker dies", 3, group=RUN)
     epochs: int = option("passes over the training set", 12, group=OPTIM)
+    max_steps: int | None = option(
+        "stop after N steps (a quick trial), validated and checkpointed; the LR schedule stays the epochs'",
+        None,
+        group=OPTIM,
+        metavar="N",
+    )
     batch_size: int = option("images per worker per step", 2, group=OPTIM)
     optimizer: str = option(
         "sgd (torchvision's recipe; fine-tuning) or adamw (faster from random weights)",
@@ -113,12 +135,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Checks that name a flag (the job turns them into usage errors), then absolute paths
         and the architecture's default sizes."""
-        if bool(self.val_annotations) != bool(self.val_images):
-            raise ValueError("--val-annotations and --val-images go together")
+        self.train_annotations = ",".join(storage.absolute(s) for s in self.train_sources)
+        if not self.train_sources:
+            raise ValueError("--train-annotations names no file or directory")
+        if self.train_images is None and not all(map(labels.is_labels, self.train_sources)):
+            raise ValueError("--train-images is needed with a COCO file in --train-annotations")
+        if self.val_images and not self.val_annotations:
+            raise ValueError("--val-images needs --val-annotations")
+        if self.val_annotations and not self.val_images and not labels.is_labels(self.val_annotations):
+            raise ValueError("--val-images is needed with a COCO file in --val-annotations")
         for name in ("num_workers", "batch_size", "epochs", "log_every", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("train_annotations", "train_images", "val_annotations", "val_images", "storage"):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        for name in ("train_images", "val_annotations", "val_images", "storage"):
             if getattr(self, name):
                 setattr(self, name, storage.absolute(getattr(self, name)))
         if self.weights and os.path.exists(self.weights):  # a local file, not a weight name
@@ -126,6 +157,10 @@ class TrainConfig:
         scales, max_size = default_sizes(self.arch)
         self.scales = tuple(sorted(int(s) for s in self.scales or scales))
         self.max_size = self.max_size or max_size
+
+    @property
+    def train_sources(self) -> list[str]:
+        return [s for s in self.train_annotations.split(",") if s]
 
     @property
     def global_batch(self) -> int:
@@ -141,15 +176,12 @@ class TrainConfig:
 
 def run(cfg: TrainConfig) -> ray.train.Result:
     """Train; return Ray Train's result (its ``checkpoint`` is the latest)."""
-    train, meta, initial = prepare(cfg)
+    train, initial = prepare(cfg)
     init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
     del initial
+    meta = count(cfg, train)
     _announce(cfg, train, meta)
-    records = list(train.records)
-    random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
-    load = functools.partial(data.load_example, transform=data.resize_transform(max(cfg.scales), cfg.max_size))
-    dataset = ray.data.from_items(records).map(load)
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         worker_loop,
@@ -167,7 +199,7 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             ),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
+        datasets={"train": training_data(cfg, train)},
         # The same shard, in the same order, for each worker on every run.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -175,63 +207,127 @@ def run(cfg: TrainConfig) -> ray.train.Result:
         return trainer.fit()
 
 
-def prepare(cfg: TrainConfig) -> tuple[data.CocoDataset, dict[str, Any], list | None]:
-    """Everything that can fail on bad input, before any worker starts; returns the training
-    set, what the workers need to know of it, and the ``--weights`` tensors (None without)."""
-    train = data.load_coco(cfg.train_annotations, cfg.train_images)
-    storage.check_readable_dir(cfg.train_images)
+@dataclass
+class TrainingSet:
+    """What the driver keeps of the training sources: the COCO files' records (their ground
+    truth is dropped once indexed), the Parquet labels (never read here), and their categories."""
+
+    categories: list[dict[str, Any]]
+    rules: labels.Rules
+    records: list[dict[str, Any]]
+    sources: list[labels.Labels]
+    dropped: Counter
+    val_dropped: dict[str, int]
+
+
+def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
+    """Everything that can fail on bad input before Ray starts; returns the training set and
+    the ``--weights`` tensors (None without)."""
+    found: dict[str, list[dict]] = {}
+    records, dropped, sources = [], Counter(), []
+    for source in cfg.train_sources:
+        if labels.is_labels(source):
+            sources.append(labels.open_labels(source))
+            found[source] = sources[-1].categories
+            continue
+        coco = data.load_coco(source, cfg.train_images)
+        records += coco.records
+        dropped.update(coco.dropped)
+        found[source] = coco.gt["categories"]
+        del coco  # its ground truth: evaluation scores the validation set's only
+    if cfg.train_images and not all(map(labels.is_labels, cfg.train_sources)):
+        storage.check_readable_dir(cfg.train_images)
+    labels.same_categories(found)
+    categories = next(iter(found.values()))
+    spec = _keypoints(cfg, categories)
     val_dropped: dict[str, int] = {}
-    val_spec = None
     if cfg.val_annotations:
-        val = data.load_coco(cfg.val_annotations, cfg.val_images)
-        val_dropped, val_spec = dict(val.dropped), val.keypoints
-        storage.check_readable_dir(cfg.val_images)
-    steps_per_epoch = len(train.records) // cfg.num_workers // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise data.DatasetError(
-            f"{cfg.train_annotations}: {len(train.records)} images is fewer than one step "
-            f"({cfg.num_workers} workers x batch {cfg.batch_size})"
-        )
+        val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
+        val_dropped = dict(val.dropped)
+        if cfg.val_images:
+            storage.check_readable_dir(cfg.val_images)
+        if spec and val.keypoints != spec:
+            raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_sources[0]}'s")
+    if spec is None:
+        for record in records:
+            record.pop("num_keypoints", None)
     initial = checkpoint.initial_weights(cfg.weights, cfg.arch) if cfg.weights else None
     if storage.is_s3(cfg.storage):
         storage.check_readable_dir(cfg.storage)
     else:
         storage.make_dirs(cfg.storage)
-    meta = {
-        "classes": train.classes,
-        "category_ids": train.category_ids,
-        "steps_per_epoch": steps_per_epoch,
-        "dropped": dict(train.dropped),
-        "val_dropped": val_dropped,
-        **_keypoint_meta(cfg, train, val_spec),
-    }
-    return train, meta, initial
+    cats = tuple((c["id"], c["name"]) for c in categories)
+    rules = labels.Rules(cats, spec, cfg.min_score)
+    return TrainingSet(categories, rules, records, sources, dropped, val_dropped), initial
 
 
-def _keypoint_meta(cfg: TrainConfig, train: data.CocoDataset, val_spec: keypoints.KeypointSpec | None) -> dict:
-    """A keypoint model's keypoint names and skeleton (from the training set's category) and
-    the OKS sigmas validation scores them with. A model without keypoints ignores them."""
+def _keypoints(cfg: TrainConfig, categories: list[dict]) -> keypoints.KeypointSpec | None:
+    """A keypoint model's keypoint names and skeleton (the training set's category); None
+    for a model without keypoints, which ignores them."""
     if not has_keypoints(cfg.arch):
-        for record in train.records:
-            record.pop("num_keypoints", None)
-        return {"keypoints": None, "sigmas": None}
-    spec = train.keypoints
+        return None
+    spec = keypoints.spec_of(categories, cfg.train_sources[0])
     if spec is None:
+        raise data.DatasetError(f"{cfg.train_sources[0]}: no category lists 'keypoints', which --arch {cfg.arch} needs")
+    return spec
+
+
+def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
+    """What the workers need to know of the training set; the Parquet labels are counted in
+    one pass of Ray Data tasks, which clean them as training will."""
+    images, dropped, skipped = len(train.records), Counter(train.dropped), Counter()
+    for source in train.sources:
+        kept, source_dropped, source_skipped = labels.count(source, train.rules)
+        images += kept
+        dropped.update(source_dropped)
+        skipped.update(source_skipped)
+    steps_per_epoch = images // cfg.num_workers // cfg.batch_size
+    if steps_per_epoch == 0:
         raise data.DatasetError(
-            f"{cfg.train_annotations}: no category lists 'keypoints', which --arch {cfg.arch} needs"
+            f"{cfg.train_annotations}: {images} images is fewer than one step "
+            f"({cfg.num_workers} workers x batch {cfg.batch_size})"
         )
-    if cfg.val_annotations and val_spec != spec:
-        raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_annotations}'s")
-    sigmas, warning = keypoints.sigmas(spec.names, cfg.keypoint_sigmas)
-    if warning:
-        print(f"[train] warning: {warning}", flush=True)
-    return {"keypoints": spec.as_dict(), "sigmas": sigmas.tolist()}
+    spec = train.rules.keypoints
+    sigmas = None
+    if spec:
+        sigmas, warning = keypoints.sigmas(spec.names, cfg.keypoint_sigmas)
+        sigmas = sigmas.tolist()
+        if warning:
+            print(f"[train] warning: {warning}", flush=True)
+    return {
+        "classes": [c["name"] for c in train.categories],
+        "category_ids": [c["id"] for c in train.categories],
+        "images": images,
+        "steps_per_epoch": steps_per_epoch,
+        "dropped": dict(dropped),
+        "skipped_rows": dict(skipped),
+        "val_dropped": train.val_dropped,
+        "keypoints": spec.as_dict() if spec else None,
+        "sigmas": sigmas,
+    }
 
 
-def _announce(cfg: TrainConfig, train: data.CocoDataset, meta: dict[str, Any]) -> None:
+def training_data(cfg: TrainConfig, train: TrainingSet) -> ray.data.Dataset:
+    """The records in the seed's order, then fetched, decoded and resized by Ray Data CPU tasks.
+    The COCO files' records are shuffled here; with Parquet labels, Ray Data shuffles every
+    record, seeded (the same blocks, the same order), so nothing gathers them on the driver."""
+    records = list(train.records)
+    random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
+    parts = [ray.data.from_items(records)] if records else []
+    if train.sources:
+        parts.append(labels.dataset(train.sources, train.rules))
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if train.sources:
+        dataset = dataset.random_shuffle(seed=cfg.seed)
+    load = functools.partial(data.load_example, transform=data.resize_transform(max(cfg.scales), cfg.max_size))
+    return dataset.map(load)
+
+
+def _announce(cfg: TrainConfig, train: TrainingSet, meta: dict[str, Any]) -> None:
     print(
-        f"[train] {len(train.records)} images, {len(train.classes)} classes, {meta['steps_per_epoch']} steps/epoch "
-        f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}",
+        f"[train] {meta['images']} images, {len(meta['classes'])} classes, {meta['steps_per_epoch']} steps/epoch "
+        f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}"
+        + (f"; skipped label rows: {meta['skipped_rows'] or 'none'}" if train.sources else ""),
         flush=True,
     )
     if cfg.val_annotations:

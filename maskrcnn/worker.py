@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from maskrcnn import checkpoint, data, engine, history, storage
+from maskrcnn import checkpoint, data, engine, history, labels, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import has_keypoints, has_masks
@@ -44,21 +44,21 @@ def worker_loop(config: dict[str, Any]) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     cfg: TrainConfig = config["cfg"]
     worker = Worker(cfg, config["meta"], config["weights"])
-    if worker.epoch >= cfg.epochs:
+    if worker.finished:
         worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
         return
     if worker.rank == 0:
         worker.history = history.History(cfg.run_dir, resume_step=worker.step)
     shard = ray.train.get_dataset_shard("train")
-    while worker.epoch < cfg.epochs:
+    while not worker.finished:
         metrics = worker.train_epoch(shard)
-        if worker.epoch % cfg.eval_every == 0 or worker.epoch == cfg.epochs:
+        if worker.epoch % cfg.eval_every == 0 or worker.finished:
             metrics.update(worker.validate())
         worker.keep_best(metrics)
         worker.report(metrics, with_checkpoint=True)
     if worker.history:
         worker.history.close()
-    worker.log(f"finished {cfg.epochs} epochs at step {worker.step}")
+    worker.log(f"finished at step {worker.step} (epoch {worker.epoch} of {cfg.epochs})")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -99,7 +99,8 @@ class Worker:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if restored:
             self._resume(restored)
-        self.progress = Progress("train", self.schedule.total_steps - self.step, unit="steps")
+        self.last_step = min(self.schedule.total_steps, cfg.max_steps or self.schedule.total_steps)
+        self.progress = Progress("train", self.last_step - self.step, unit="steps")
         self.history: history.History | None = None  # rank 0's, opened once there is work
 
     def _restored(self) -> dict[str, Any] | None:
@@ -133,6 +134,11 @@ class Worker:
             self.skipped.update(ckpt["train_state"].get("skipped", {}))
         self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch})")
 
+    @property
+    def finished(self) -> bool:
+        """All epochs done, or ``--max-steps`` reached."""
+        return self.epoch >= self.cfg.epochs or self.step >= self.last_step
+
     def log(self, message: str) -> None:
         # Written to stdout directly: Ray Train re-routes print() through its logger.
         if self.rank == 0:
@@ -156,12 +162,12 @@ class Worker:
         for index, batch in enumerate(batches):
             if index < start:  # trained before the checkpoint this run resumed from: the same batch, in order
                 continue
-            if index >= spe:
+            if index >= spe or self.step >= self.last_step:
                 break
             result, lr = self._step(batch)
             window_images += result.images
             epoch_images += result.images
-            checkpoint_now = self.step % cfg.checkpoint_every == 0 and index + 1 < spe
+            checkpoint_now = self.step % cfg.checkpoint_every == 0 and index + 1 < spe and not self.finished
             if self.step % cfg.log_every == 0:
                 rate = window_images / (time.perf_counter() - window_start)
                 metrics = dict(result.losses, lr=lr, images_per_s=rate)
@@ -174,11 +180,14 @@ class Worker:
                 window_images, window_start = 0, time.perf_counter()
             elif checkpoint_now:
                 self.report(dict(result.losses, lr=lr), with_checkpoint=True)
-        self.epoch += 1
+        stopped = self.step >= self.last_step and self.step < (self.epoch + 1) * spe  # --max-steps, mid-epoch
+        if not stopped:
+            self.epoch += 1
         totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
         rate = epoch_images / (time.perf_counter() - epoch_start)
+        done = f"stopped by --max-steps in epoch {self.epoch + 1}" if stopped else f"epoch {self.epoch} done"
         self.log(
-            f"epoch {self.epoch} done at step {self.step}, {rate:.2f} img/s, {self.progress.timing()}; "
+            f"{done} at step {self.step}, {rate:.2f} img/s, {self.progress.timing()}; "
             f"skipped images and dropped annotations: {totals or 'none'}"
         )
         return {"train_images_per_s": rate}
@@ -210,7 +219,7 @@ class Worker:
         if not cfg.val_annotations:
             return {}
         if self.val is None:
-            self.val = data.load_coco(cfg.val_annotations, cfg.val_images)
+            self.val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
         model = getattr(self.model, "module", self.model)
         gathered = engine.predict_validation(model, self.val, self.meta, self.rank, self.world, self.amp)
         self.model.train()
@@ -290,6 +299,7 @@ class Worker:
             dist.all_reduce(counts)
         totals = {f"skipped_{k}": float(v) for k, v in zip(data.IMAGE_ERRORS, counts)}
         totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.meta["dropped"].items()})
+        totals.update({f"skipped_label_rows_{k}": float(v) for k, v in self.meta["skipped_rows"].items()})
         return totals
 
     def record(self, kind: str, metrics: dict[str, float]) -> None:

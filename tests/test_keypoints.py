@@ -181,7 +181,7 @@ def test_segmentation_writes_keypoints_in_the_oriented_images_coordinates(keypoi
             assert (points[:, 0] >= 0).all() and (points[:, 0] <= row["width"]).all()
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= row["height"]).all()
     job = json.loads((out / "_job.json").read_text())
-    assert job["keypoints"] == keypoints.COCO_PERSON.as_dict() and job["schema_version"] == "2"
+    assert job["keypoints"] == keypoints.COCO_PERSON.as_dict() and job["schema_version"] == "3"
 
 
 @pytest.mark.slow

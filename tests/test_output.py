@@ -77,7 +77,7 @@ def test_an_output_of_an_older_schema_is_refused_on_resume(tmp_path):
     (tmp_path / "out").mkdir()
     record = {"input": cfg.input, "model": "x", "rows_per_file": 1000, "schema_version": "1"}
     (tmp_path / "out" / "_job.json").write_text(json.dumps(record))
-    with pytest.raises(SegmentError, match="holds part files of schema version 1, not 2.*pass --overwrite"):
+    with pytest.raises(SegmentError, match="holds part files of schema version 1, not 3.*pass --overwrite"):
         prepare_output(cfg, "x")
     assert prepare_output(SegmentConfig(**{**vars(cfg), "overwrite": True}), "x") == {}
     assert json.loads((tmp_path / "out" / "_job.json").read_text())["schema_version"] == output.SCHEMA_VERSION

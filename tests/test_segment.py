@@ -229,7 +229,7 @@ def test_bad_job_input_stops_before_the_pool_starts(
     elif case == "other_model":
         storage.write_text(
             f"{out}/_job.json",
-            json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000, "schema_version": "2"}),
+            json.dumps({"input": photos, "model": "other@1:abc", "rows_per_file": 1000, "schema_version": "3"}),
         )
     elif case == "offline_weights":
         model = "COCO_V1"
