@@ -1,8 +1,10 @@
 """Distributed Mask R-CNN training on Ray Train (``TorchTrainer``, DDP): the recipe.
 
-1. The driver (:func:`run`) indexes the COCO files, reads ``--weights`` (downloading a
-   weight name once) and fails fast on unusable input (:func:`prepare`), then builds the Ray
-   Dataset whose CPU tasks fetch, decode and resize the images, and starts one ``TorchTrainer``.
+1. The driver (:func:`run`) indexes the COCO files, checks the Parquet labels (their
+   categories, never their rows), reads ``--weights`` (downloading a weight name once) and
+   fails fast on unusable input (:func:`prepare`); then it counts the Parquet labels in Ray
+   Data tasks (:func:`count`), builds the Ray Dataset whose CPU tasks clean the labels and
+   fetch, decode and resize the images (:func:`training_data`), and starts one ``TorchTrainer``.
 2. Each worker (:func:`maskrcnn.worker.worker_loop`) builds the model (from the latest checkpoint
    when there is one, else from the driver's ``--weights``, through Ray's object store), wraps
    it in DDP, and for each epoch trains on its dataset shard
@@ -22,8 +24,9 @@ Resume: Ray Train restores the latest checkpoint after a worker failure
 (``FailureConfig``) and when the same ``--name`` and ``--storage`` are run again; the model
 is rebuilt from the checkpoint's own architecture.
 
-Reproducible: the data order is the seed's (Ray Data keeps it: ``preserve_order``), and the
-random parts of a step (flip, scale, RPN and RoI sampling) draw from a generator seeded with
+Reproducible: the data order is the seed's (COCO records are shuffled on the driver; with
+Parquet labels, every record is shuffled by Ray Data with the seed; ``preserve_order`` keeps
+it), and the random parts of a step (flip, scale, RPN and RoI sampling) draw from a generator seeded with
 (seed, step, rank), so two runs with the same seed see the same data, and a run resumed from
 any checkpoint goes on exactly as the uninterrupted one: a mid-epoch resume reads that epoch's
 data from its start and skips the batches trained before the checkpoint.
@@ -180,12 +183,15 @@ def run(cfg: TrainConfig) -> ray.train.Result:
     init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
     del initial
+    val = _shared_validation(train)
     meta = count(cfg, train)
     _announce(cfg, train, meta)
+    dataset = training_data(cfg, train)
+    train.records.clear()  # in Ray's object store now
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg, "meta": meta, "weights": weights},
+        train_loop_config={"cfg": cfg, "meta": meta, "weights": weights, "val": val},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -199,7 +205,7 @@ def run(cfg: TrainConfig) -> ray.train.Result:
             ),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": training_data(cfg, train)},
+        datasets={"train": dataset},
         # The same shard, in the same order, for each worker on every run.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -217,7 +223,8 @@ class TrainingSet:
     records: list[dict[str, Any]]
     sources: list[labels.Labels]
     dropped: Counter
-    val_dropped: dict[str, int]
+    val: data.CocoDataset | None  # indexed once, here; the workers get it from Ray's object store
+    sigmas: list[float] | None  # the OKS sigmas validation scores keypoints with
 
 
 def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
@@ -238,12 +245,13 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
     if cfg.train_images and not all(map(labels.is_labels, cfg.train_sources)):
         storage.check_readable_dir(cfg.train_images)
     labels.same_categories(found)
+    if not sources:
+        _steps_per_epoch(cfg, len(records))
     categories = next(iter(found.values()))
     spec = _keypoints(cfg, categories)
-    val_dropped: dict[str, int] = {}
+    val = None
     if cfg.val_annotations:
         val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
-        val_dropped = dict(val.dropped)
         if cfg.val_images:
             storage.check_readable_dir(cfg.val_images)
         if spec and val.keypoints != spec:
@@ -258,7 +266,16 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
         storage.make_dirs(cfg.storage)
     cats = tuple((c["id"], c["name"]) for c in categories)
     rules = labels.Rules(cats, spec, cfg.min_score)
-    return TrainingSet(categories, rules, records, sources, dropped, val_dropped), initial
+    return TrainingSet(categories, rules, records, sources, dropped, val, _sigmas(cfg, spec)), initial
+
+
+def _shared_validation(train: TrainingSet) -> list[ray.ObjectRef] | None:
+    """The validation set in Ray's object store, once: the images every worker predicts its
+    share of, and the ground truth rank 0 scores against. (A list, so Ray passes the references.)"""
+    if train.val is None:
+        return None
+    images = [{k: r[k] for k in ("image_id", "uri", "width", "height")} for r in train.val.records]
+    return [ray.put(images), ray.put(train.val.gt)]
 
 
 def _keypoints(cfg: TrainConfig, categories: list[dict]) -> keypoints.KeypointSpec | None:
@@ -272,6 +289,15 @@ def _keypoints(cfg: TrainConfig, categories: list[dict]) -> keypoints.KeypointSp
     return spec
 
 
+def _sigmas(cfg: TrainConfig, spec: keypoints.KeypointSpec | None) -> list[float] | None:
+    if spec is None:
+        return None
+    sigmas, warning = keypoints.sigmas(spec.names, cfg.keypoint_sigmas)
+    if warning:
+        print(f"[train] warning: {warning}", flush=True)
+    return sigmas.tolist()
+
+
 def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
     """What the workers need to know of the training set; the Parquet labels are counted in
     one pass of Ray Data tasks, which clean them as training will."""
@@ -281,19 +307,8 @@ def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
         images += kept
         dropped.update(source_dropped)
         skipped.update(source_skipped)
-    steps_per_epoch = images // cfg.num_workers // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise data.DatasetError(
-            f"{cfg.train_annotations}: {images} images is fewer than one step "
-            f"({cfg.num_workers} workers x batch {cfg.batch_size})"
-        )
+    steps_per_epoch = _steps_per_epoch(cfg, images)
     spec = train.rules.keypoints
-    sigmas = None
-    if spec:
-        sigmas, warning = keypoints.sigmas(spec.names, cfg.keypoint_sigmas)
-        sigmas = sigmas.tolist()
-        if warning:
-            print(f"[train] warning: {warning}", flush=True)
     return {
         "classes": [c["name"] for c in train.categories],
         "category_ids": [c["id"] for c in train.categories],
@@ -301,10 +316,20 @@ def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "dropped": dict(dropped),
         "skipped_rows": dict(skipped),
-        "val_dropped": train.val_dropped,
+        "val_dropped": dict(train.val.dropped) if train.val else {},
         "keypoints": spec.as_dict() if spec else None,
-        "sigmas": sigmas,
+        "sigmas": train.sigmas,
     }
+
+
+def _steps_per_epoch(cfg: TrainConfig, images: int) -> int:
+    steps = images // cfg.num_workers // cfg.batch_size
+    if steps == 0:
+        raise data.DatasetError(
+            f"{cfg.train_annotations}: {images} images is fewer than one step "
+            f"({cfg.num_workers} workers x batch {cfg.batch_size})"
+        )
+    return steps
 
 
 def training_data(cfg: TrainConfig, train: TrainingSet) -> ray.data.Dataset:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from maskrcnn import checkpoint, data, engine, history, labels, storage
+from maskrcnn import checkpoint, data, engine, history, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import has_keypoints, has_masks
@@ -43,7 +43,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # its own progress, so the worker's root logger shows warnings and errors only.
     logging.getLogger().setLevel(logging.WARNING)
     cfg: TrainConfig = config["cfg"]
-    worker = Worker(cfg, config["meta"], config["weights"])
+    worker = Worker(cfg, config["meta"], config["weights"], config["val"])
     if worker.finished:
         worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
         return
@@ -69,9 +69,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Worker:
     """State of one training worker; the methods are the phases of :func:`worker_loop`."""
 
-    def __init__(self, cfg: TrainConfig, meta: dict[str, Any], weights: list[ray.ObjectRef] | None = None):
-        """``weights``: the reference to the driver's ``--weights`` tensors (a list, so Ray passes the reference)."""
-        self.cfg, self.meta, self.weights = cfg, meta, weights
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        meta: dict[str, Any],
+        weights: list[ray.ObjectRef] | None = None,
+        val: list[ray.ObjectRef] | None = None,
+    ):
+        """``weights``: the reference to the driver's ``--weights`` tensors; ``val``: to the
+        validation images and ground truth (lists, so Ray passes the references)."""
+        self.cfg, self.meta, self.weights, self.val_refs = cfg, meta, weights, val
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -215,11 +222,10 @@ class Worker:
     def validate(self) -> dict[str, float]:
         """COCO AP on the validation set: each worker predicts its share, rank 0 scores.
         The ground truth is cleaned by the training rules (:func:`maskrcnn.data.load_coco`)."""
-        cfg = self.cfg
-        if not cfg.val_annotations:
+        if not self.val_refs:
             return {}
         if self.val is None:
-            self.val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
+            self.val = self._validation_set()
         model = getattr(self.model, "module", self.model)
         gathered = engine.predict_validation(model, self.val, self.meta, self.rank, self.world, self.amp)
         self.model.train()
@@ -239,6 +245,18 @@ class Worker:
         metrics.update({f"val_dropped_annotations_{k}": float(v) for k, v in self.val.dropped.items()})
         self.record("val", metrics)
         return metrics
+
+    def _validation_set(self) -> data.CocoDataset:
+        """The driver's validation set: every worker reads the images it predicts, and rank 0
+        alone the ground truth it scores against."""
+        images, gt = self.val_refs
+        return data.CocoDataset(
+            gt=ray.get(gt) if self.rank == 0 else {},
+            classes=self.meta["classes"],
+            category_ids=self.meta["category_ids"],
+            records=ray.get(images),
+            dropped=Counter(self.meta["val_dropped"]),
+        )
 
     def keep_best(self, metrics: dict[str, float]) -> None:
         """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the score (:func:`score_name`) improves."""

@@ -17,7 +17,14 @@ sys.path.insert(0, REPO)
 
 from maskrcnn.cli import flag_table, load_parser
 
-JOBS = ["jobs/train.py", "jobs/segment_bucket.py", "jobs/evaluate.py", "jobs/export.py", "jobs/predict.py"]
+JOBS = [
+    "jobs/train.py",
+    "jobs/segment_bucket.py",
+    "jobs/coco_to_parquet.py",
+    "jobs/evaluate.py",
+    "jobs/export.py",
+    "jobs/predict.py",
+]
 README = os.path.join(REPO, "README.md")
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maskrcnn import checkpoint, keypoints, storage
-from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
+from maskrcnn import checkpoint, keypoints, output, storage
+from tests.helpers import REPO, add_defects, call_job, run_job, small_model_file, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
@@ -136,43 +136,39 @@ def _check_history(run_dir: Path, steps: int, evaluations: int) -> list[dict]:
     return lines
 
 
-def test_training_with_data_and_storage_on_s3_is_reproducible(shapes, bucket, tmp_path):
-    upload_dir(shapes / "train", bucket, "data/train")
-    upload_dir(shapes / "val", bucket, "data/val")
-    data = f"s3://{bucket}/data"
-    result = run_job(
-        "train.py", *_args(f"{data}/train", f"{data}/val", f"s3://{bucket}/runs", "s3run", "--epochs", "1")
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    names = list(storage.iter_files(f"s3://{bucket}/runs/s3run"))
-    assert f"s3://{bucket}/runs/s3run/checkpoint_00000008/model.pt" in names
-    assert {f"s3://{bucket}/runs/s3run/{n}" for n in ("metrics.jsonl", "config.json", "best.pt")} <= set(names)
-    best = checkpoint.load(f"s3://{bucket}/runs/s3run/best.pt")
-    assert best["step"] == 8 and "val_segm_AP" in best["metrics"]
-    assert "testing-secret" not in result.stdout + result.stderr
-
-    # The same seed again (checkpoints on local disk this time): the same data order and
-    # augmentation, so the same losses at every step and the same AP.
-    again = run_job(
-        "train.py", *_args(f"{data}/train", f"{data}/val", str(tmp_path / "runs"), "again", "--epochs", "1")
-    )
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert _steps(again.stdout + again.stderr) == _steps(result.stdout + result.stderr)
-    on_s3 = [json.loads(line) for line in storage.read_text(f"s3://{bucket}/runs/s3run/metrics.jsonl").splitlines()]
-    local = _check_history(tmp_path / "runs" / "again", steps=8, evaluations=1)
-
-    def strip(lines):
-        return [{k: v for k, v in x.items() if k not in ("time", "images_per_s", "train_images_per_s")} for x in lines]
-
-    assert strip(local) == strip(on_s3)
-
-
 def _train_worker_pids() -> list[int]:
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
             pids.append(proc.pid)
     return pids
+
+
+def _train_killing_a_worker(args: list[str], at_step: int) -> str:
+    """Run jobs/train.py, SIGKILL one Ray Train worker when step ``at_step`` is logged, and
+    return the whole output once the run has finished (after its resume)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        cwd=REPO,
+    )
+    lines, killed = [], None
+    deadline = time.time() + 540
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and re.search(rf"\[train\] epoch \d+ step {at_step}/", line):
+            victims = _train_worker_pids()
+            assert victims, "no RayTrainWorker process found"
+            killed = victims[-1]
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "training did not finish"
+    proc.wait(timeout=60)
+    out = "".join(lines)
+    assert proc.returncode == 0 and killed is not None, out[-3000:]
+    return out
 
 
 def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_data, tmp_path):
@@ -196,27 +192,7 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
         f"--checkpoint-every 3 --max-failures 2 --weights {tmp_path / 'init.pth'} --storage {tmp_path / 'runs'} "
         "--name kp"
     ).split()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        cwd=REPO,
-    )
-    lines, killed = [], None
-    deadline = time.time() + 540
-    for line in proc.stdout:
-        lines.append(line)
-        if killed is None and re.search(r"\[train\] epoch \d+ step 5/", line):
-            victims = _train_worker_pids()
-            assert victims, "no RayTrainWorker process found"
-            killed = victims[-1]
-            os.kill(killed, signal.SIGKILL)
-        assert time.time() < deadline, "training did not finish"
-    proc.wait(timeout=60)
-    out = "".join(lines)
-    assert proc.returncode == 0 and killed is not None, out[-3000:]
+    out = _train_killing_a_worker(args, at_step=5)
     resumed = re.search(r"resumed from checkpoint at step (\d+)", out)
     assert resumed and int(resumed.group(1)) >= 3, out[-3000:]
     after = [s for s, _ in _steps(out[resumed.end() :])]
@@ -234,6 +210,67 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     assert resumed_losses == dict(_steps(straight.stdout)) and len(resumed_losses) == 14
 
 
+def test_self_training_on_s3_resumes_exactly_as_an_uninterrupted_run(shapes, bucket, tmp_path):
+    """The student's data as the self-training loop makes it, all on S3: the human labels (a
+    COCO file) plus a teacher's segmentation output of unlabelled images, filtered by
+    --min-score; checkpoints and history on S3 too. A worker is killed at step 5; the resumed
+    run logs the same loss at every step as an uninterrupted run with the same seed (local
+    storage this time, which --max-steps stops at step 8), and the same history."""
+    upload_dir(shapes / "train", bucket, "data/train")
+    shapes_categories = json.loads((shapes / "train" / "annotations.json").read_text())["categories"]
+    # The teacher: random weights, the dataset's categories; its top scores straddle --min-score.
+    teacher = small_model_file(
+        tmp_path / "teacher.pt",
+        classes=tuple(c["name"] for c in shapes_categories),
+        category_ids=tuple(c["id"] for c in shapes_categories),
+    )
+    pseudo = f"s3://{bucket}/labels/archive"
+    segment = (
+        f"--input {shapes}/val/images --output {pseudo} --model {teacher} --score-threshold 0.05 --max-detections 20"
+    )
+    labelled = run_job("segment_bucket.py", *segment.split())
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+
+    data = f"s3://{bucket}/data/train"
+    args = [
+        "--train-annotations", f"{data}/annotations.json,{pseudo}", "--train-images", f"{data}/images",
+        "--min-score", "0.25",
+        "--val-annotations", f"{shapes}/val/annotations.json", "--val-images", f"{shapes}/val/images",
+        *"--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1".split(),
+        *"--epochs 1 --checkpoint-every 3 --max-failures 2".split(),
+    ]  # fmt: skip
+    out = _train_killing_a_worker([*args, "--storage", f"s3://{bucket}/runs", "--name", "student"], at_step=5)
+    assert "testing-secret" not in out
+    counts = re.search(r"\[train\] 40 images, 3 classes, 10 steps/epoch .*'below_min_score': (\d+)", out)
+    assert counts and int(counts.group(1)) > 0, out[:3000]
+    resumed = re.search(r"resumed from checkpoint at step (\d+)", out)
+    assert resumed and int(resumed.group(1)) in (3, 6) and "IoU metric: segm" in out, out[-3000:]
+    assert [s for s, _ in _steps(out[resumed.end() :])][-1] == 10
+    names = set(storage.iter_files(f"s3://{bucket}/runs/student"))
+    assert {
+        f"s3://{bucket}/runs/student/{n}" for n in ("checkpoint_00000010/model.pt", "metrics.jsonl", "best.pt")
+    } <= names
+    best = checkpoint.load(f"s3://{bucket}/runs/student/best.pt")
+    assert best["classes"] == ["circle", "rectangle", "triangle"] and "val_segm_AP" in best["metrics"]
+
+    straight = run_job("train.py", *args, "--storage", str(tmp_path / "runs"), "--name", "straight", "--max-steps", "8")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    assert "stopped by --max-steps in epoch 1 at step 8" in straight.stdout
+    resumed_losses = dict(_steps(out))  # a step trained twice (before the kill and after) keeps its last loss
+    assert dict(_steps(straight.stdout)) == {s: loss for s, loss in resumed_losses.items() if s <= 8}
+    stopped = checkpoint.load(str(tmp_path / "runs" / "straight" / "checkpoint_00000008" / "model.pt"))
+    assert (stopped["step"], stopped["epoch"]) == (8, 0) and "val_segm_AP" in stopped["metrics"]
+
+    def train_lines(text: str) -> list[dict]:
+        lines = [json.loads(line) for line in text.splitlines()]
+        drop = ("time", "images_per_s")
+        return [{k: v for k, v in x.items() if k not in drop} for x in lines if x["kind"] == "train" and x["step"] <= 8]
+
+    on_s3 = storage.read_text(f"s3://{bucket}/runs/student/metrics.jsonl")
+    assert train_lines(on_s3) == train_lines((tmp_path / "runs" / "straight" / "metrics.jsonl").read_text())
+    assert len(train_lines(on_s3)) == 8
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -244,6 +281,8 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
         ("val_duplicate_id", r"error: .*val\.json: annotation id \d+: the id is used twice"),
         ("no_keypoints", r"error: .*annotations\.json: no category lists 'keypoints', which --arch keypointrcnn_"),
         ("sigma_count", r"error: --keypoint-sigmas gives 2 values for 11 keypoints"),
+        ("categories_differ", r"error: .*labels: its categories differ from .*annotations\.json's"),
+        ("no_categories_file", r"error: .*labels: no _categories\.json beside the part files"),
     ],
 )
 def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, tmp_path):
@@ -272,6 +311,11 @@ def test_unusable_input_stops_before_any_worker_starts(case, expected, shapes, t
             generate_split(str(tmp_path / "figures"), 6, seed=0, kind="figures"),
             str(tmp_path / "figures" / "images"),
         )
+    if case in ("categories_differ", "no_categories_file"):  # pseudo-labels of another model, or not labels
+        output.write_part(str(tmp_path / "labels"), 0, [{"uri": "a.jpg", "width": 5, "height": 5, "instances": []}])
+        if case == "categories_differ":
+            output.write_categories(str(tmp_path / "labels"), [{"id": 1, "name": "dog"}])
+        ann = f"{ann},{tmp_path / 'labels'}"
     if case == "val_duplicate_id":  # a defect no rule can clean, in the validation file
         val = json.loads((shapes / "val" / "annotations.json").read_text())
         val["annotations"].append(dict(val["annotations"][3]))

@@ -1,0 +1,132 @@
+"""jobs/coco_to_parquet.py: real COCO files -> Parquet labels that index as the COCO file does."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from maskrcnn import convert, data, labels, masks, output, storage
+from tests.helpers import add_defects, call_job, upload_dir
+
+
+def _convert(annotations: Path | str, images: Path | str, out: Path | str, *extra: str):
+    result = call_job(
+        "coco_to_parquet.py", "--annotations", str(annotations), "--images", str(images), "--output", str(out), *extra
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.split("summary:\n", 1)[1])
+
+
+def _same_dataset(a: data.CocoDataset, b: data.CocoDataset) -> None:
+    """The same images, classes and training annotations (labels, boxes, mask pixels, keypoints);
+    the defects were dropped by the conversion, so the labels drop only the crowd regions again."""
+    assert (a.classes, a.category_ids, a.keypoints) == (b.classes, b.category_ids, b.keypoints)
+    assert dict(b.dropped) == {k: v for k, v in a.dropped.items() if k == "crowd"}
+    by_uri = {r["uri"]: r for r in b.records}
+    assert sorted(by_uri) == sorted(r["uri"] for r in a.records)
+    for record in a.records:
+        other = by_uri[record["uri"]]
+        mine, theirs = json.loads(record["annotations"]), json.loads(other["annotations"])
+        assert [x["label"] for x in mine] == [y["label"] for y in theirs]
+        assert np.allclose([x["box"] for x in mine], [y["box"] for y in theirs]) or not mine
+        h, w = record["height"], record["width"]
+        for x, y in zip(mine, theirs):
+            assert np.array_equal(masks.decode(x["segmentation"], h, w), masks.decode(y["segmentation"], h, w))
+            assert x.get("keypoints") == y.get("keypoints")
+    assert len(a.gt["annotations"]) == len(b.gt["annotations"])
+    assert sum(x["iscrowd"] for x in a.gt["annotations"]) == sum(y["iscrowd"] for y in b.gt["annotations"])
+
+
+def test_real_coco_with_every_defect_converts_by_the_training_rules(shared_data, tmp_path, monkeypatch):
+    """80 real COCO images (multi-part polygons, crowd RLE, sparse category ids) plus every
+    defect the loader cleans: the labels hold what training would keep, crowd regions marked,
+    the same mask pixels; the annotations are spilled in tiny batches and still come back whole."""
+    source = shared_data / "coco_small_train"
+    gt = json.loads((source / "instances_train2017.json").read_text())
+    expected = add_defects(gt)
+    (tmp_path / "train.json").write_text(json.dumps(gt))
+    monkeypatch.setattr(convert, "SPILL_BYTES", 4000)
+    summary = _convert(tmp_path / "train.json", source / "images", tmp_path / "labels", "--rows-per-file", "30")
+    expected.pop("crowd")  # kept, marked iscrowd
+    assert summary["annotations_dropped"] == dict(expected) and summary["images"] == 80
+    assert summary["part_files"] == 3 and (tmp_path / "labels" / "_SUCCESS").exists()
+    table = pq.read_table(tmp_path / "labels" / "part-000002.parquet")
+    assert table.num_rows == 20 and table.schema.metadata[b"maskrcnn.schema_version"] == b"3"
+    assert output.read_categories(str(tmp_path / "labels")) == data.categories(gt, "x")
+    _same_dataset(
+        data.load_coco(str(tmp_path / "train.json"), str(source / "images")),
+        labels.load_dataset(str(tmp_path / "labels"), None),
+    )
+
+
+def test_keypoints_and_skeleton_survive_conversion(shared_data, tmp_path):
+    source = shared_data / "coco_keypoints" / "super_gradients_train2017"
+    _convert(source / "person_keypoints_train2017.json", source / "images", tmp_path / "labels")
+    converted = labels.load_dataset(str(tmp_path / "labels"), None)
+    original = data.load_coco(str(source / "person_keypoints_train2017.json"), str(source / "images"))
+    assert converted.keypoints is not None and len(converted.keypoints) == 17
+    _same_dataset(original, converted)
+
+
+def test_a_file_without_categories_names_them_by_id(shared_data, tmp_path):
+    source = shared_data / "coco_tv_gallery"
+    _convert(source / "instances.json", source / "images", tmp_path / "labels")
+    categories = output.read_categories(str(tmp_path / "labels"))
+    assert categories and all(c["name"] == f"category_{c['id']}" for c in categories)
+
+
+def test_s3_to_s3(shared_data, bucket, tmp_path):
+    upload_dir(shared_data / "coco_small", bucket, "coco")
+    summary = _convert(
+        f"s3://{bucket}/coco/instances_val2017.json", f"s3://{bucket}/coco/images", f"s3://{bucket}/labels"
+    )
+    assert summary["images"] == 80
+    local = tmp_path / "labels"
+    for uri in storage.iter_files(f"s3://{bucket}/labels"):
+        (local / uri.rsplit("/", 1)[1]).parent.mkdir(exist_ok=True)
+        (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
+    converted = labels.load_dataset(str(local), None)
+    assert all(r["uri"].startswith(f"s3://{bucket}/coco/images/") for r in converted.records)
+    original = data.load_coco(str(shared_data / "coco_small" / "instances_val2017.json"), f"s3://{bucket}/coco/images")
+    _same_dataset(original, converted)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "error: annotation file not found: .*nothing.json"),
+        ("truncated", "error: .*train.json is not valid JSON"),
+        ("twice", "error: .*labels already holds Parquet labels; pass --overwrite"),
+        ("bad_rows", "error: --rows-per-file must be at least 1, got 0"),  # a usage error
+    ],
+)
+def test_unusable_input_or_output_is_one_line_and_exit_2(case, message, shared_data, tmp_path):
+    source = shared_data / "coco_small"
+    text = (source / "instances_val2017.json").read_text()
+    (tmp_path / "train.json").write_text(text[: len(text) // 2] if case == "truncated" else text)
+    annotations = tmp_path / ("nothing.json" if case == "missing" else "train.json")
+    if case == "twice":
+        _convert(annotations, source / "images", tmp_path / "labels")
+    extra = ["--rows-per-file", "0"] if case == "bad_rows" else []
+    result = call_job(
+        "coco_to_parquet.py", "--annotations", str(annotations), "--images", str(source / "images"),
+        "--output", str(tmp_path / "labels"), *extra,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and (len(lines) == 1 or lines[0].startswith("usage:")), result.stderr
+    assert re.search(message, lines[-1]), result.stderr
+    if case == "twice":
+        again = _convert(annotations, source / "images", tmp_path / "labels", "--overwrite")
+        assert again["images"] == 80 and len(output.part_files(str(tmp_path / "labels"))) == 1
+
+
+def test_help_explains_every_flag():
+    result = call_job("coco_to_parquet.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--annotations", "--images", "--output", "--rows-per-file", "--overwrite"):
+        assert flag in result.stdout

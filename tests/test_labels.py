@@ -1,0 +1,88 @@
+"""Parquet labels -> training records: the COCO rules, --min-score, and what is skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from maskrcnn import labels, masks, output
+from maskrcnn.data import DatasetError
+
+RULES = labels.Rules(((3, "cat"), (7, "dog")), None, min_score=0.5)
+
+
+def _instance(score: float | None, category_id: int = 3, bbox=(10.0, 10.0, 20.0, 20.0), **extra) -> dict:
+    mask = masks.encode(_box_mask(bbox))[0]
+    return {"category_id": category_id, "category": "cat", "score": score, "bbox": list(bbox), "mask": mask, **extra}
+
+
+def _box_mask(bbox) -> "np.ndarray":  # noqa: F821
+    import numpy as np
+
+    m = np.zeros((1, 60, 80), np.uint8)
+    x, y, w, h = (int(v) for v in bbox)
+    m[0, y : y + h, x : x + w] = 1
+    return m
+
+
+def _row(uri: str, instances: list[dict], model: str | None = "teacher", error: str | None = None) -> dict:
+    return {"uri": uri, "width": 80, "height": 60, "instances": instances, "model": model, "error": error}
+
+
+def test_pseudo_labels_keep_instances_at_or_above_min_score_and_skip_what_is_left_empty():
+    rows = [
+        _row("s3://a/1.jpg", [_instance(0.9), _instance(0.5, 7), _instance(0.49)]),
+        _row("s3://a/2.jpg", [_instance(0.3)]),  # nothing confident: skipped
+        _row("s3://a/3.jpg", []),  # the teacher found nothing: skipped
+        _row("s3://a/4.jpg", [], error="decode_error: truncated"),
+        _row("s3://a/5.jpg", [], model=None),  # ground truth without objects: a background image
+        _row("s3://a/6.jpg", [_instance(None), _instance(None, iscrowd=True), _instance(None, 99)], model=None),
+        _row("s3://a/7.jpg", [_instance(0.8, bbox=(79.5, 10.0, 20.0, 20.0)), _instance(0.7)]),
+    ]
+    records, dropped, skipped = labels.records(rows, RULES)
+    assert [r["uri"] for r in records] == ["s3://a/1.jpg", "s3://a/5.jpg", "s3://a/6.jpg", "s3://a/7.jpg"]
+    assert dropped == {"below_min_score": 2, "crowd": 1, "unknown_category": 1, "degenerate_box": 1}
+    assert skipped == {"no_instances": 2, "error": 1}
+    first = json.loads(records[0]["annotations"])
+    assert [a["label"] for a in first] == [1, 2] and first[0]["box"] == [10.0, 10.0, 30.0, 30.0]
+    assert masks.decode(first[0]["segmentation"], 60, 80).sum() == 400
+    assert records[0]["image_id"] == labels.image_id("s3://a/1.jpg") != labels.image_id("s3://a/5.jpg")
+    assert json.loads(records[1]["annotations"]) == []
+
+
+def test_without_min_score_every_pseudo_label_trains():
+    records, dropped, _ = labels.records([_row("a.jpg", [_instance(0.01)])], labels.Rules(((3, "cat"),)))
+    assert len(json.loads(records[0]["annotations"])) == 1 and not dropped
+
+
+def test_sources_must_agree_on_categories_by_id_and_name():
+    labels.same_categories({"a": [{"id": 1, "name": "cat"}], "b": [{"id": 1, "name": "cat", "supercategory": "x"}]})
+    with pytest.raises(DatasetError, match=r"^b: its categories differ from a's .*\(1, 'dog'\)"):
+        labels.same_categories({"a": [{"id": 1, "name": "cat"}], "b": [{"id": 1, "name": "dog"}]})
+
+
+def test_a_source_without_categories_or_part_files_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="no _categories.json beside the part files"):
+        labels.open_labels(str(tmp_path))
+    output.write_categories(str(tmp_path), [{"id": 3, "name": "cat"}])
+    with pytest.raises(DatasetError, match="no part-NNNNNN.parquet files"):
+        labels.open_labels(str(tmp_path))
+
+
+def test_part_files_of_schema_version_2_still_read(tmp_path):
+    """Version 2 instances had no iscrowd; they read as not crowd."""
+    instance = _instance(0.9)
+    old_instance = pa.struct([f for f in output.INSTANCE if f.name != "iscrowd"])
+    schema = pa.schema(
+        [f if f.name != "instances" else pa.field("instances", pa.list_(old_instance)) for f in output.SCHEMA]
+    )
+    pq.write_table(pa.Table.from_pylist([_row("a.jpg", [instance])], schema=schema), tmp_path / "part-000000.parquet")
+    output.write_categories(str(tmp_path), [{"id": 3, "name": "cat"}])
+    gt = labels.read_coco(str(tmp_path))
+    (ann,) = gt["annotations"]
+    assert ann["iscrowd"] == 0 and ann["score"] == pytest.approx(0.9)
+    records, _, _ = labels.records(pq.read_table(tmp_path / "part-000000.parquet").to_pylist(), RULES)
+    assert len(json.loads(records[0]["annotations"])) == 1
