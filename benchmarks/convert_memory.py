@@ -27,6 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 READERS = {
+    "(importing maskrcnn.data: torch)": "from maskrcnn import data",
     "json.load": "import json; json.load(open(sys.argv[1]))",
     "load_coco (the COCO path's driver)": "from maskrcnn import data; data.load_coco(sys.argv[1], '/images')",
 }

@@ -274,7 +274,7 @@ def _shared_validation(train: TrainingSet) -> list[ray.ObjectRef] | None:
     share of, and the ground truth rank 0 scores against. (A list, so Ray passes the references.)"""
     if train.val is None:
         return None
-    images = [{k: r[k] for k in ("image_id", "uri", "width", "height")} for r in train.val.records]
+    images = [dict(r, annotations="[]") for r in train.val.records]  # what prediction reads
     return [ray.put(images), ray.put(train.val.gt)]
 
 

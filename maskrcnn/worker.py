@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from maskrcnn.train import TrainConfig
 
 
+UNEVALUATED = -1.0  # the score Ray ranks a checkpoint by before any validation
+
+
 def score_name(arch: str) -> str:
     """The validation metric that picks ``best.pt`` and the checkpoints Ray keeps: mask AP,
     or keypoint AP for a model without masks."""
@@ -275,22 +278,23 @@ class Worker:
         writes the checkpoint file, which Ray Train copies to
         ``STORAGE/NAME/checkpoint_NNNNNNNN/model.pt`` (NNNNNNNN: the step)."""
         metrics = dict(metrics, step=self.step, epoch=self.epoch, **self._skipped_totals())
-        # Unevaluated checkpoints rank lowest. The driver ranks by --arch's score, which is not
-        # this one when a run resumes with another --arch than its checkpoints'.
-        for name in {self.score, score_name(self.cfg.arch)}:
-            metrics.setdefault(name, float("nan"))
         if self.best > float("-inf"):
             metrics["best_" + self.score] = self.best
+        # Ray ranks the checkpoints by --arch's score (not this one when a run resumes with
+        # another --arch than its checkpoints'); unevaluated ones rank lowest, at COCO's -1.
+        # Not NaN: Ray's checkpoint snapshot (JSON) stores NaN as null, and a re-run that
+        # restores it then fails to rank its next checkpoint.
+        reported = {name: UNEVALUATED for name in {self.score, score_name(self.cfg.arch)}} | metrics
         if not with_checkpoint:
-            ray.train.report(metrics)
+            ray.train.report(reported)
             return
         name = f"checkpoint_{self.step:08d}"
         with tempfile.TemporaryDirectory() as tmp:
             if self.rank == 0:
                 checkpoint.save(os.path.join(tmp, checkpoint.FILENAME), self._checkpoint(metrics))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+                ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
             else:
-                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+                ray.train.report(reported, checkpoint=None, checkpoint_dir_name=name)
 
     def _checkpoint(self, metrics: dict[str, float]) -> dict:
         return checkpoint.make(

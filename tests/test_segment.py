@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from maskrcnn import images, masks, storage
+from maskrcnn import images, masks, output, storage
 from tests.helpers import (
     MIXED,
     OFFLINE,
@@ -181,6 +181,8 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     assert summary["resumed_rows"] == 4 * len(before) and summary["processed_rows"] == 80 - 4 * len(before)
     assert all(p.stat().st_mtime_ns == before[p.name] for p in _parts(out) if p.name in before)
     assert (out / "_SUCCESS").exists()
+    # The model's categories beside the part files, for training on them (maskrcnn.labels)
+    assert output.read_categories(str(out)) == [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
 
     # A finished output is not recomputed; a changed listing is refused; --overwrite starts over.
     assert _summary(run_job("segment_bucket.py", *args))["processed_rows"] == 0

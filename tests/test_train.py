@@ -260,6 +260,11 @@ def test_self_training_on_s3_resumes_exactly_as_an_uninterrupted_run(shapes, buc
     assert dict(_steps(straight.stdout)) == {s: loss for s, loss in resumed_losses.items() if s <= 8}
     stopped = checkpoint.load(str(tmp_path / "runs" / "straight" / "checkpoint_00000008" / "model.pt"))
     assert (stopped["step"], stopped["epoch"]) == (8, 0) and "val_segm_AP" in stopped["metrics"]
+    # The trial, run again without --max-steps, continues (the driver restores Ray's record of
+    # the checkpoints, unevaluated ones too) to the end of the epoch, as the resumed run did.
+    finished = run_job("train.py", *args, "--storage", str(tmp_path / "runs"), "--name", "straight")
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert dict(_steps(finished.stdout)) == {s: loss for s, loss in resumed_losses.items() if s > 8}
 
     def train_lines(text: str) -> list[dict]:
         lines = [json.loads(line) for line in text.splitlines()]
