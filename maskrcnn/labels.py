@@ -5,8 +5,9 @@ A source is a segmentation output (pseudo-labels: rows with ``model`` set, insta
 scores) or ground truth converted from a COCO file (:mod:`maskrcnn.convert`). Training reads
 the rows with ``ray.data.read_parquet`` and turns them into training records in Ray Data
 tasks (:func:`records`) by the rules that clean a COCO file
-(:func:`maskrcnn.data.clean_annotation`), so nothing gathers them on the driver; a first
-pass over the same tasks counts what is kept and dropped (:func:`count`).
+(:func:`maskrcnn.data.clean_annotation`), once, before the first step (:func:`clean`): the
+records stay in Ray's object store and only their counts reach the driver. Each epoch then
+streams them in the seed's order (:func:`shuffled`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -134,16 +137,33 @@ def image_id(uri: str) -> int:
 
 
 def _records_batch(table: pa.Table, rules: Rules) -> pa.Table:
-    kept, _, _ = records(table.to_pylist(), rules)
-    return pa.Table.from_pylist(kept, schema=record_schema(rules))
-
-
-def _counts_batch(table: pa.Table, rules: Rules) -> pa.Table:
+    """A batch of rows -> its records, each with ``drops`` empty, and one more row (no URI)
+    whose ``drops`` holds the batch's drops and skips: the counts travel with the data."""
     kept, dropped, skipped = records(table.to_pylist(), rules)
-    return pa.table({"kept": [len(kept)], "dropped": [json.dumps(dropped)], "skipped": [json.dumps(skipped)]})
+    stats = {"image_id": 0, "uri": "", "width": 0, "height": 0, "annotations": "[]"}
+    stats["drops"] = json.dumps({"dropped": dropped, "skipped": skipped})
+    if rules.keypoints:
+        stats["num_keypoints"] = 0
+    return pa.Table.from_pylist([*(dict(r, drops="") for r in kept), stats], schema=_cleaned_schema(rules))
+
+
+def _cleaned_schema(rules: Rules) -> pa.Schema:
+    return record_schema(rules).append(pa.field("drops", pa.string()))
 
 
 # ---------------------------------------------------------------- Ray Data
+
+WINDOW = 16384  # records shuffled together once the blocks are in the seed's order
+
+
+@dataclass
+class Cleaned:
+    """The training records of every source, in Ray's object store, and what cleaning counted."""
+
+    dataset: ray.data.Dataset
+    images: int
+    dropped: Counter
+    skipped: Counter
 
 
 def read(labels: Labels) -> ray.data.Dataset:
@@ -153,23 +173,44 @@ def read(labels: Labels) -> ray.data.Dataset:
     return ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
 
 
-def dataset(sources: list[Labels], rules: Rules) -> ray.data.Dataset:
-    """The training records of every source, cleaned in Ray Data tasks."""
-    clean = functools.partial(_records_batch, rules=rules)
-    parts = [read(one).map_batches(clean, batch_format="pyarrow") for one in sources]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+def clean(sources: list[Labels], rules: Rules, coco_records: list[dict[str, Any]]) -> Cleaned:
+    """One pass of Ray Data tasks: every source's rows cleaned into training records (with a
+    COCO file's records beside them), kept in Ray's object store for every epoch, as a
+    shuffle would keep them; the driver reads only the counts."""
+    to_records = functools.partial(_records_batch, rules=rules)
+    parts = [read(one).map_batches(to_records, batch_format="pyarrow") for one in sources]
+    if coco_records:
+        coco = pa.Table.from_pylist([dict(r, drops="") for r in coco_records], schema=_cleaned_schema(rules))
+        parts.insert(0, ray.data.from_arrow(coco))
+    dataset = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    images, dropped, skipped = 0, Counter(), Counter()
+    for batch in dataset.select_columns(["drops"]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for drops in batch.column("drops").to_pylist():
+            if not drops:
+                images += 1
+                continue
+            counts = json.loads(drops)
+            dropped.update(counts["dropped"])
+            skipped.update(counts["skipped"])
+    return Cleaned(dataset, images, dropped, skipped)
 
 
-def count(labels: Labels, rules: Rules) -> tuple[int, Counter, Counter]:
-    """One pass over a source in Ray Data tasks: the records it gives, the annotations
-    dropped and the rows skipped, by reason. The driver receives one small row per batch."""
-    kept, dropped, skipped = 0, Counter(), Counter()
-    counts = read(labels).map_batches(_counts_batch, fn_kwargs={"rules": rules}, batch_format="pyarrow")
-    for row in counts.iter_rows():
-        kept += row["kept"]
-        dropped.update(json.loads(row["dropped"]))
-        skipped.update(json.loads(row["skipped"]))
-    return kept, dropped, skipped
+def shuffled(cleaned: Cleaned, seed: int) -> ray.data.Dataset:
+    """The records in the seed's order, streamed, with no all-to-all shuffle (whose barrier
+    would hold the first step until every record had passed through it): the blocks in a
+    seeded order, then each window of :data:`WINDOW` records shuffled, seeded. The same
+    blocks give the same order, on every epoch, resume and re-run."""
+    return cleaned.dataset.randomize_block_order(seed=seed).map_batches(
+        _shuffle_window, fn_kwargs={"seed": seed}, batch_size=WINDOW, batch_format="pyarrow"
+    )
+
+
+def _shuffle_window(table: pa.Table, seed: int) -> pa.Table:
+    table = table.filter(pc.equal(table.column("drops"), "")).drop_columns(["drops"])
+    if table.num_rows == 0:
+        return table
+    rng = np.random.default_rng([seed, int(table.column("image_id")[0].as_py()), table.num_rows])
+    return table.take(pa.array(rng.permutation(table.num_rows)))
 
 
 # ---------------------------------------------------------------- for evaluation

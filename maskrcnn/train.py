@@ -225,6 +225,7 @@ class TrainingSet:
     dropped: Counter
     val: data.CocoDataset | None  # indexed once, here; the workers get it from Ray's object store
     sigmas: list[float] | None  # the OKS sigmas validation scores keypoints with
+    cleaned: labels.Cleaned | None = None  # with Parquet labels: every record, cleaned (see count)
 
 
 def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
@@ -299,14 +300,14 @@ def _sigmas(cfg: TrainConfig, spec: keypoints.KeypointSpec | None) -> list[float
 
 
 def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
-    """What the workers need to know of the training set; the Parquet labels are counted in
-    one pass of Ray Data tasks, which clean them as training will."""
+    """What the workers need to know of the training set. Parquet labels are cleaned here,
+    once, in Ray Data tasks that keep the records in Ray's object store (:func:`maskrcnn.labels.clean`)."""
     images, dropped, skipped = len(train.records), Counter(train.dropped), Counter()
-    for source in train.sources:
-        kept, source_dropped, source_skipped = labels.count(source, train.rules)
-        images += kept
-        dropped.update(source_dropped)
-        skipped.update(source_skipped)
+    if train.sources:
+        train.cleaned = labels.clean(train.sources, train.rules, train.records)
+        images = train.cleaned.images
+        dropped.update(train.cleaned.dropped)
+        skipped.update(train.cleaned.skipped)
     steps_per_epoch = _steps_per_epoch(cfg, images)
     spec = train.rules.keypoints
     return {
@@ -334,16 +335,14 @@ def _steps_per_epoch(cfg: TrainConfig, images: int) -> int:
 
 def training_data(cfg: TrainConfig, train: TrainingSet) -> ray.data.Dataset:
     """The records in the seed's order, then fetched, decoded and resized by Ray Data CPU tasks.
-    The COCO files' records are shuffled here; with Parquet labels, Ray Data shuffles every
-    record, seeded (the same blocks, the same order), so nothing gathers them on the driver."""
-    records = list(train.records)
-    random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
-    parts = [ray.data.from_items(records)] if records else []
-    if train.sources:
-        parts.append(labels.dataset(train.sources, train.rules))
-    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if train.sources:
-        dataset = dataset.random_shuffle(seed=cfg.seed)
+    COCO files alone are shuffled here; with Parquet labels, Ray Data orders every record
+    (:func:`maskrcnn.labels.shuffled`), so nothing gathers them on the driver."""
+    if train.cleaned:
+        dataset = labels.shuffled(train.cleaned, cfg.seed)
+    else:
+        records = list(train.records)
+        random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
+        dataset = ray.data.from_items(records)
     load = functools.partial(data.load_example, transform=data.resize_transform(max(cfg.scales), cfg.max_size))
     return dataset.map(load)
 
