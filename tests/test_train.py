@@ -217,20 +217,8 @@ def test_self_training_on_s3_resumes_exactly_as_an_uninterrupted_run(shapes, buc
     run logs the same loss at every step as an uninterrupted run with the same seed (local
     storage this time, which --max-steps stops at step 8), and the same history."""
     upload_dir(shapes / "train", bucket, "data/train")
-    shapes_categories = json.loads((shapes / "train" / "annotations.json").read_text())["categories"]
-    # The teacher: random weights, the dataset's categories; its top scores straddle --min-score.
-    teacher = small_model_file(
-        tmp_path / "teacher.pt",
-        classes=tuple(c["name"] for c in shapes_categories),
-        category_ids=tuple(c["id"] for c in shapes_categories),
-    )
     pseudo = f"s3://{bucket}/labels/archive"
-    segment = (
-        f"--input {shapes}/val/images --output {pseudo} --model {teacher} --score-threshold 0.05 --max-detections 20"
-    )
-    labelled = run_job("segment_bucket.py", *segment.split())
-    assert labelled.returncode == 0, labelled.stderr[-3000:]
-
+    _teacher_labels(shapes, tmp_path / "teacher.pt", pseudo)
     data = f"s3://{bucket}/data/train"
     args = [
         "--train-annotations", f"{data}/annotations.json,{pseudo}", "--train-images", f"{data}/images",
@@ -265,15 +253,26 @@ def test_self_training_on_s3_resumes_exactly_as_an_uninterrupted_run(shapes, buc
     finished = run_job("train.py", *args, "--storage", str(tmp_path / "runs"), "--name", "straight")
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert dict(_steps(finished.stdout)) == {s: loss for s, loss in resumed_losses.items() if s > 8}
+    on_s3 = _train_history(storage.read_text(f"s3://{bucket}/runs/student/metrics.jsonl"))
+    assert on_s3 == _train_history((tmp_path / "runs" / "straight" / "metrics.jsonl").read_text())
+    assert [x["step"] for x in on_s3] == list(range(1, 11))
 
-    def train_lines(text: str) -> list[dict]:
-        lines = [json.loads(line) for line in text.splitlines()]
-        drop = ("time", "images_per_s")
-        return [{k: v for k, v in x.items() if k not in drop} for x in lines if x["kind"] == "train" and x["step"] <= 8]
 
-    on_s3 = storage.read_text(f"s3://{bucket}/runs/student/metrics.jsonl")
-    assert train_lines(on_s3) == train_lines((tmp_path / "runs" / "straight" / "metrics.jsonl").read_text())
-    assert len(train_lines(on_s3)) == 8
+def _teacher_labels(shapes: Path, model: Path, output: str) -> None:
+    """A teacher's labels of the unlabelled images: random weights with the dataset's categories,
+    so its top scores straddle the student's --min-score."""
+    categories = json.loads((shapes / "train" / "annotations.json").read_text())["categories"]
+    names, ids = tuple(c["name"] for c in categories), tuple(c["id"] for c in categories)
+    teacher = small_model_file(model, classes=names, category_ids=ids)
+    segment = f"--input {shapes}/val/images --output {output} --model {teacher} --score-threshold 0.05"
+    labelled = run_job("segment_bucket.py", *segment.split(), "--max-detections", "20")
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+
+
+def _train_history(text: str) -> list[dict]:
+    """A run's metrics.jsonl training lines, without the times and rates."""
+    lines = [json.loads(line) for line in text.splitlines()]
+    return [{k: v for k, v in x.items() if k not in ("time", "images_per_s")} for x in lines if x["kind"] == "train"]
 
 
 @pytest.mark.parametrize(
