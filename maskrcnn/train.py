@@ -249,22 +249,22 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
     if not sources:
         _steps_per_epoch(cfg, len(records))
     categories = next(iter(found.values()))
-    spec = _keypoints(cfg, categories)
     val = None
     if cfg.val_annotations:
         val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
         if cfg.val_images:
             storage.check_readable_dir(cfg.val_images)
-        if spec and val.keypoints != spec:
-            raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_sources[0]}'s")
-    if spec is None:
-        for record in records:
-            record.pop("num_keypoints", None)
     initial = checkpoint.initial_weights(cfg.weights, cfg.arch) if cfg.weights else None
     if storage.is_s3(cfg.storage):
         storage.check_readable_dir(cfg.storage)
     else:
         storage.make_dirs(cfg.storage)
+    spec = _keypoints(cfg, categories)
+    if spec and val and val.keypoints != spec:
+        raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_sources[0]}'s")
+    if spec is None:
+        for record in records:
+            record.pop("num_keypoints", None)
     cats = tuple((c["id"], c["name"]) for c in categories)
     rules = labels.Rules(cats, spec, cfg.min_score)
     return TrainingSet(categories, rules, records, sources, dropped, val, _sigmas(cfg, spec)), initial
