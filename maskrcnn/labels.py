@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from maskrcnn import data, keypoints, output, storage
@@ -221,11 +220,8 @@ def read_coco(source: str) -> dict[str, Any]:
     scoring a validation set: that is, for labels small enough for one process."""
     labels = open_labels(source)
     images, annotations = [], []
-    for uri in labels.files:
-        fs, path = storage.filesystem(uri)
-        for row in pq.read_table(path, filesystem=fs, columns=COLUMNS).to_pylist():
-            if row["error"]:
-                continue
+    for row in output.read_rows(source, columns=COLUMNS):
+        if not row["error"]:
             img_id = image_id(row["uri"])
             images.append({"id": img_id, "file_name": row["uri"], "width": row["width"], "height": row["height"]})
             for inst in row["instances"] or []:

@@ -18,7 +18,7 @@ import io
 import json
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,6 +105,16 @@ def part_files(output: str) -> list[str]:
     """The output's ``part-NNNNNN.parquet`` files, in order."""
     parts = {k: uri for uri in storage.iter_files(output) if (k := part_of(uri.rsplit("/", 1)[-1])) is not None}
     return [parts[k] for k in sorted(parts)]
+
+
+def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the rows of a segmentation output, part file by part file, a batch at a time:
+    memory depends on the size of a part file, never on how many there are."""
+    for uri in part_files(output):
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+                yield from batch.to_pylist()
 
 
 def as_coco_annotation(inst: dict[str, Any]) -> dict[str, Any]:
