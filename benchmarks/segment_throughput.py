@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from maskrcnn import checkpoint, images, masks, storage
+from maskrcnn.inference import InferenceOptions
 from maskrcnn.model import SMALL, build_model, inference_size
 from maskrcnn.predictor import Predictor
 from maskrcnn.segment import SegmentConfig, run
@@ -127,11 +128,13 @@ def throughput(model: str, uris: list[str], batch: int, tmp: str, device: str) -
             input=_manifest(tmp, "all", uris),
             output=out,
             model=model,
-            batch_size=batch,
             rows_per_file=batch * 4,
             log_every=1e9,
-            num_gpus_per_actor=1.0 if device == "cuda" else 0.0,
-            cpus_per_actor=1.0 if device == "cuda" else float(os.cpu_count() or 1),
+            inference=InferenceOptions(
+                batch_size=batch,
+                gpus_per_actor=1.0 if device == "cuda" else 0.0,
+                cpus_per_actor=1.0 if device == "cuda" else float(os.cpu_count() or 1),
+            ),
         )
     )
     t1 = time.perf_counter()
@@ -155,11 +158,10 @@ def part_files(model: str, uris: list[str], batch: int, tmp: str) -> None:
                     input=manifest,
                     output=f"{tmp}/parts{rows}",
                     model=model,
-                    batch_size=batch,
                     rows_per_file=rows,
                     log_every=1e9,
                     overwrite=True,
-                    score_threshold=0.3,
+                    inference=InferenceOptions(batch_size=batch, score_threshold=0.3),
                 )
             )
             walls[rows].append(time.perf_counter() - start)
@@ -189,12 +191,9 @@ def memory(model: str, tmp: str) -> None:
                     input=_manifest(tmp, f"m{count}", [picture] * count),
                     output=f"{tmp}/mem{count}",
                     model=model,
-                    batch_size=16,
                     rows_per_file=500,
-                    score_threshold=1.0,
                     log_every=1e9,
-                    concurrency=(2, 2),
-                    num_gpus_per_actor=1.0,
+                    inference=InferenceOptions(batch_size=16, score_threshold=1.0, actors=(2, 2), gpus_per_actor=1.0),
                 )
             )
         )

@@ -57,7 +57,7 @@ def evaluate(out: Path, model: str, name: str) -> dict:
     data, metrics = out / "data", out / f"{name}.eval.json"
     run(
         "jobs/evaluate.py", "--model", model, "--annotations", str(data / "val" / "annotations.json"),
-        "--images", str(data / "val" / "images"), "--cpus-per-worker", "2", "--output", str(metrics),
+        "--images", str(data / "val" / "images"), "--cpus-per-actor", "2", "--output", str(metrics),
     )  # fmt: skip
     return json.loads(metrics.read_text())
 

@@ -23,138 +23,146 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import checkpoint, export, storage
-from maskrcnn.cli import BOXES_HELP, add_model_arguments, job_parser, run_main
+from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
+from maskrcnn.draw import PICTURES, PictureOptions
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.progress import Progress
 from maskrcnn.report import Report
 
+IO, COCO = "input (local paths or s3:// URIs)", "COCO JSON"
 
-def parser() -> argparse.ArgumentParser:
-    p = job_parser("jobs/export.py", __doc__)
-    p.add_argument("--predictions", required=True, help="the --output of jobs/segment_bucket.py")
-    p.add_argument(
-        "--images",
-        help="the image root: --coco-results matches the ground truth's file_names relative to "
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    predictions: str = option("the --output of jobs/segment_bucket.py", group=IO)
+    images: str | None = option(
+        "the image root: --coco-results matches the ground truth's file_names relative to "
         "it (default: the segmentation's --input), --coco-dataset writes file_names "
         "relative to it (default: full URIs), pictures are named by it",
+        None,
+        group=IO,
     )
-    p.add_argument("--min-score", type=float, default=0.0, help="leave out instances below this score")
-    coco = p.add_argument_group("COCO JSON")
-    coco.add_argument("--coco-results", help="write COCO results JSON (what loadRes takes) here")
-    coco.add_argument("--annotations", help="COCO ground truth whose image ids --coco-results uses")
-    coco.add_argument(
-        "--coco-dataset", help="write a COCO dataset JSON (images, annotations with scores, categories) here"
+    min_score: float = option("leave out instances below this score", 0.0, group=IO)
+    coco_results: str | None = option("write COCO results JSON (what loadRes takes) here", None, group=COCO)
+    annotations: str | None = option("COCO ground truth whose image ids --coco-results uses", None, group=COCO)
+    coco_dataset: str | None = option(
+        "write a COCO dataset JSON (images, annotations with scores, categories) here", None, group=COCO
     )
-    add_model_arguments(coco, required=False)
-    pics = p.add_argument_group("pictures")
-    pics.add_argument("--render", type=int, default=0, metavar="N", help="draw the first N images with instances")
-    pics.add_argument("--render-dir", help="write the N pictures here, one PNG each")
-    pics.add_argument("--contact-sheet", help="write the N pictures as one grid PNG here")
-    pics.add_argument("--columns", type=int, default=4, help="contact sheet columns (default: %(default)s)")
-    pics.add_argument(
-        "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
-    )
-    pics.add_argument("--boxes", action="store_true", help=BOXES_HELP)
-    pics.add_argument(
-        "--html",
+    model: str | None = model_option(COCO, required=False)
+    arch: str | None = arch_option(COCO)
+    render: int = option("draw the first N images with instances", 0, group=PICTURES, metavar="N")
+    render_dir: str | None = option("write the N pictures here, one PNG each", None, group=PICTURES)
+    contact_sheet: str | None = option("write the N pictures as one grid PNG here", None, group=PICTURES)
+    columns: int = option("contact sheet columns", 4, group=PICTURES)
+    pictures: PictureOptions = embed(PictureOptions)
+    html: str | None = option(
+        "write a report (index.html and its pictures) here; it shows --render N pictures (default 24)",
+        None,
+        group=PICTURES,
         metavar="DIR",
-        help="write a report (index.html and its pictures) here; it shows --render N pictures (default 24)",
     )
-    return p
+
+    def __post_init__(self) -> None:
+        """Usage errors for combinations that do nothing; then absolute paths, so that the
+        image root and the segmentation's --input compare as written."""
+        if not (self.coco_results or self.coco_dataset or self.render or self.html):
+            raise ValueError("nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
+        if self.render and not (self.render_dir or self.contact_sheet or self.html):
+            raise ValueError("--render needs --render-dir, --contact-sheet or --html")
+        if (self.render_dir or self.contact_sheet) and not self.render:
+            raise ValueError("--render-dir and --contact-sheet need --render N (how many images to draw)")
+        if self.annotations and not self.coco_results:
+            raise ValueError("--annotations only applies to --coco-results")
+        if self.model and not self.coco_dataset:
+            raise ValueError("--model only applies to --coco-dataset (its categories)")
+        if self.render < 0 or self.columns < 1:
+            raise ValueError("--render must be at least 0 and --columns at least 1")
+        self.predictions = storage.absolute(self.predictions)
+        self.images = storage.absolute(self.images) if self.images else None
+
+
+def parser() -> argparse.ArgumentParser:
+    return add_options(job_parser("jobs/export.py", __doc__), ExportConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser()
-    args = p.parse_args(argv)
-    check(p, args)
-    root = args.images or export.job_input(args.predictions)
-    keypoints = export.job_keypoints(args.predictions)  # a keypoint model's names and skeleton
-    progress = Progress("export", export.count_rows(args.predictions), unit="rows")
+    cfg = parse_config(parser(), ExportConfig, argv)
+    if not storage.exists(cfg.predictions):
+        raise storage.StorageError(f"cannot read {cfg.predictions}: no such output")
+    root = cfg.images or export.job_input(cfg.predictions)
+    keypoints = export.job_keypoints(cfg.predictions)  # a keypoint model's names and skeleton
+    progress = Progress("export", export.count_rows(cfg.predictions), unit="rows")
     with contextlib.ExitStack() as stack:
-        sinks = [stack.enter_context(sink) for sink in sinks_for(args, root, keypoints)]
-        for row in export.read_rows(args.predictions):
+        sinks = [stack.enter_context(sink) for sink in sinks_for(cfg, root, keypoints)]
+        for row in export.read_rows(cfg.predictions):
             for sink in sinks:
                 sink.add(row)
             progress.add(1)
     progress.finish()
     for sink in sinks:
-        print(f"[export] {describe(sink, args)}")
+        print(f"[export] {describe(sink, cfg)}")
     if any(isinstance(s, export.Pictures) and not s.drawn for s in sinks):
         raise ValueError(
-            f"nothing to draw: no image in {args.predictions} has instances at or above --min-score {args.min_score}"
+            f"nothing to draw: no image in {cfg.predictions} has instances at or above --min-score {cfg.min_score}"
         )
 
 
-def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not (args.coco_results or args.coco_dataset or args.render or args.html):
-        p.error("nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
-    if args.render and not (args.render_dir or args.contact_sheet or args.html):
-        p.error("--render needs --render-dir, --contact-sheet or --html")
-    if (args.render_dir or args.contact_sheet) and not args.render:
-        p.error("--render-dir and --contact-sheet need --render N (how many images to draw)")
-    if args.annotations and not args.coco_results:
-        p.error("--annotations only applies to --coco-results")
-    if args.model and not args.coco_dataset:
-        p.error("--model only applies to --coco-dataset (its categories)")
-    if not storage.exists(args.predictions):
-        raise storage.StorageError(f"cannot read {args.predictions}: no such output")
-
-
-def sinks_for(args: argparse.Namespace, root: str | None, keypoints: KeypointSpec | None = None) -> list:
+def sinks_for(cfg: ExportConfig, root: str | None, keypoints: KeypointSpec | None = None) -> list:
     """The outputs asked for, each a sink that takes the rows one at a time."""
     sinks: list = []
-    if args.coco_results:
+    if cfg.coco_results:
         image_id = None
-        if args.annotations:
+        if cfg.annotations:
             if root is None:
                 raise ValueError("--annotations: pass --images, the root the ground truth's file_names are relative to")
-            image_id = export.ground_truth_ids(args.annotations, root)
-        sinks.append(export.CocoResults(args.coco_results, image_id, args.min_score))
-    if args.coco_dataset:
-        categories = checkpoint.categories_of(args.model, args.arch) if args.model else None
-        sinks.append(export.CocoDataset(args.coco_dataset, args.images, args.min_score, categories, keypoints))
-    if args.render_dir or args.contact_sheet:
+            image_id = export.ground_truth_ids(cfg.annotations, root)
+        sinks.append(export.CocoResults(cfg.coco_results, image_id, cfg.min_score))
+    if cfg.coco_dataset:
+        categories = checkpoint.categories_of(cfg.model, cfg.arch) if cfg.model else None
+        sinks.append(export.CocoDataset(cfg.coco_dataset, cfg.images, cfg.min_score, categories, keypoints))
+    if cfg.render_dir or cfg.contact_sheet:
         sinks.append(
             export.Pictures(
-                args.render,
-                args.render_dir,
-                args.contact_sheet,
+                cfg.render,
+                cfg.render_dir,
+                cfg.contact_sheet,
                 root=root,
-                columns=args.columns,
-                max_side=args.max_side,
-                min_score=args.min_score,
-                boxes=args.boxes,
+                columns=cfg.columns,
+                max_side=cfg.pictures.max_side,
+                min_score=cfg.min_score,
+                boxes=cfg.pictures.boxes,
                 keypoints=keypoints,
             )
         )
-    if args.html:
+    if cfg.html:
         sinks.append(
             Report(
-                args.html,
-                args.predictions,
-                pictures=args.render or 24,
+                cfg.html,
+                cfg.predictions,
+                pictures=cfg.render or 24,
                 root=root,
-                min_score=args.min_score,
+                min_score=cfg.min_score,
                 keypoints=keypoints,
             )
         )
     return sinks
 
 
-def describe(sink: object, args: argparse.Namespace) -> str:
+def describe(sink: object, cfg: ExportConfig) -> str:
     if isinstance(sink, export.CocoResults):
         missing = sink.unmatched
-        unmatched = f"; {len(missing)} images not in {args.annotations}, e.g. {missing[0]}" if missing else ""
-        return f"{sink.items.count} detections of {sink.rows} images -> {args.coco_results}{unmatched}"
+        unmatched = f"; {len(missing)} images not in {cfg.annotations}, e.g. {missing[0]}" if missing else ""
+        return f"{sink.items.count} detections of {sink.rows} images -> {cfg.coco_results}{unmatched}"
     if isinstance(sink, export.CocoDataset):
-        return f"{sink.images.count} images, {sink.annotations.count} annotations -> {args.coco_dataset}"
+        return f"{sink.images.count} images, {sink.annotations.count} annotations -> {cfg.coco_dataset}"
     if isinstance(sink, export.Pictures):
-        return f"{sink.drawn} pictures drawn" + (f" -> {args.render_dir}" if args.render_dir else "")
-    return f"report of {sink.images} rows, {len(sink.figures)} pictures -> {storage.join(args.html, 'index.html')}"
+        return f"{sink.drawn} pictures drawn" + (f" -> {cfg.render_dir}" if cfg.render_dir else "")
+    return f"report of {sink.images} rows, {len(sink.figures)} pictures -> {storage.join(cfg.html, 'index.html')}"
 
 
 if __name__ == "__main__":

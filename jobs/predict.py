@@ -22,50 +22,45 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import checkpoint, draw, export, images, storage
-from maskrcnn.cli import BOXES_HELP, add_model_arguments, job_parser, run_main
+from maskrcnn import checkpoint, draw, export, images, output, storage
+from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
+from maskrcnn.draw import PictureOptions
 from maskrcnn.model import inference_size
-from maskrcnn.predictor import Predictor
+from maskrcnn.predictor import PredictOptions, Predictor
 from maskrcnn.progress import Progress
+
+IO, MODEL = "input and output (local paths or s3:// URIs)", "model"
+
+
+@dataclass(kw_only=True)
+class PredictConfig:
+    input: list[str] = option("image files, folders, globs ('photos/**/*.jpg') or s3:// prefixes", group=IO, nargs="+")
+    output: str = option("folder or s3:// prefix for the pictures and JSON", group=IO)
+    json_per_image: bool = option("also write one JSON per image beside its picture", False, group=IO)
+    model: str = model_option(MODEL)
+    arch: str | None = arch_option(MODEL)
+    device: str | None = option("torch device (default: cuda if there is one, else cpu)", None, group=MODEL)
+    predict: PredictOptions = embed(PredictOptions)
+    pictures: PictureOptions = embed(PictureOptions)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = job_parser("jobs/predict.py", __doc__)
-    p.add_argument(
-        "--input", nargs="+", required=True, help="image files, folders, globs ('photos/**/*.jpg') or s3:// prefixes"
-    )
-    add_model_arguments(p)
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for the pictures and JSON")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this score")
-    p.add_argument("--max-detections", type=int, default=100, help="keep at most this many instances per image")
-    p.add_argument("--classes", help="comma-separated class names to keep (default: all)")
-    p.add_argument("--device", help="torch device (default: cuda if there is one, else cpu)")
-    p.add_argument(
-        "--max-side", type=int, default=1024, help="longest side of a picture, pixels (default: %(default)s)"
-    )
-    p.add_argument("--boxes", action="store_true", help=BOXES_HELP)
-    p.add_argument("--json-per-image", action="store_true", help="also write one JSON per image beside its picture")
-    return p
+    return add_options(job_parser("jobs/predict.py", __doc__), PredictConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    cfg = parse_config(parser(), PredictConfig, argv)
     # 1. The inputs, listed before the model loads, so a wrong path fails at once.
-    inputs = [found for spec in args.input for found in _listed(spec)]
+    inputs = [found for spec in cfg.input for found in _listed(spec)]
     # 2. The model (any --model form), on this process's device.
-    ckpt = checkpoint.load(args.model, args.arch)
+    ckpt = checkpoint.load(cfg.model, cfg.arch)
     short, long = inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
-    fit = (max(short, args.max_side), max(long, args.max_side))  # decode once, big enough for both
-    predictor = Predictor.from_checkpoint(
-        ckpt,
-        device=args.device,
-        score_threshold=args.score_threshold,
-        max_detections=args.max_detections,
-        keep_classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
-    )
+    fit = (max(short, cfg.pictures.max_side), max(long, cfg.pictures.max_side))  # decode once, big enough for both
+    predictor = Predictor.with_options(ckpt, cfg.predict, device=cfg.device)
     categories, keypoints = checkpoint.categories(ckpt), checkpoint.keypoint_spec(ckpt)
     skeleton = keypoints.skeleton if keypoints else ()
     del ckpt
@@ -75,18 +70,18 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(
             export.CocoDataset(
-                storage.join(args.output, "coco_dataset.json"), categories=categories, keypoints=keypoints
+                storage.join(cfg.output, "coco_dataset.json"), categories=categories, keypoints=keypoints
             )
         )
-        results = stack.enter_context(export.CocoResults(storage.join(args.output, "coco_results.json")))
+        results = stack.enter_context(export.CocoResults(storage.join(cfg.output, "coco_results.json")))
         names = export.PictureNames()  # one picture per image, however their names collide
         for uri, root in inputs:
             row, rgb = _predict(predictor, uri, fit)
             dataset.add(row)
             results.add(row)
-            progress.add(1, _write(args, row, rgb, names(uri, root), skeleton))
+            progress.add(1, _write(cfg, row, rgb, names(uri, root), skeleton))
             failed += [row] if row["error"] else []
-    print(f"[predict] {results.items.count} instances in {results.rows} images -> {args.output}")
+    print(f"[predict] {results.items.count} instances in {results.rows} images -> {cfg.output}")
     if failed:
         raise ValueError(f"{len(failed)} of {len(inputs)} images failed, e.g. {failed[0]['uri']}: {failed[0]['error']}")
 
@@ -101,28 +96,24 @@ def _listed(spec: str) -> list[tuple[str, str]]:
 def _predict(predictor: Predictor, uri: str, fit: tuple[int, int]) -> tuple[dict, object]:
     """One image -> an output row (as jobs/segment_bucket.py writes it) and its pixels."""
     decoded, error = images.read(uri, fit)
-    instances = [] if error else predictor.predict([decoded.pixels], [(decoded.height, decoded.width)])[0]
-    row = {
-        "uri": uri,
-        "width": None if error else decoded.width,
-        "height": None if error else decoded.height,
-        "instances": instances,
-        "model": predictor.model_id,
-        "error": error,
-    }
-    return row, decoded.pixels
+    size = (decoded.height, decoded.width)
+    result = error or predictor.predict([decoded.pixels], [size])[0]
+    return output.row(uri, size, result, predictor.model_id), decoded.pixels
 
 
-def _write(args: argparse.Namespace, row: dict, rgb: object, name: str, skeleton: tuple) -> str:
+def _write(cfg: PredictConfig, row: dict, rgb: object, name: str, skeleton: tuple) -> str:
     """The row's picture (and JSON); returns what the progress line says of it."""
     label = name.removesuffix(".png")
     if row["error"]:
         return f"{label}: {row['error']}"
-    target = storage.join(args.output, *name.split("/"))
+    target = storage.join(cfg.output, *name.split("/"))
     size = (row["height"], row["width"])
-    picture = draw.picture(rgb, row["instances"], size, max_side=args.max_side, boxes=args.boxes, skeleton=skeleton)
+    drawing = cfg.pictures
+    picture = draw.picture(
+        rgb, row["instances"], size, max_side=drawing.max_side, boxes=drawing.boxes, skeleton=skeleton
+    )
     storage.write_bytes(target, draw.png(picture))
-    if args.json_per_image:
+    if cfg.json_per_image:
         storage.write_text(target.removesuffix(".png") + ".json", json.dumps(row))
     return f"{label}: {draw.legend(row['instances'])}"
 

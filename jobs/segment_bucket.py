@@ -13,7 +13,7 @@ Examples:
 
   ray job submit --working-dir . -- python jobs/segment_bucket.py \\
       --input s3://archive/photos/ --output s3://labels/run1/ --model s3://models/best.pt \\
-      --num-gpus-per-actor 1 --concurrency 1,16 --batch-size 8
+      --gpus-per-actor 1 --actors 1,16 --batch-size 8
 
 Re-running with the same --output skips images that already have rows; --overwrite starts
 over. The output holds part-NNNNNN.parquet files, _summary.json and, at the end, _SUCCESS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import re
@@ -28,35 +29,59 @@ REQUIRED = dataclasses.MISSING
 # ---------------------------------------------------------------- declaring flags
 
 
-def option(help: str, default: Any = REQUIRED, *, group: str, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+def option(
+    help: str,
+    default: Any = REQUIRED,
+    *,
+    group: str,
+    flag: str | None = None,
+    was: dict[str, Any] | None = None,
+    **argparse_kwargs: Any,
+) -> Any:
     """A config field that is also a flag. ``flag`` defaults to ``--field-name``; a boolean
     field is a switch (``--gpu`` turns a False default on, ``--no-amp`` a True one off).
-    ``argparse_kwargs`` (``type``, ``choices``, ``metavar``) go to ``add_argument`` as they are."""
-    meta = {"help": help, "group": group, "flag": flag, "argparse": argparse_kwargs}
+    ``was`` maps a flag's earlier names to None (it took the value) or to the value it stood
+    for (``{"--gpu": 1.0}``); they still work, with a warning, and --help leaves them out.
+    ``argparse_kwargs`` (``type``, ``choices``, ``metavar``, ``nargs``) go to ``add_argument`` as they are."""
+    meta = {"help": help, "group": group, "flag": flag, "was": was or {}, "argparse": argparse_kwargs}
     return dataclasses.field(default=default, metadata=meta)
 
 
-def add_options(parser: argparse.ArgumentParser, config: type) -> argparse.ArgumentParser:
-    """Add a flag for every :func:`option` field of the dataclass ``config``, in field order,
-    in argument groups by the fields' ``group``."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
+def embed(options: type, **defaults: Any) -> Any:
+    """A config field holding options that several jobs share (a dataclass of :func:`option`
+    fields): its flags are the job's own, with this job's ``defaults`` where they differ."""
+    meta = {"options": options, "defaults": defaults}
+    return dataclasses.field(default_factory=functools.partial(options, **defaults), metadata=meta)
+
+
+def add_options(
+    parser: argparse.ArgumentParser, config: type, defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """Add a flag for every :func:`option` field of the dataclass ``config`` (and of the
+    options it :func:`embed`s), in field order, in argument groups by the fields' ``group``."""
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
-        if "help" not in field.metadata:
-            continue
         meta = field.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        if "options" in meta:
+            add_options(parser, meta["options"], meta["defaults"])
+            continue
+        if "help" not in meta:
+            continue
+        group = next((g for g in parser._action_groups if g.title == meta["group"]), None)
+        group = group or parser.add_argument_group(meta["group"])
         flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        default = (defaults or {}).get(field.name, field.default)
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], **meta["argparse"]}
         kind = _base_type(hints[field.name])
         if kind is bool:
-            kwargs.update(action="store_false" if field.default else "store_true", default=field.default)
-        elif field.default is REQUIRED:
+            kwargs.update(action="store_false" if default else "store_true", default=default)
+        elif default is REQUIRED:
             kwargs.update(required=True, type=kwargs.get("type", kind))
         else:
-            kwargs.update(default=field.default, type=kwargs.get("type", kind))
-        groups[meta["group"]].add_argument(flag, **kwargs)
+            kwargs.update(default=default, type=kwargs.get("type", kind))
+        group.add_argument(flag, **kwargs)
+        for old, value in meta["was"].items():
+            parser.add_argument(old, action=_Renamed, dest=field.name, new=flag, value=value, type=kwargs.get("type"))
     return parser
 
 
@@ -65,9 +90,35 @@ def parse_config(parser: argparse.ArgumentParser, config: type, argv: list[str] 
     (``__post_init__``) is a usage error: printed with the usage, exit status 2."""
     args = parser.parse_args(argv)
     try:
-        return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if "help" in f.metadata})
+        return _build(config, args)
     except ValueError as err:
         parser.error(str(err))
+
+
+def _build(config: type, args: argparse.Namespace) -> Any:
+    values = {}
+    for field in dataclasses.fields(config):
+        if "options" in field.metadata:
+            values[field.name] = _build(field.metadata["options"], args)
+        elif "help" in field.metadata:
+            values[field.name] = getattr(args, field.name)
+    return config(**values)
+
+
+class _Renamed(argparse.Action):
+    """An earlier name of a flag: it sets the flag's field, and says the new name."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, value: Any, type: Any = None, **kwargs: Any):
+        takes = value is None
+        super().__init__(
+            option_strings, dest, nargs=None if takes else 0, type=type if takes else None, help=argparse.SUPPRESS
+        )
+        self.new, self.value = new, value
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None):
+        takes = self.value is None or isinstance(self.value, bool)
+        print(f"warning: {option_string} is now {self.new if takes else f'{self.new} {self.value}'}", file=sys.stderr)
+        setattr(namespace, self.dest, values if self.value is None else self.value)
 
 
 def _base_type(hint: Any) -> Any:
@@ -146,29 +197,20 @@ ARCH_HELP = (
     "(default: from the file; maskrcnn_resnet50_fpn for a bare weight name: "
     "--arch keypointrcnn_resnet50_fpn --model COCO_V1 is torchvision's Keypoint R-CNN)"
 )
-BOXES_HELP = "draw boxes as well as masks, keypoints and labels (boxes are always drawn where there is no mask)"
 KEYPOINT_SIGMAS_HELP = (
     "keypoint models: the OKS sigma of each keypoint, comma-separated, in the category's order "
     "(default: COCO's for COCO's 17 person keypoints, else 0.067 each, with a warning)"
 )
 
 
-def model_option(group: str) -> Any:
-    return option(MODEL_HELP, group=group)
+def model_option(group: str, required: bool = True) -> Any:
+    return option(MODEL_HELP, REQUIRED if required else None, group=group)
 
 
 def arch_option(group: str) -> Any:
     from maskrcnn.model import ARCHS  # here, so that importing cli (to report an error) loads no torch
 
     return option(ARCH_HELP, None, group=group, choices=ARCHS)
-
-
-def add_model_arguments(group: argparse._ActionsContainer, required: bool = True) -> None:
-    """``--model`` and ``--arch`` for a job whose flags are not a config dataclass."""
-    from maskrcnn.model import ARCHS
-
-    group.add_argument("--model", required=required, help=MODEL_HELP)
-    group.add_argument("--arch", choices=ARCHS, help=ARCH_HELP)
 
 
 # ---------------------------------------------------------------- the parser and the exit
@@ -206,7 +248,7 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
     """The parser's flags as the README's markdown table: flag, default, meaning."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for action in parser._actions:
-        if not action.option_strings or action.option_strings[0] == "-h":
+        if not action.option_strings or action.option_strings[0] == "-h" or action.help == argparse.SUPPRESS:
             continue
         text = (action.help or "") % {"default": action.default}
         match = re.search(r" ?\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", text)
@@ -230,6 +272,7 @@ def load_parser(path: str) -> argparse.ArgumentParser:
     """The parser of the job script at ``path``, loaded from the file as Ray would run it."""
     spec = importlib.util.spec_from_file_location(f"job_{path.rsplit('/', 1)[-1][:-3]}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a job's config dataclass looks its module up there
     spec.loader.exec_module(module)
     return module.parser()
 

@@ -39,10 +39,6 @@ class CocoDataset:
     dropped: Counter = field(default_factory=Counter)  # annotations not trained on, by reason
     keypoints: keypoints.KeypointSpec | None = None  # the categories' keypoint names and skeleton
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes) + 1
-
 
 def load_coco(annotations: str, image_root: str) -> CocoDataset:
     """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_keypoints
 
 from maskrcnn import masks
+from maskrcnn.cli import option
 from maskrcnn.output import KEYPOINT_MIN_SCORE
 
 ALPHA = 0.5
@@ -48,6 +50,23 @@ PALETTE = [
     (0, 0, 128),
 ]
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in picture pixels, exclusive ends
+PICTURES = "pictures"
+
+
+@dataclass(kw_only=True)
+class PictureOptions:
+    """How every job that draws pictures draws them: the flags of its ``pictures`` group."""
+
+    max_side: int = option("longest side of a picture, pixels", 1024, group=PICTURES)
+    boxes: bool = option(
+        "draw boxes as well as masks, keypoints and labels (boxes are always drawn where there is no mask)",
+        False,
+        group=PICTURES,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_side < 1:
+            raise ValueError(f"--max-side must be at least 1, got {self.max_side}")
 
 
 def picture(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ from torchvision.transforms import v2
 
 from maskrcnn import data
 from maskrcnn.errors import UserError
-from maskrcnn.evaluate import EVAL_SCORE_THRESHOLD, predict_records
+from maskrcnn.evaluate import EVAL_SCORE_THRESHOLD
+from maskrcnn.export import to_results
 from maskrcnn.predictor import Predictor
 
 
@@ -146,11 +147,12 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
 
 
 def predict_validation(
-    model: nn.Module, val: data.CocoDataset, meta: dict[str, Any], rank: int, world: int, fp16: bool
+    model: nn.Module, val: data.CocoDataset, rank: int, world: int, amp: bool
 ) -> tuple[list[dict], Counter] | None:
     """Each worker predicts every ``world``-th validation image from ``rank``; rank 0 gets
-    everyone's COCO results and skipped-image counts, the others None."""
-    predictor = Predictor(model, meta["classes"], meta["category_ids"], score_threshold=EVAL_SCORE_THRESHOLD, fp16=fp16)
+    everyone's COCO results and skipped-image counts, the others None. This runs on the
+    training workers, between epochs, with the live model: the GPUs are theirs."""
+    predictor = Predictor(model, val.classes, val.category_ids, score_threshold=EVAL_SCORE_THRESHOLD, amp=amp)
     mine = predict_records(predictor, val.records[rank::world])
     gathered: list[Any] = [mine]
     if dist.is_initialized():
@@ -162,3 +164,29 @@ def predict_validation(
     for _, counts in gathered:
         skipped.update(counts)
     return [r for results, _ in gathered for r in results], skipped
+
+
+def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: int = 2) -> tuple[list[dict], Counter]:
+    """Fetch, decode and predict COCO records (no EXIF rotation: COCO sizes are the stored
+    pixels); return COCO results and the counts of images skipped, by error kind."""
+    results: list[dict] = []
+    skipped: Counter = Counter()
+    pending: list[dict] = []
+
+    def flush() -> None:
+        hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
+        for row, instances in zip(pending, predictor.predict(hwc)):
+            results.extend(to_results(instances, row["image_id"]))
+        pending.clear()
+
+    for record in records:
+        row = data.load_example(record)
+        if row["error"]:
+            skipped[row["error"]] += 1
+            continue
+        pending.append(row)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return results, skipped

@@ -1,5 +1,5 @@
 """COCO box, mask and keypoint AP (overall and per category) with pycocotools, and scoring a
-model on a COCO set with Ray actors."""
+model on a COCO set through the inference actor pool (:func:`evaluate_model`)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,24 @@ import contextlib
 import copy
 import io
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from ray.util import ActorPool
 
-from maskrcnn import checkpoint, data, keypoints
+from maskrcnn import checkpoint, data, inference, keypoints, output, storage
+from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, arch_option, embed, floats, model_option, option
 from maskrcnn.export import to_results
-from maskrcnn.model import has_keypoints, has_masks
-from maskrcnn.predictor import Predictor
+from maskrcnn.inference import InferenceOptions
+from maskrcnn.model import has_keypoints, has_masks, is_path
+from maskrcnn.predictor import check_classes
 from maskrcnn.progress import Progress
-from maskrcnn.runtime import init_ray, without_false_alarms
+from maskrcnn.runtime import without_false_alarms
 
 EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 IOU_TYPES = ("bbox", "segm")
@@ -186,61 +187,82 @@ def format_table(scores: Scores, columns: int = 3) -> str:
 
 # ---------------------------------------------------------------- a model on a COCO set
 
+DATA, MODEL = "data (local paths or s3:// URIs)", "model"
+IMAGE_ID = pa.schema([("image_id", pa.int64())])  # the key the inference rows carry back
 
-def evaluate_model(
-    model: str,
-    annotations: str,
-    image_root: str,
-    *,
-    arch: str | None = None,
-    num_workers: int = 1,
-    gpu: bool = False,
-    cpus_per_worker: float = 1.0,
-    batch_size: int = 2,
-    keypoint_sigmas: tuple[float, ...] | None = None,
-) -> dict[str, Any]:
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Everything an evaluation is told; ``jobs/evaluate.py``'s flags are these fields."""
+
+    model: str = model_option(MODEL)
+    arch: str | None = arch_option(MODEL)
+    annotations: str = option("COCO instances JSON with the ground truth", group=DATA)
+    images: str = option("directory holding the images' file_names", group=DATA)
+    output: str | None = option("write the AP tables as JSON here", None, group=DATA)
+    keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
+    # COCO AP is reported at torchvision's low threshold: a high one would cut the recall curve.
+    inference: InferenceOptions = embed(InferenceOptions, score_threshold=EVAL_SCORE_THRESHOLD)
+
+    def __post_init__(self) -> None:
+        self.annotations, self.images = storage.absolute(self.annotations), storage.absolute(self.images)
+        self.model = storage.absolute(self.model) if is_path(self.model) else self.model
+
+
+def evaluate_model(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a model (anything :func:`maskrcnn.checkpoint.load` takes) on a COCO set. The
-    driver checks the ground truth and scores; ``num_workers`` Ray actors (one GPU each with
-    ``gpu``) do the inference, so under ``ray job submit`` it runs where the GPUs are."""
-    ckpt = checkpoint.load(model, arch)  # fail fast (and fetch once), before any actor starts
-    model_id, known, weights = checkpoint.identity(ckpt), set(ckpt["category_ids"]), checkpoint.to_bytes(ckpt)
-    dataset = data.load_coco(annotations, image_root)
-    types, sigmas = _scored(ckpt, dataset, annotations, keypoint_sigmas)
-    del ckpt
+    driver checks the ground truth and scores; the images go through the inference actor
+    pool (:mod:`maskrcnn.inference`), so under ``ray job submit`` they run where the GPUs are."""
+    ckpt = checkpoint.load(cfg.model, cfg.arch)  # fail fast (and fetch once), before any actor starts
+    check_classes(ckpt["classes"], cfg.inference.classes)
+    model_id, known = checkpoint.identity(ckpt), set(ckpt["category_ids"])
+    dataset = data.load_coco(cfg.annotations, cfg.images)
+    types, sigmas = _scored(ckpt, dataset, cfg.annotations, cfg.keypoint_sigmas)
     unknown = sorted(set(dataset.category_ids) - known)
     if unknown and dataset.gt["annotations"]:
         print(f"[evaluate] warning: the model does not know category ids {unknown}; they score 0 AP", flush=True)
     print(
         f"[evaluate] {len(dataset.records)} images; dropped annotations: {dict(dataset.dropped) or 'none'}", flush=True
     )
-    init_ray(min_cpus=int(num_workers * cpus_per_worker) + 1)
-    if gpu and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
-        raise ValueError("--gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes")
-    # On CPU actors Ray sets torch's thread count from num_cpus.
-    actor = ray.remote(Evaluator).options(num_gpus=1 if gpu else 0, num_cpus=cpus_per_worker)
-    shared = [ray.put(weights)]  # every actor reads the weights from the object store
-    del weights
-    pool = ActorPool([actor.remote(shared, batch_size) for _ in range(num_workers)])
-    chunk = 8 * batch_size
-    chunks = [dataset.records[i : i + chunk] for i in range(0, len(dataset.records), chunk)]
-    progress = Progress("evaluate", len(dataset.records))
-    results: list[dict] = []
-    skipped: Counter = Counter()
+    inference.start(cfg.inference, min_cpus=1)
+    model = inference.share(ckpt)
+    del ckpt
     with without_false_alarms():
-        for part, part_skipped, n in pool.map_unordered(lambda a, c: a.predict.remote(c), chunks):
-            results += part
-            skipped.update(part_skipped)
-            progress.add(n)
+        results, skipped = _predict(cfg.inference, dataset, model)
     return {
-        "model_source": model,
+        "model_source": cfg.model,
         "model": model_id,
-        "annotations": annotations,
+        "annotations": cfg.annotations,
         "images": len(dataset.records),
         "detections": len(results),
         "skipped_images": dict(skipped),
         "dropped_annotations": dict(dataset.dropped),
         "scores": evaluate(dataset.gt, results, [r["image_id"] for r in dataset.records], types, sigmas),
     }
+
+
+def _predict(
+    options: InferenceOptions, dataset: data.CocoDataset, model: list[ray.ObjectRef]
+) -> tuple[list[dict], Counter]:
+    """The records through decode tasks and the actor pool, as stored (no EXIF rotation: COCO
+    sizes are the stored pixels); return COCO results and the images skipped, by error kind."""
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in dataset.records}
+    ds = ray.data.from_items([{"image_id": r["image_id"], "uri": r["uri"]} for r in dataset.records])
+    ds = inference.predict(inference.decode(ds, options.batch_size, fit=None, exif=False), options, model, IMAGE_ID)
+    progress = Progress("evaluate", len(dataset.records))
+    results: list[dict] = []
+    skipped: Counter = Counter()
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in table.to_pylist():
+            if row["error"]:
+                skipped[output.error_kind(row["error"])] += 1
+            elif (row["height"], row["width"]) != sizes[row["image_id"]]:
+                skipped["size_mismatch"] += 1
+            else:
+                results += to_results(row["instances"], row["image_id"])
+        progress.add(table.num_rows, f"{sum(skipped.values())} skipped")
+    progress.finish(f"{sum(skipped.values())} skipped")
+    return sorted(results, key=lambda r: r["image_id"]), skipped
 
 
 def _scored(
@@ -260,43 +282,3 @@ def _scored(
     if warning:
         print(f"[evaluate] warning: {warning}", flush=True)
     return types, sigmas
-
-
-class Evaluator:
-    """A Ray actor (on a GPU node when it asks for a GPU): loads the model once, then
-    predicts chunks of records for the driver."""
-
-    def __init__(self, model: list[ray.ObjectRef], batch_size: int):
-        ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
-        self.predictor = Predictor.from_checkpoint(ckpt, score_threshold=EVAL_SCORE_THRESHOLD)
-        self.batch_size = batch_size
-
-    def predict(self, records: list[dict]) -> tuple[list[dict], Counter, int]:
-        results, skipped = predict_records(self.predictor, records, self.batch_size)
-        return results, skipped, len(records)
-
-
-def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: int = 2) -> tuple[list[dict], Counter]:
-    """Fetch, decode and predict COCO records (no EXIF rotation: COCO sizes are the stored
-    pixels); return COCO results and the counts of images skipped, by error kind."""
-    results: list[dict] = []
-    skipped: Counter = Counter()
-    pending: list[dict] = []
-
-    def flush() -> None:
-        hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
-        for row, instances in zip(pending, predictor.predict(hwc)):
-            results.extend(to_results(instances, row["image_id"]))
-        pending.clear()
-
-    for record in records:
-        row = data.load_example(record)
-        if row["error"]:
-            skipped[row["error"]] += 1
-            continue
-        pending.append(row)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    return results, skipped

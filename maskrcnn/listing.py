@@ -10,13 +10,14 @@ to cut them the same way, which is what makes resuming safe.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import json
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
@@ -25,7 +26,6 @@ from maskrcnn.errors import UserError
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 KEYS = pa.schema([("part", pa.int64()), ("index", pa.int64()), ("part_rows", pa.int64())])
-LISTED = "_listing.json"  # written into the output when the listing ends: {"images": N, "part_files": K}
 # Rows per block. Ray Data merges a task's output into blocks of up to the dataset's
 # context.target_max_block_size bytes before passing it on; the segmentation pipeline lowers
 # that to BLOCK_BYTES so that listing blocks leave as they are made (the output starts at
@@ -36,6 +36,12 @@ BLOCK_BYTES = 1 << 12
 
 class ListingError(UserError):
     """An input that cannot be listed as given, or that changed since a resumed run began."""
+
+
+def is_empty(uri: str, extensions: tuple[str, ...] | None) -> bool:
+    """Whether the input holds no image, from its first page (one LIST request, or a
+    manifest's first batch): the job checks this before any actor starts, not by listing it all."""
+    return next(input_uris(uri, extensions, None), None) is None
 
 
 def input_uris(uri: str, extensions: tuple[str, ...] | None, limit: int | None) -> Iterator[str]:
@@ -80,12 +86,37 @@ def parts(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[s
         yield k, chunk
 
 
+@ray.remote(num_cpus=0)
+class Tally:
+    """Where the listing task reports what it listed, when it ends, for the driver to ask:
+    ``{"images": N, "part_files": K}``, or None before the end."""
+
+    def __init__(self) -> None:
+        self.listed: dict[str, int] | None = None
+
+    def set(self, images: int, part_files: int) -> None:
+        self.listed = {"images": images, "part_files": part_files}
+
+    def get(self) -> dict[str, int] | None:
+        return self.listed
+
+
+def reporter(tally: Any) -> Callable[[int, int], None]:
+    """What the listing task calls when it ends: tell ``tally`` (a :class:`Tally`), and wait
+    until it has been told, so the driver never asks too early."""
+    return functools.partial(_tell, tally)
+
+
+def _tell(tally: Any, images: int, part_files: int) -> None:
+    ray.get(tally.set.remote(images, part_files))
+
+
 class Listing(Datasource):
     """The input as a Ray Data source of ``(part, index, part_rows, uri)`` rows.
 
     ``written`` maps each part already in the output to its footer (see
     :func:`maskrcnn.output.footer`); those parts are checked and skipped. When the
-    listing ends it writes :data:`LISTED` into ``output`` for the driver to check against."""
+    listing ends it calls ``report(images, part_files)`` (see :func:`reporter`)."""
 
     def __init__(
         self,
@@ -95,15 +126,11 @@ class Listing(Datasource):
         rows_per_file: int,
         output: str,
         written: dict[int, dict],
+        report: Callable[[int, int], None],
     ):
         super().__init__()
-        self.input, self.extensions, self.limit, self.rows_per_file, self.output = (
-            input,
-            extensions,
-            limit,
-            rows_per_file,
-            output,
-        )
+        self.input, self.extensions, self.limit, self.rows_per_file = input, extensions, limit, rows_per_file
+        self.output, self.report = output, report
         self.written = {k: (f["rows"], f["first_uri"], f["last_uri"]) for k, f in written.items()}
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -138,7 +165,7 @@ class Listing(Datasource):
         beyond = sorted(k for k in self.written if k >= count)
         if beyond:
             raise self._changed(beyond[0])
-        storage.write_text(storage.join(self.output, LISTED), json.dumps({"images": listed, "part_files": count}))
+        self.report(listed, count)
 
     def _changed(self, part: int) -> ListingError:
         return ListingError(

@@ -80,14 +80,6 @@ def area(rle: dict) -> float:
     return float(mask_utils.area(rle))
 
 
-def iou(a: list[dict], b: list[dict]) -> np.ndarray:
-    """The ``(len(a), len(b))`` mask IoUs of two lists of RLEs of one image, computed on the
-    runs (no mask is decoded)."""
-    if not a or not b:
-        return np.zeros((len(a), len(b)))
-    return np.asarray(mask_utils.iou([dict(r) for r in a], [dict(r) for r in b], [0] * len(b)))
-
-
 def paste_and_encode(
     mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
 ) -> list[dict]:

@@ -57,6 +57,20 @@ _PART = re.compile(r"part-(\d{6})\.parquet")
 FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
 
 
+def row(uri: str, size: tuple[int, int], result: list[dict[str, Any]] | str, model: str) -> dict[str, Any]:
+    """One image's row of :data:`SCHEMA`: its instances, or the error (a string) that stopped it.
+    ``size`` is the image's ``(height, width)``."""
+    failed = isinstance(result, str)
+    return {
+        "uri": uri,
+        "width": None if failed else size[1],
+        "height": None if failed else size[0],
+        "instances": [] if failed else result,
+        "model": model,
+        "error": result if failed else None,
+    }
+
+
 def part_uri(output: str, part: int) -> str:
     return storage.join(output, f"part-{part:06d}.parquet")
 

@@ -1,4 +1,5 @@
-"""The inference actor's model: one checkpoint on one device, decoded images in, instances out.
+"""One model on one device, decoded images in, instances out: the inference of every job
+(the Ray actors of :mod:`maskrcnn.inference`, ``jobs/predict.py``, validation in training).
 
 An image's instances depend only on that image and the model, never on the other images
 of its batch. torchvision batches by padding every image to the largest in the batch, and
@@ -17,6 +18,7 @@ carry their keypoints, K ``[x, y, score]`` in the same coordinates as the boxes.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,33 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 from maskrcnn import checkpoint, masks
+from maskrcnn.cli import names, option
+
+INFER = "inference"
+
+
+@dataclass(kw_only=True)
+class PredictOptions:
+    """What a :class:`Predictor` keeps of its detections, and its precision: the flags of
+    every job that predicts (``jobs/predict.py``; with the actor pool's flags,
+    :class:`maskrcnn.inference.InferenceOptions`)."""
+
+    score_threshold: float = option("drop detections below this score", 0.5, group=INFER)
+    max_detections: int = option("keep at most this many instances per image", 100, group=INFER)
+    classes: list[str] | None = option(
+        "comma-separated class names to keep (default: all)", None, group=INFER, type=names
+    )
+    amp: bool = option(
+        "run GPU inference in fp32 instead of fp16 autocast (AMP)",
+        True,
+        group=INFER,
+        flag="--no-amp",
+        was={"--no-fp16": False},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_detections < 1:
+            raise ValueError(f"--max-detections must be at least 1, got {self.max_detections}")
 
 
 def check_classes(names: list[str], classes: list[str] | None) -> None:
@@ -38,9 +67,9 @@ def check_classes(names: list[str], classes: list[str] | None) -> None:
 class Predictor:
     """Wraps a Mask R-CNN (in eval mode while predicting) with its class names and ids.
 
-    Used by the segmentation and evaluation actors and ``jobs/predict.py``
-    (:meth:`from_checkpoint`), and by evaluation in training (the live model), so all share
-    one inference and post-processing path.
+    Built from a checkpoint (:meth:`from_checkpoint`) by the inference actors and
+    ``jobs/predict.py``, and around the live model by validation in training, so all share
+    one inference and post-processing path. ``amp``: fp16 autocast, on CUDA only.
     ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only).
     """
 
@@ -54,7 +83,7 @@ class Predictor:
         score_threshold: float = 0.5,
         max_detections: int = 100,
         keep_classes: list[str] | None = None,
-        fp16: bool = True,
+        amp: bool = True,
         batch_images: bool | None = None,
     ):
         check_classes(classes, keep_classes)
@@ -69,14 +98,25 @@ class Predictor:
         # With a class filter, take more candidates so the cap applies after filtering.
         model.roi_heads.detections_per_img = max(max_detections, 300) if self.keep is not None else max_detections
         self.max_detections = max_detections
-        self.fp16 = fp16 and self.device.type == "cuda"
+        self.amp = amp and self.device.type == "cuda"
         self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
-        self.calls = 0  # forward passes: a test checks that same-canvas images share them
 
     @classmethod
     def load(cls, model: str, *, arch: str | None = None, **kwargs: Any) -> "Predictor":
         """A predictor for any ``--model`` (see :func:`maskrcnn.checkpoint.load`)."""
         return cls.from_checkpoint(checkpoint.load(model, arch), **kwargs)
+
+    @classmethod
+    def with_options(cls, ckpt: dict[str, Any], options: PredictOptions, device: str | None = None) -> "Predictor":
+        """A predictor for a loaded checkpoint, as a job's flags say."""
+        return cls.from_checkpoint(
+            ckpt,
+            device=device,
+            score_threshold=options.score_threshold,
+            max_detections=options.max_detections,
+            keep_classes=options.classes,
+            amp=options.amp,
+        )
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], *, device: str | None = None, **kwargs: Any) -> "Predictor":
@@ -126,11 +166,10 @@ class Predictor:
         """torchvision's stages after the transform, on images of one canvas shape."""
         m = self.model
         batch = ImageList(torch.cat([c for c, _ in canvases]), [size for _, size in canvases])
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             features = m.backbone(batch.tensors)
             proposals, _ = m.rpn(batch, features)
             detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
-        self.calls += 1
         return detections
 
     def _instances(self, det: dict[str, torch.Tensor], resized: tuple[int, int], size: tuple[int, int]) -> list[dict]:

@@ -22,29 +22,26 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 
-from maskrcnn import checkpoint, images, listing, output, storage
-from maskrcnn.cli import arch_option, extensions, model_option, names, option, pool_size, resources
+from maskrcnn import checkpoint, images, inference, listing, output, storage
+from maskrcnn.cli import arch_option, embed, extensions, model_option, option, resources
 from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
+from maskrcnn.inference import InferenceOptions
 from maskrcnn.keypoints import KeypointSpec
-from maskrcnn.listing import KEYS, LISTED
+from maskrcnn.listing import KEYS
 from maskrcnn.model import inference_size, is_path
-from maskrcnn.predictor import Predictor, check_classes
+from maskrcnn.predictor import check_classes
 from maskrcnn.progress import Progress
-from maskrcnn.runtime import init_ray, without_false_alarms
-
-WORK_SCHEMA = pa.schema([*KEYS, *output.SCHEMA])
+from maskrcnn.runtime import without_false_alarms
 
 
 class SegmentError(UserError):
     """Input or output that stops the job, before the actor pool starts where it can."""
 
 
-IO, MODEL, INFER, PROGRESS = "input and output (local paths or s3:// URIs)", "model", "inference", "progress"
+IO, MODEL, DECODE, PROGRESS = "input and output (local paths or s3:// URIs)", "model", "decoding", "progress"
 
 
 @dataclass(kw_only=True)
@@ -66,49 +63,26 @@ class SegmentConfig:
     overwrite: bool = option("delete what --output holds and start over", False, group=IO)
     model: str = model_option(MODEL)
     arch: str | None = arch_option(MODEL)
-    batch_size: int = option(
-        "images per actor call; on GPU, those with the same canvas share a forward pass", 4, group=INFER
-    )
-    concurrency: tuple[int, int] = option(
-        "inference actors, N or MIN,MAX (autoscaling)", (1, 1), group=INFER, type=pool_size
-    )
-    num_gpus_per_actor: float = option("GPUs per inference actor; 0 runs on CPU", 0.0, group=INFER)
-    cpus_per_actor: float = option(
-        "CPUs reserved per actor; on CPU actors also torch's thread count (Ray sets OMP_NUM_THREADS)", 1.0, group=INFER
-    )
-    # Custom Ray resources pin the stages to node groups; the cluster configs declare them.
-    actor_resources: dict[str, float] | None = option(
-        "custom Ray resources per inference actor, JSON, e.g. '{\"gpu_node\": 1}' (see cluster/README.md)",
-        None,
-        group=INFER,
-        type=resources,
-        metavar="JSON",
-    )
+    inference: InferenceOptions = embed(InferenceOptions)
     decode_resources: dict[str, float] | None = option(
         "custom Ray resources per decode task, JSON, e.g. '{\"decode_node\": 1}' keeps decoding on CPU nodes",
         None,
-        group=INFER,
+        group=DECODE,
         type=resources,
         metavar="JSON",
     )
-    fp16: bool = option("run GPU inference in fp32 instead of fp16 autocast", True, group=INFER, flag="--no-fp16")
-    score_threshold: float = option("drop detections below this score", 0.5, group=INFER)
-    max_detections: int = option("keep at most this many instances per image", 100, group=INFER)
-    classes: list[str] | None = option(
-        "comma-separated class names to keep (default: all)", None, group=INFER, type=names
-    )
-    max_pixels: int = option("larger images become too_large error rows", images.DEFAULT_MAX_PIXELS, group=INFER)
+    max_pixels: int = option("larger images become too_large error rows", images.DEFAULT_MAX_PIXELS, group=DECODE)
     full_decode: bool = option(
         "decode every JPEG at full size; by default one at least twice the model's input size "
         "decodes at 1/2, 1/4 or 1/8 scale (labels stay in full-image coordinates)",
         False,
-        group=INFER,
+        group=DECODE,
     )
     log_every: float = option("seconds between progress lines", 30.0, group=PROGRESS)
 
     def __post_init__(self) -> None:
         """Checks that name a flag (the job turns them into usage errors), then absolute paths."""
-        for name in ("batch_size", "rows_per_file", "max_detections", "max_pixels"):
+        for name in ("rows_per_file", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
@@ -123,24 +97,26 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     # 1. Fail fast, before any actor starts: the model (fetched once, here), its classes,
     #    the input, the output.
     ckpt = checkpoint.load(cfg.model, cfg.arch)
-    check_classes(ckpt["classes"], cfg.classes)
+    check_classes(ckpt["classes"], cfg.inference.classes)
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
-    spec = checkpoint.keypoint_spec(ckpt)
-    weights, categories = checkpoint.to_bytes(ckpt), checkpoint.categories(ckpt)
-    del ckpt
-    if next(listing.input_uris(cfg.input, cfg.extensions, cfg.limit), None) is None:
+    if listing.is_empty(cfg.input, cfg.extensions):
         raise SegmentError(f"no images found in {cfg.input}")
-    resumed = {k: output.read_footer(uri) for k, uri in prepare_output(cfg, model_id, spec).items()}
-    output.write_categories(cfg.output, categories)
+    written = prepare_output(cfg, model_id, checkpoint.keypoint_spec(ckpt))
+    resumed = {k: output.read_footer(uri) for k, uri in written.items()}
+    output.write_categories(cfg.output, checkpoint.categories(ckpt))
     # 2. One pipeline for the whole input; the driver writes each part once it is whole.
-    init_ray(min_cpus=int(cfg.concurrency[1] * cfg.cpus_per_actor) + 2)
-    model = [ray.put(weights)]  # the actors read the weights from the object store, not the source
-    del weights
-    progress = _progress(cfg, resumed=sum(f["rows"] for f in resumed.values()))
+    inference.start(cfg.inference, min_cpus=2)
+    model = inference.share(ckpt)
+    del ckpt
+    tally = listing.Tally.remote()  # what the listing task saw, once it ends
+    progress = _progress(cfg, tally, resumed=sum(f["rows"] for f in resumed.values()))
     with without_false_alarms():
-        written = write_parts(cfg, pipeline(cfg, resumed, None if cfg.full_decode else fit, model), progress)
+        ds = pipeline(cfg, resumed, None if cfg.full_decode else fit, model, tally)
+        written = write_parts(cfg, ds, progress)
     # 3. Every part is on disk (this run's or an earlier one's): write the summary and _SUCCESS.
-    listed = json.loads(storage.read_text(storage.join(cfg.output, LISTED)))
+    listed = ray.get(tally.get.remote())
+    if listed is None:
+        raise RuntimeError("the pipeline ended before the listing did; nothing partial was written")
     missing = sorted(set(range(listed["part_files"])) - set(resumed) - set(written))
     if missing:
         raise RuntimeError(f"the pipeline returned no rows for parts {missing[:10]}; nothing partial was written")
@@ -155,7 +131,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
     ``_job.json`` records the job, and a keypoint model's keypoint names and skeleton for export.
 
     One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
-    (temporary files, the previous run's _SUCCESS and _listing.json) and finding the finished parts."""
+    (temporary files, the previous run's _SUCCESS) and finding the finished parts."""
     record_uri = storage.join(cfg.output, "_job.json")
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
@@ -178,7 +154,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
         part = output.part_of(name)
         if name == "_job.json":
             continue
-        if cfg.overwrite or (part is None and (".tmp-" in name or name in ("_SUCCESS", LISTED))):
+        if cfg.overwrite or (part is None and (".tmp-" in name or name == "_SUCCESS")):
             storage.delete(uri)
         elif part is not None:
             parts[part] = uri
@@ -195,13 +171,13 @@ def _job_record(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | Non
     }
 
 
-def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
+def _progress(cfg: SegmentConfig, tally: ray.actor.ActorHandle, resumed: int) -> Progress:
     """Progress over the images this run processes. The total is known from ``--limit``
-    (at most), and exactly once the listing has ended and written its count."""
+    (at most), and exactly once the listing has ended and told ``tally`` its count."""
 
     def listed_total() -> int | None:
-        uri = storage.join(cfg.output, LISTED)
-        return json.loads(storage.read_text(uri))["images"] - resumed if storage.exists(uri) else None
+        listed = ray.get(tally.get.remote())
+        return listed["images"] - resumed if listed else None
 
     total = max(0, cfg.limit - resumed) if cfg.limit else None
     return Progress("segment", total, every=cfg.log_every, find_total=listed_total)
@@ -211,103 +187,25 @@ def _progress(cfg: SegmentConfig, resumed: int) -> Progress:
 
 
 def pipeline(
-    cfg: SegmentConfig, resumed: dict[int, dict], fit: tuple[int, int] | None, model: list[ray.ObjectRef]
+    cfg: SegmentConfig,
+    resumed: dict[int, dict],
+    fit: tuple[int, int] | None,
+    model: list[ray.ObjectRef],
+    tally: ray.actor.ActorHandle,
 ) -> ray.data.Dataset:
-    """Listing -> decode tasks -> actor pool, as one Ray Data execution. ``resumed`` holds the
-    footers of the parts already written; ``model`` the reference to the checkpoint's bytes
-    in the object store."""
+    """Listing -> decode tasks -> actor pool (:mod:`maskrcnn.inference`), as one Ray Data
+    execution. ``resumed`` holds the footers of the parts already written; ``model`` the
+    reference to the checkpoint's bytes in the object store; ``tally`` hears the listing's count."""
     place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
-    source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, resumed)
+    report = listing.reporter(tally)
+    source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, resumed, report)
     ds = ray.data.read_datasource(source, override_num_blocks=1, ray_remote_args=place)
-    ds = ds.map_batches(
-        fetch_and_decode,
-        batch_size=cfg.batch_size,
-        fn_kwargs={"max_pixels": cfg.max_pixels, "fit": fit},
-        batch_format="numpy",
-        num_cpus=1,
-        **place,
+    ds = inference.decode(
+        ds, cfg.inference.batch_size, fit=fit, max_pixels=cfg.max_pixels, resources=cfg.decode_resources
     )
-    ds = ds.map_batches(
-        InferenceActor,
-        fn_constructor_args=(model,),
-        fn_constructor_kwargs={
-            "score_threshold": cfg.score_threshold,
-            "max_detections": cfg.max_detections,
-            "keep_classes": cfg.classes,
-            "fp16": cfg.fp16,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
-        num_gpus=cfg.num_gpus_per_actor or None,
-        num_cpus=cfg.cpus_per_actor,
-        resources=cfg.actor_resources or None,
-    )
+    ds = inference.predict(ds, cfg.inference, model, KEYS)
     ds.context.target_max_block_size = listing.BLOCK_BYTES  # this job's datasets only
     return ds
-
-
-def fetch_and_decode(batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[int, int] | None) -> dict[str, Any]:
-    """CPU task: bytes -> oriented RGB arrays (large JPEGs reduced to ``fit``) and each image's
-    full displayed size; failures become ``error`` strings."""
-    out: dict[str, list] = {k: [batch[k][i].item() for i in range(len(batch["uri"]))] for k in KEYS.names}
-    out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
-    for uri in out["uri"]:
-        decoded, error = images.read(uri, fit, max_pixels)
-        for key, value in (
-            ("image", decoded.pixels),
-            ("height", decoded.height),
-            ("width", decoded.width),
-            ("error", error),
-        ):
-            out[key].append(value)
-    return out
-
-
-class InferenceActor:
-    """The Ray Data actor: builds the model once, from the checkpoint bytes the driver put in
-    the object store (a list, so Ray passes the reference); decoded rows in, output rows out."""
-
-    def __init__(self, model: list[ray.ObjectRef], **predictor_kwargs: Any):
-        ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
-        self.predictor = Predictor.from_checkpoint(ckpt, **predictor_kwargs)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["uri"])
-        # Ray Data may hand a None in a string column back as NaN: only strings are errors.
-        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
-        ok = [i for i in range(n) if errors[i] is None]
-        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in range(n)]
-        predicted = dict(zip(ok, self._predict_each([batch["image"][i] for i in ok], [sizes[i] for i in ok])))
-        rows = []
-        for i in range(n):
-            result = predicted.get(i, errors[i])
-            failed = isinstance(result, str)
-            rows.append(
-                {
-                    **{k: int(batch[k][i]) for k in KEYS.names},
-                    "uri": str(batch["uri"][i]),
-                    "width": None if failed else sizes[i][1],
-                    "height": None if failed else sizes[i][0],
-                    "instances": [] if failed else result,
-                    "model": self.predictor.model_id,
-                    "error": result if failed else None,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
-
-    def _predict_each(self, imgs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict] | str]:
-        """Batch first; if the batch fails, one at a time so one bad image fails alone."""
-        try:
-            return list(self.predictor.predict(imgs, sizes))
-        except Exception:
-            results: list[list[dict] | str] = []
-            for img, size in zip(imgs, sizes):
-                try:
-                    results.extend(self.predictor.predict([img], [size]))
-                except Exception as err:  # recorded in the row, never lost
-                    results.append(f"inference_failed: {type(err).__name__}: {err}")
-            return results
 
 
 # ---------------------------------------------------------------- 3. the driver: part files, then the summary

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -49,129 +48,12 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from maskrcnn import checkpoint, data, history, keypoints, labels, storage
-from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, floats, ints, option
-from maskrcnn.engine import OPTIMIZERS
-from maskrcnn.model import ARCHS, SMALL, default_sizes, has_keypoints
+from maskrcnn.model import has_keypoints
 from maskrcnn.runtime import init_ray, without_false_alarms
+from maskrcnn.train_config import TrainConfig, TrainingPlan
 from maskrcnn.worker import score_name, worker_loop
 
-DATA, MODEL, RUN = "data (local paths or s3:// URIs)", "model", "run"
-OPTIM, LOGS = "optimisation", "logging and checkpoints"
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Everything a run is told; ``jobs/train.py``'s flags are these fields."""
-
-    train_annotations: str = option(
-        "COCO instances JSON, or Parquet labels (a directory or prefix: a segmentation output, or "
-        "jobs/coco_to_parquet.py's); several, comma-separated, train together",
-        group=DATA,
-    )
-    train_images: str | None = option(
-        "directory holding the COCO files' file_names (Parquet rows hold URIs)", None, group=DATA
-    )
-    min_score: float | None = option(
-        "keep pseudo-label instances (Parquet rows with scores) scoring at least S; rows left with "
-        "none are skipped (default: all)",
-        None,
-        group=DATA,
-        metavar="S",
-    )
-    val_annotations: str | None = option(
-        "COCO instances JSON or Parquet labels, evaluated after every epoch", None, group=DATA
-    )
-    val_images: str | None = option("directory holding the validation COCO file's images", None, group=DATA)
-    keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
-    arch: str = option("architecture", SMALL, group=MODEL, choices=ARCHS)
-    weights: str | None = option(
-        "initial weights: a torchvision weight name (COCO_V1, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "
-        "ResNet50_Weights.IMAGENET1K_V1), a .pth file or project checkpoint (path or s3://) (default: random)",
-        None,
-        group=MODEL,
-    )
-    scales: tuple[int, ...] | None = option(
-        "training shortest-side sizes, comma-separated; the largest is used to evaluate "
-        "(default: 256,288,320 for the small model, 640..800 for R50)",
-        None,
-        group=MODEL,
-        type=ints,
-    )
-    max_size: int | None = option("longest-side cap (default: 512 small, 1333 R50)", None, group=MODEL)
-    storage: str = option("directory or s3:// prefix for checkpoints", group=RUN)
-    name: str = option("run name; re-using it resumes the run: STORAGE/NAME/", group=RUN)
-    num_workers: int = option("data-parallel workers", 2, group=RUN)
-    gpu: bool = option("one GPU per worker (NCCL); default: CPU workers (gloo)", False, group=RUN)
-    cpus_per_worker: float = option("CPUs reserved per worker", 1.0, group=RUN)
-    max_failures: int = option("restarts from the latest checkpoint after a worker dies", 3, group=RUN)
-    epochs: int = option("passes over the training set", 12, group=OPTIM)
-    max_steps: int | None = option(
-        "stop after N steps (a quick trial), validated and checkpointed; the LR schedule stays the epochs'",
-        None,
-        group=OPTIM,
-        metavar="N",
-    )
-    batch_size: int = option("images per worker per step", 2, group=OPTIM)
-    optimizer: str = option(
-        "sgd (torchvision's recipe; fine-tuning) or adamw (faster from random weights)",
-        "sgd",
-        group=OPTIM,
-        choices=OPTIMIZERS,
-    )
-    lr: float | None = option("base LR (default: SGD 0.02 x global batch / 16, AdamW 1e-4)", None, group=OPTIM)
-    momentum: float = option("SGD momentum", 0.9, group=OPTIM)
-    weight_decay: float = option("weight decay (both optimizers)", 1e-4, group=OPTIM)
-    warmup_steps: int = option("linear warmup steps", 100, group=OPTIM)
-    schedule: str = option(
-        "decay after warmup: multistep (x0.1 at 2/3 and 8/9 of the steps) or cosine",
-        "multistep",
-        group=OPTIM,
-        choices=("multistep", "cosine"),
-    )
-    clip_norm: float = option("gradient clipping norm; 0 disables", 10.0, group=OPTIM)
-    amp: bool = option("disable mixed precision on GPU", True, group=OPTIM, flag="--no-amp")
-    seed: int = option("seed of the model initialisation, the data order and the augmentation", 0, group=OPTIM)
-    log_every: int = option("steps between metric lines", 20, group=LOGS)
-    checkpoint_every: int = option("steps between checkpoints (also one after each epoch)", 500, group=LOGS)
-    eval_every: int = option("epochs between validations; the last epoch is always evaluated", 1, group=LOGS)
-
-    def __post_init__(self) -> None:
-        """Checks that name a flag (the job turns them into usage errors), then absolute paths
-        and the architecture's default sizes."""
-        self.train_annotations = ",".join(storage.absolute(s) for s in self.train_sources)
-        if not self.train_sources:
-            raise ValueError("--train-annotations names no file or directory")
-        if self.train_images is None and not all(map(labels.is_labels, self.train_sources)):
-            raise ValueError("--train-images is needed with a COCO file in --train-annotations")
-        if self.val_images and not self.val_annotations:
-            raise ValueError("--val-images needs --val-annotations")
-        if self.val_annotations and not self.val_images and not labels.is_labels(self.val_annotations):
-            raise ValueError("--val-images is needed with a COCO file in --val-annotations")
-        for name in ("num_workers", "batch_size", "epochs", "log_every", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
-        for name in ("train_images", "val_annotations", "val_images", "storage"):
-            if getattr(self, name):
-                setattr(self, name, storage.absolute(getattr(self, name)))
-        if self.weights and os.path.exists(self.weights):  # a local file, not a weight name
-            self.weights = storage.absolute(self.weights)
-        scales, max_size = default_sizes(self.arch)
-        self.scales = tuple(sorted(int(s) for s in self.scales or scales))
-        self.max_size = self.max_size or max_size
-
-    @property
-    def train_sources(self) -> list[str]:
-        return [s for s in self.train_annotations.split(",") if s]
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.num_workers
-
-    @property
-    def run_dir(self) -> str:
-        return storage.join(self.storage, self.name)
+__all__ = ["TrainConfig", "run"]
 
 
 # ---------------------------------------------------------------- the driver
@@ -183,15 +65,14 @@ def run(cfg: TrainConfig) -> ray.train.Result:
     init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
     del initial
-    val = _shared_validation(train)
-    meta = count(cfg, train)
-    _announce(cfg, train, meta)
+    plan = count(cfg, train, weights, _shared_validation(train))
+    _announce(cfg, train, plan)
     dataset = training_data(cfg, train)
     train.records.clear()  # in Ray's object store now
     fs, path = storage.filesystem(cfg.storage)
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg, "meta": meta, "weights": weights, "val": val},
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -299,7 +180,12 @@ def _sigmas(cfg: TrainConfig, spec: keypoints.KeypointSpec | None) -> list[float
     return sigmas.tolist()
 
 
-def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
+def count(
+    cfg: TrainConfig,
+    train: TrainingSet,
+    weights: list[ray.ObjectRef] | None = None,
+    val: list[ray.ObjectRef] | None = None,
+) -> TrainingPlan:
     """What the workers need to know of the training set. Parquet labels are cleaned here,
     once, in Ray Data tasks that keep the records in Ray's object store (:func:`maskrcnn.labels.clean`)."""
     images, dropped, skipped = len(train.records), Counter(train.dropped), Counter()
@@ -308,19 +194,20 @@ def count(cfg: TrainConfig, train: TrainingSet) -> dict[str, Any]:
         images = train.cleaned.images
         dropped.update(train.cleaned.dropped)
         skipped.update(train.cleaned.skipped)
-    steps_per_epoch = _steps_per_epoch(cfg, images)
-    spec = train.rules.keypoints
-    return {
-        "classes": [c["name"] for c in train.categories],
-        "category_ids": [c["id"] for c in train.categories],
-        "images": images,
-        "steps_per_epoch": steps_per_epoch,
-        "dropped": dict(dropped),
-        "skipped_rows": dict(skipped),
-        "val_dropped": dict(train.val.dropped) if train.val else {},
-        "keypoints": spec.as_dict() if spec else None,
-        "sigmas": train.sigmas,
-    }
+    return TrainingPlan(
+        cfg=cfg,
+        classes=[c["name"] for c in train.categories],
+        category_ids=[c["id"] for c in train.categories],
+        images=images,
+        steps_per_epoch=_steps_per_epoch(cfg, images),
+        dropped=dict(dropped),
+        skipped_rows=dict(skipped),
+        val_dropped=dict(train.val.dropped) if train.val else {},
+        keypoints=train.rules.keypoints,
+        sigmas=train.sigmas,
+        weights=weights,
+        val=val,
+    )
 
 
 def _steps_per_epoch(cfg: TrainConfig, images: int) -> int:
@@ -347,13 +234,13 @@ def training_data(cfg: TrainConfig, train: TrainingSet) -> ray.data.Dataset:
     return dataset.map(load)
 
 
-def _announce(cfg: TrainConfig, train: TrainingSet, meta: dict[str, Any]) -> None:
+def _announce(cfg: TrainConfig, train: TrainingSet, plan: TrainingPlan) -> None:
     print(
-        f"[train] {meta['images']} images, {len(meta['classes'])} classes, {meta['steps_per_epoch']} steps/epoch "
-        f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {meta['dropped'] or 'none'}"
-        + (f"; skipped label rows: {meta['skipped_rows'] or 'none'}" if train.sources else ""),
+        f"[train] {plan.images} images, {len(plan.classes)} classes, {plan.steps_per_epoch} steps/epoch "
+        f"x {cfg.epochs} epochs on {cfg.num_workers} workers; dropped annotations: {plan.dropped or 'none'}"
+        + (f"; skipped label rows: {plan.skipped_rows or 'none'}" if train.sources else ""),
         flush=True,
     )
     if cfg.val_annotations:
-        print(f"[train] validation set: dropped annotations: {meta['val_dropped'] or 'none'}", flush=True)
+        print(f"[train] validation set: dropped annotations: {plan.val_dropped or 'none'}", flush=True)
     print(f"[train] configuration: {history.write_config(cfg.run_dir, dataclasses.asdict(cfg))}", flush=True)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import ray.train
@@ -22,13 +22,9 @@ from ray.train import Checkpoint
 
 from maskrcnn import checkpoint, data, engine, history, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
-from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
-
-if TYPE_CHECKING:
-    from maskrcnn.train import TrainConfig
-
+from maskrcnn.train_config import TrainingPlan
 
 UNEVALUATED = -1.0  # the score Ray ranks a checkpoint by before any validation
 
@@ -45,8 +41,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     # named by its file path, which only the root logger's level governs. This job prints
     # its own progress, so the worker's root logger shows warnings and errors only.
     logging.getLogger().setLevel(logging.WARNING)
-    cfg: TrainConfig = config["cfg"]
-    worker = Worker(cfg, config["meta"], config["weights"], config["val"])
+    worker = Worker(config["plan"])
+    cfg = worker.cfg
     if worker.finished:
         worker.log(f"run already complete at step {worker.step} (epoch {worker.epoch}); nothing to do")
         return
@@ -72,29 +68,22 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Worker:
     """State of one training worker; the methods are the phases of :func:`worker_loop`."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        meta: dict[str, Any],
-        weights: list[ray.ObjectRef] | None = None,
-        val: list[ray.ObjectRef] | None = None,
-    ):
-        """``weights``: the reference to the driver's ``--weights`` tensors; ``val``: to the
-        validation images and ground truth (lists, so Ray passes the references)."""
-        self.cfg, self.meta, self.weights, self.val_refs = cfg, meta, weights, val
+    def __init__(self, plan: TrainingPlan):
+        self.plan = plan
+        self.cfg = cfg = plan.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.amp = cfg.amp and self.device.type == "cuda"
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
-        self.keypoints = KeypointSpec.from_dict(meta["keypoints"])
+        self.keypoints = plan.keypoints
         self.augment = data.train_transform(cfg.scales, cfg.max_size, self.keypoints)
         self.val: data.CocoDataset | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
-            total_steps=meta["steps_per_epoch"] * cfg.epochs,
-            warmup_steps=min(cfg.warmup_steps, meta["steps_per_epoch"] * cfg.epochs // 4),
+            total_steps=plan.steps_per_epoch * cfg.epochs,
+            warmup_steps=min(cfg.warmup_steps, plan.steps_per_epoch * cfg.epochs // 4),
             kind=cfg.schedule,
         )
         torch.manual_seed(cfg.seed)
@@ -127,10 +116,10 @@ class Worker:
 
     def _initial_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        kwargs = {"num_classes": len(self.meta["classes"]) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
+        kwargs = {"num_classes": len(self.plan.classes) + 1, "min_size": cfg.scales, "max_size": cfg.max_size}
         if has_keypoints(cfg.arch):
             kwargs["num_keypoints"] = len(self.keypoints)
-        loaded = ray.get(self.weights[0]) if self.weights else None
+        loaded = ray.get(self.plan.weights[0]) if self.plan.weights else None
         model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True, loaded=loaded)
         self.arch = cfg.arch
         return model
@@ -157,7 +146,7 @@ class Worker:
 
     def train_epoch(self, shard: Any) -> dict[str, float]:
         """Train until the epoch's step count; return the epoch's global images/s."""
-        cfg, spe = self.cfg, self.meta["steps_per_epoch"]
+        cfg, spe = self.cfg, self.plan.steps_per_epoch
         start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
         batches = shard.iter_batches(
             batch_size=cfg.batch_size,
@@ -225,12 +214,12 @@ class Worker:
     def validate(self) -> dict[str, float]:
         """COCO AP on the validation set: each worker predicts its share, rank 0 scores.
         The ground truth is cleaned by the training rules (:func:`maskrcnn.data.load_coco`)."""
-        if not self.val_refs:
+        if not self.plan.val:
             return {}
         if self.val is None:
             self.val = self._validation_set()
         model = getattr(self.model, "module", self.model)
-        gathered = engine.predict_validation(model, self.val, self.meta, self.rank, self.world, self.amp)
+        gathered = engine.predict_validation(model, self.val, self.rank, self.world, self.amp)
         self.model.train()
         if gathered is None:
             return {}
@@ -240,7 +229,7 @@ class Worker:
             results,
             image_ids=[r["image_id"] for r in self.val.records],
             iou_types=iou_types(self.arch),
-            sigmas=self.meta["sigmas"],
+            sigmas=self.plan.sigmas,
         )
         self.log(f"validation after epoch {self.epoch}:\n{format_table(scores)}")
         metrics = {f"val_{k}": v for k, v in as_metrics(scores).items()}
@@ -252,13 +241,13 @@ class Worker:
     def _validation_set(self) -> data.CocoDataset:
         """The driver's validation set: every worker reads the images it predicts, and rank 0
         alone the ground truth it scores against."""
-        images, gt = self.val_refs
+        images, gt = self.plan.val
         return data.CocoDataset(
             gt=ray.get(gt) if self.rank == 0 else {},
-            classes=self.meta["classes"],
-            category_ids=self.meta["category_ids"],
+            classes=self.plan.classes,
+            category_ids=self.plan.category_ids,
             records=ray.get(images),
-            dropped=Counter(self.meta["val_dropped"]),
+            dropped=Counter(self.plan.val_dropped),
         )
 
     def keep_best(self, metrics: dict[str, float]) -> None:
@@ -301,8 +290,8 @@ class Worker:
             self.model,
             arch=self.arch,
             arch_kwargs=self.arch_kwargs,
-            classes=self.meta["classes"],
-            category_ids=self.meta["category_ids"],
+            classes=self.plan.classes,
+            category_ids=self.plan.category_ids,
             step=self.step,
             epoch=self.epoch,
             metrics=metrics,
@@ -320,8 +309,8 @@ class Worker:
         if dist.is_initialized():
             dist.all_reduce(counts)
         totals = {f"skipped_{k}": float(v) for k, v in zip(data.IMAGE_ERRORS, counts)}
-        totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.meta["dropped"].items()})
-        totals.update({f"skipped_label_rows_{k}": float(v) for k, v in self.meta["skipped_rows"].items()})
+        totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.plan.dropped.items()})
+        totals.update({f"skipped_label_rows_{k}": float(v) for k, v in self.plan.skipped_rows.items()})
         return totals
 
     def record(self, kind: str, metrics: dict[str, float]) -> None:

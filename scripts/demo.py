@@ -159,7 +159,7 @@ def train(data: str, runs: str) -> None:
 def evaluate(data: str, model: str, metrics: str) -> None:
     say("3/5 evaluate: COCO AP of the best checkpoint on the val split")
     val_set = ["--annotations", f"{data}/val/annotations.json", "--images", f"{data}/val/images"]
-    run("jobs/evaluate.py", "--model", model, *val_set, "--cpus-per-worker", "2", "--output", metrics)
+    run("jobs/evaluate.py", "--model", model, *val_set, "--cpus-per-actor", "2", "--output", metrics)
 
 
 def segment(data: str, labels: str, model: str) -> None:
@@ -168,7 +168,7 @@ def segment(data: str, labels: str, model: str) -> None:
         return
     say(f"4/5 segment: {RECIPE.archive} -> Parquet, one row per file")
     io = ["--input", f"{data}/{RECIPE.archive}", "--extensions", "*", "--output", labels, "--model", model]
-    run("jobs/segment_bucket.py", *io, "--rows-per-file", "16", "--concurrency", "1", "--log-every", "10")
+    run("jobs/segment_bucket.py", *io, "--rows-per-file", "16", "--actors", "1", "--log-every", "10")
 
 
 def show(root: str, data: str, labels: str, model: str, local: Path, drawable: bool) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from maskrcnn import checkpoint
 from maskrcnn.cli import load_parser
@@ -327,3 +329,11 @@ class FlakyS3:
         if kind == "truncated":
             handler.close_connection = True
         upstream.close()
+
+
+def mask_iou(a: list[dict], b: list[dict]) -> np.ndarray:
+    """The ``(len(a), len(b))`` mask IoUs of two lists of RLEs of one image, computed on the
+    runs (no mask is decoded)."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask_utils.iou([dict(r) for r in a], [dict(r) for r in b], [0] * len(b)))

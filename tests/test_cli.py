@@ -80,6 +80,40 @@ def test_the_flag_table_is_the_help():
     assert "| `--no-amp` | off | disable AMP |" in table
 
 
+@dataclass(kw_only=True)
+class _Shared:
+    actors: tuple[int, int] = cli.option("actors", (1, 1), group="pool", type=cli.pool_size, was={"--workers": None})
+    gpus: float = cli.option("GPUs per actor", 0.0, group="pool", was={"--gpu": 1.0})
+    threshold: float = cli.option("score threshold", 0.5, group="pool")
+
+
+@dataclass(kw_only=True)
+class _Job:
+    path: str = cli.option("where to read", group="io")
+    pool: _Shared = cli.embed(_Shared, threshold=0.05)
+
+
+def test_shared_options_are_declared_once_and_embedded_with_the_jobs_defaults(capsys):
+    parser = cli.add_options(cli.job_parser("jobs/x.py", _Config.__doc__), _Job)
+    assert cli.parse_config(parser, _Job, ["--path", "p"]) == _Job(path="p", pool=_Shared(threshold=0.05))
+    cfg = cli.parse_config(parser, _Job, ["--path", "p", "--actors", "1,4", "--threshold", "0.3"])
+    assert cfg.pool == _Shared(actors=(1, 4), threshold=0.3)
+    assert "score threshold (default: 0.05)" in parser.format_help()
+    assert [g.title for g in parser._action_groups].count("pool") == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_an_old_flag_name_still_works_and_says_the_new_one(capsys):
+    parser = cli.add_options(cli.job_parser("jobs/x.py", _Config.__doc__), _Job)
+    cfg = cli.parse_config(parser, _Job, ["--path", "p", "--workers", "2", "--gpu"])
+    assert cfg.pool.actors == (2, 2) and cfg.pool.gpus == 1.0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --workers is now --actors",
+        "warning: --gpu is now --gpus 1.0",
+    ]
+    assert "--workers" not in parser.format_help() and "--workers" not in cli.flag_table(parser)
+
+
 @pytest.mark.parametrize(
     "parse, text, expected",
     [

@@ -31,3 +31,41 @@ def test_ruff_check_and_format_pass():
     for args in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run([*ruff, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _imports(path: Path) -> set[str]:
+    """The ``maskrcnn`` modules a module imports, anywhere in it (functions and
+    ``TYPE_CHECKING`` blocks included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("maskrcnn"):
+            found.add(node.module)
+            found.update(f"maskrcnn.{a.name}" for a in node.names if node.module == "maskrcnn")
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("maskrcnn."))
+    return found
+
+
+def test_no_import_circle_in_the_library():
+    graph = {f"maskrcnn.{p.stem}": _imports(p) for p in (REPO / "maskrcnn").glob("*.py")}
+
+    def circle(start: str, node: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := circle(start, nxt, [*path, nxt])):
+                return found
+        return None
+
+    for module in sorted(graph):
+        assert circle(module, module, [module]) is None, " -> ".join(circle(module, module, [module]))
+
+
+def test_one_flag_system_and_one_actor_pool():
+    """Every job's flags come from config dataclasses (maskrcnn/cli.py), and inference on Ray
+    runs on Ray Data's actor pool (maskrcnn/inference.py), nowhere by hand."""
+    for path in (REPO / "jobs").glob("*.py"):
+        text = path.read_text()
+        assert "add_argument(" not in text and "ArgumentParser(" not in text, path.name
+    for path in (REPO / "maskrcnn").glob("*.py"):
+        assert "ActorPool(" not in path.read_text().replace("ActorPoolStrategy(", ""), path.name

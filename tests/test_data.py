@@ -18,7 +18,7 @@ def test_coco_small_loads_completely(coco_small):
     kept = sum(len(json.loads(r["annotations"])) for r in ds.records)
     assert kept == 804 and ds.dropped == {"crowd": 11}  # crowd regions are not trained on
     # sparse COCO ids map to contiguous labels 1..80 and back
-    assert ds.category_ids[0] == 1 and ds.category_ids[-1] == 90 and ds.num_classes == 81
+    assert ds.category_ids[0] == 1 and ds.category_ids[-1] == 90 and len(ds.classes) + 1 == 81
     labels = {a["label"] for r in ds.records for a in json.loads(r["annotations"])}
     assert labels <= set(range(1, 81))
 

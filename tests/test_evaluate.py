@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,10 +68,19 @@ def test_instances_become_coco_results():
 def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
     model = small_model_file(tmp_path / "m.pt")
     result = run_job(
-        "evaluate.py", "--model", model, "--annotations", coco_small[0], "--images", coco_small[1], "--gpu"
+        "evaluate.py",
+        "--model",
+        model,
+        "--annotations",
+        coco_small[0],
+        "--images",
+        coco_small[1],
+        "--gpus-per-actor",
+        "1",
     )
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --gpu: this machine has no GPU; drop --gpu, or submit the job to a cluster with GPU nodes"
+        "error: --gpus-per-actor: this machine has no GPU; pass --gpus-per-actor 0, "
+        "or submit the job to a cluster with GPU nodes"
     ), result.stderr
 
 
@@ -117,3 +127,33 @@ def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
         for r in ground_truth_as_results(labelled)
     ]
     assert evaluate(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
+
+
+def test_evaluation_runs_on_the_actor_pool_and_skips_unreadable_images_by_kind(coco_small, tmp_path):
+    """The segmentation job's pipeline: decode tasks, then the actor pool; an image that
+    cannot be read, or is not the size its annotations give, is counted and scores nothing.
+    The old name of --actors still works, with a warning."""
+    from PIL import Image
+
+    gt = _gt(coco_small)
+    gt["images"] = gt["images"][:4]
+    kept = {i["id"] for i in gt["images"]}
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in gt["images"]:
+        (images / image["file_name"]).write_bytes((Path(coco_small[1]) / image["file_name"]).read_bytes())
+    first, second, third = (images / i["file_name"] for i in gt["images"][:3])
+    first.write_bytes(b"not an image")
+    second.write_bytes(b"")
+    Image.open(third).resize((64, 48)).save(third)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    model, report_file = small_model_file(tmp_path / "m.pt"), tmp_path / "eval.json"
+    flags = ["--annotations", str(tmp_path / "gt.json"), "--images", str(images), "--output", str(report_file)]
+    result = run_job("evaluate.py", "--model", model, *flags, "--num-workers", "2", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: --num-workers is now --actors" in result.stderr
+    assert "[evaluate] 4/4 images (100%)" in result.stdout and "3 skipped" in result.stdout
+    report = json.loads(report_file.read_text())
+    assert report["images"] == 4
+    assert report["skipped_images"] == {"not_an_image": 1, "empty": 1, "size_mismatch": 1}

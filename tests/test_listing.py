@@ -3,8 +3,6 @@ source that streams them and guards resuming."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -39,6 +37,16 @@ def _archive(tmp_path, n: int):
     return root
 
 
+class _Tally:
+    """What a listing task tells the driver's :class:`maskrcnn.listing.Tally` actor, kept here."""
+
+    def __init__(self) -> None:
+        self.listed: list[dict] = []
+
+    def __call__(self, images: int, part_files: int) -> None:
+        self.listed.append({"images": images, "part_files": part_files})
+
+
 def _rows(source: Listing) -> list[dict]:
     return [row for block in source._blocks() for row in block.to_pylist()]
 
@@ -47,14 +55,15 @@ def test_blocks_span_parts_skip_written_ones_and_record_the_listing(tmp_path):
     root, out = _archive(tmp_path, 150), tmp_path / "out"
     files = sorted(str(p) for p in root.glob("*.jpg"))
     written = {1: {"rows": 7, "first_uri": files[7], "last_uri": files[13]}}
-    source = Listing(str(root), images.IMAGE_EXTENSIONS, None, 7, str(out), written)
+    tally = _Tally()
+    source = Listing(str(root), images.IMAGE_EXTENSIONS, None, 7, str(out), written, tally)
     blocks = list(source._blocks())
     assert [b.num_rows for b in blocks] == [listing.BLOCK_ROWS, listing.BLOCK_ROWS, 150 - 7 - 2 * listing.BLOCK_ROWS]
     rows = [r for b in blocks for r in b.to_pylist()]
     assert [r["uri"] for r in rows] == files[:7] + files[14:]  # part 1 is already written
     assert {(r["part"], r["index"]) for r in rows} == {(i // 7, i % 7) for i in range(150) if not 7 <= i < 14}
     assert {r["part_rows"] for r in rows if r["part"] == 21} == {150 - 21 * 7}  # the short last part
-    assert json.loads((out / listing.LISTED).read_text()) == {"images": 150, "part_files": 22}
+    assert tally.listed == [{"images": 150, "part_files": 22}]
 
 
 @pytest.mark.parametrize("change", ["added", "removed_at_the_end"])
@@ -70,9 +79,10 @@ def test_a_changed_listing_is_refused(change, tmp_path):
     else:
         for path in files[12:]:
             (root / path.rsplit("/", 1)[1]).unlink()  # part 3 no longer exists
+    tally = _Tally()
     with pytest.raises(ListingError, match=r"the input listing changed since .*part-00000[13]\.parquet"):
-        _rows(Listing(str(root), images.IMAGE_EXTENSIONS, None, 5, str(out), written))
-    assert not (out / listing.LISTED).exists()
+        _rows(Listing(str(root), images.IMAGE_EXTENSIONS, None, 5, str(out), written, tally))
+    assert tally.listed == []
 
 
 def test_the_first_block_leaves_before_the_listing_ends(monkeypatch, tmp_path):
@@ -87,7 +97,7 @@ def test_the_first_block_leaves_before_the_listing_ends(monkeypatch, tmp_path):
             yield f"s3://archive/{i:09d}.jpg"
 
     monkeypatch.setattr(listing, "input_uris", endless)
-    blocks = Listing("s3://archive", None, None, 1000, str(tmp_path / "out"), {})._blocks()
+    blocks = Listing("s3://archive", None, None, 1000, str(tmp_path / "out"), {}, _Tally())._blocks()
     first = next(blocks)
     assert first.num_rows == listing.BLOCK_ROWS and first.column("part_rows").to_pylist()[0] == 1000
     assert len(read) <= 1001

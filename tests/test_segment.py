@@ -29,6 +29,7 @@ from tests.helpers import (
     UNUSABLE,
     call_job,
     large_jpeg,
+    mask_iou,
     run_job,
     small_model_file,
     upload_dir,
@@ -272,7 +273,7 @@ def test_a_torchvision_state_dict_labels_with_coco_names_and_ids(torchvision_pth
 def test_help_lists_every_flag():
     result = call_job("segment_bucket.py", "--help")
     assert result.returncode == 0
-    flags = "--input --output --model --extensions --limit --batch-size --concurrency --num-gpus-per-actor"
+    flags = "--input --output --model --extensions --limit --batch-size --actors --gpus-per-actor"
     for flag in (
         flags + " --score-threshold --max-detections --classes --max-pixels --rows-per-file --overwrite"
     ).split():
@@ -282,7 +283,7 @@ def test_help_lists_every_flag():
 def test_decode_stage_turns_deleted_and_empty_objects_into_error_rows(bucket, shared_data):
     import numpy as np
 
-    from maskrcnn.segment import fetch_and_decode
+    from maskrcnn.inference import fetch_and_decode
 
     client = boto3.client("s3")
     client.put_object(Bucket=bucket, Key="a/gone.jpg", Body=(shared_data / "photos" / "dog1.jpg").read_bytes())
@@ -308,14 +309,21 @@ def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_da
     the listing stays a task of its own."""
     import ray
 
+    from maskrcnn.inference import InferenceOptions
+    from maskrcnn.listing import Tally
     from maskrcnn.segment import SegmentConfig, pipeline
 
     manifest = tmp_path / "m.txt"
     manifest.write_text("".join(f"{shared_data / 'photos' / n}\n" for n in ["dog1.jpg", "dog2.jpg"]))
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
-        cfg = SegmentConfig(input=str(manifest), output=str(tmp_path / "out"), model=model_file, num_gpus_per_actor=1.0)
-        ds = pipeline(cfg, {}, (160, 256), [ray.put(open(model_file, "rb").read())])
+        cfg = SegmentConfig(
+            input=str(manifest),
+            output=str(tmp_path / "out"),
+            model=model_file,
+            inference=InferenceOptions(gpus_per_actor=1.0),
+        )
+        ds = pipeline(cfg, {}, (160, 256), [ray.put(open(model_file, "rb").read())], Tally.remote())
         rows = sum(t.num_rows for t in ds.iter_batches(batch_format="pyarrow", batch_size=None))
         stats = ds.stats()
         assert rows == 2
@@ -378,7 +386,7 @@ def test_large_jpegs_decode_reduced_with_labels_in_full_image_coordinates(shared
             assert list(inst["mask"]["size"]) == [h, w] and -1 <= x <= x + bw <= w + 1 and -1 <= y <= y + bh <= h + 1
         for inst in row["instances"]:
             same_class = [i["mask"] for i in reduced[uri]["instances"] if i["category_id"] == inst["category_id"]]
-            ious.append(masks.iou([inst["mask"]], same_class).max(initial=0.0))
+            ious.append(mask_iou([inst["mask"]], same_class).max(initial=0.0))
     # Random weights make every label fragile; a coordinate mistake would give about 0. The
     # figure for a trained model is in docs/benchmarks.md.
     assert len(ious) > 50 and np.mean(ious) > 0.5, np.mean(ious)

@@ -96,7 +96,7 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert (final["step"], final["epoch"]) == (24, 3)
     _check_history(run_dir, steps=24, evaluations=3)
 
-    flags = f"--model {run_dir / 'best.pt'} --num-workers 2 --output {tmp_path / 'eval.json'}"
+    flags = f"--model {run_dir / 'best.pt'} --actors 2 --output {tmp_path / 'eval.json'}"
     ground_truth = f"--annotations {defective_val / 'annotations.json'} --images {defective_val / 'images'}"
     evaluated = run_job("evaluate.py", *flags.split(), *ground_truth.split())
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

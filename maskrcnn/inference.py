@@ -1,0 +1,185 @@
+"""Inference on Ray, the one way every job that predicts many images runs it (segmentation
+and evaluation)::
+
+    rows with a uri (and the job's key columns) -> CPU tasks: fetch + decode
+        -> one autoscaling actor pool: Mask R-CNN -> output rows (maskrcnn.output.SCHEMA)
+
+:class:`InferenceOptions` are the flags of that pool, the same words in every job;
+:func:`share` puts the model's bytes in Ray's object store once, and each
+:class:`InferenceActor` builds the model from there in its ``__init__`` and predicts in
+its ``__call__``. An image that cannot be read or predicted becomes a row with an
+``error``, never a lost row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from maskrcnn import checkpoint, images, output
+from maskrcnn.cli import option, pool_size, resources
+from maskrcnn.predictor import INFER, PredictOptions, Predictor
+from maskrcnn.runtime import init_ray
+
+__all__ = ["INFER", "InferenceOptions", "InferenceActor", "decode", "predict", "share", "start"]
+
+
+@dataclass(kw_only=True)
+class InferenceOptions(PredictOptions):
+    """The actor pool, and what it keeps of its predictions; jobs embed these as their flags."""
+
+    batch_size: int = option(
+        "images per actor call; on GPU, those with the same canvas share a forward pass", 4, group=INFER
+    )
+    actors: tuple[int, int] = option(
+        "inference actors, N or MIN,MAX (autoscaling)",
+        (1, 1),
+        group=INFER,
+        type=pool_size,
+        metavar="N|MIN,MAX",
+        was={"--concurrency": None, "--num-workers": None},
+    )
+    gpus_per_actor: float = option(
+        "GPUs per inference actor; 0 runs on CPU", 0.0, group=INFER, was={"--num-gpus-per-actor": None, "--gpu": 1.0}
+    )
+    cpus_per_actor: float = option(
+        "CPUs reserved per actor; on CPU actors also torch's thread count (Ray sets OMP_NUM_THREADS)",
+        1.0,
+        group=INFER,
+        was={"--cpus-per-worker": None},
+    )
+    # Custom Ray resources pin the actors to node groups; the cluster configs declare them.
+    actor_resources: dict[str, float] | None = option(
+        "custom Ray resources per inference actor, JSON, e.g. '{\"gpu_node\": 1}' (see cluster/README.md)",
+        None,
+        group=INFER,
+        type=resources,
+        metavar="JSON",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise ValueError("--gpus-per-actor must be at least 0 and --cpus-per-actor above 0")
+
+    @property
+    def cpus(self) -> int:
+        """The CPUs the largest pool reserves."""
+        return int(self.actors[1] * self.cpus_per_actor)
+
+
+def start(options: InferenceOptions, min_cpus: int) -> None:
+    """Start or join Ray (:func:`maskrcnn.runtime.init_ray`) with room for the pool and
+    ``min_cpus`` more; stop at once where GPU actors could never start."""
+    init_ray(min_cpus=options.cpus + min_cpus)
+    if options.gpus_per_actor and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
+        raise ValueError(
+            "--gpus-per-actor: this machine has no GPU; pass --gpus-per-actor 0, "
+            "or submit the job to a cluster with GPU nodes"
+        )
+
+
+def share(ckpt: dict[str, Any]) -> list[ray.ObjectRef]:
+    """The checkpoint's bytes in Ray's object store, once: every actor reads them there, not
+    from the source. (A list, so that Ray passes the reference instead of the bytes.)"""
+    return [ray.put(checkpoint.to_bytes(ckpt))]
+
+
+def decode(
+    ds: ray.data.Dataset,
+    batch_size: int,
+    *,
+    fit: tuple[int, int] | None,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    exif: bool = True,
+    resources: dict[str, float] | None = None,
+) -> ray.data.Dataset:
+    """Fetch and decode every row's ``uri`` in CPU tasks (:func:`fetch_and_decode`)."""
+    place = {"resources": resources} if resources else {}
+    return ds.map_batches(
+        fetch_and_decode,
+        batch_size=batch_size,
+        fn_kwargs={"max_pixels": max_pixels, "fit": fit, "exif": exif},
+        batch_format="numpy",
+        num_cpus=1,
+        **place,
+    )
+
+
+def predict(
+    ds: ray.data.Dataset, options: InferenceOptions, model: list[ray.ObjectRef], keys: pa.Schema
+) -> ray.data.Dataset:
+    """Decoded rows -> output rows (``keys`` first, then :data:`maskrcnn.output.SCHEMA`), in
+    the actor pool that ``options`` describe; ``model`` is :func:`share`'s reference."""
+    return ds.map_batches(
+        InferenceActor,
+        fn_constructor_args=(model, options, keys),
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=options.actors[0], max_size=options.actors[1]),
+        num_gpus=options.gpus_per_actor or None,
+        num_cpus=options.cpus_per_actor,
+        resources=options.actor_resources or None,
+    )
+
+
+def fetch_and_decode(
+    batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[int, int] | None, exif: bool = True
+) -> dict[str, Any]:
+    """CPU task: bytes -> RGB arrays (EXIF-oriented with ``exif``; large JPEGs reduced to
+    ``fit``) and each image's full size; failures become ``error`` strings. Other columns pass through."""
+    out: dict[str, list] = {k: [v.item() for v in batch[k]] for k in batch if k != "uri"}
+    out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
+    for uri in out["uri"]:
+        decoded, error = images.read(uri, fit, max_pixels, exif=exif)
+        out["image"].append(decoded.pixels)
+        out["height"].append(decoded.height)
+        out["width"].append(decoded.width)
+        out["error"].append(error)
+    return out
+
+
+class InferenceActor:
+    """The Ray Data actor: builds the model once, from the bytes :func:`share` put in the
+    object store; decoded rows in, output rows out."""
+
+    def __init__(self, model: list[ray.ObjectRef], options: InferenceOptions, keys: pa.Schema):
+        ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
+        self.predictor = Predictor.with_options(ckpt, options)
+        self.keys, self.schema = keys, pa.schema([*keys, *output.SCHEMA])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        # Ray Data may hand a None in a string column back as NaN: only strings are errors.
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        ok = [i for i in range(n) if errors[i] is None]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in range(n)]
+        predicted = dict(zip(ok, self._predict_each([batch["image"][i] for i in ok], [sizes[i] for i in ok])))
+        rows = [
+            {
+                **{k: batch[k][i].item() for k in self.keys.names},
+                **output.row(str(batch["uri"][i]), sizes[i], predicted.get(i, errors[i]), self.predictor.model_id),
+            }
+            for i in range(n)
+        ]
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def _predict_each(self, imgs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict] | str]:
+        """Batch first; if the batch fails, one at a time so one bad image fails alone."""
+        try:
+            return list(self.predictor.predict(imgs, sizes))
+        except Exception:
+            results: list[list[dict] | str] = []
+            for img, size in zip(imgs, sizes):
+                try:
+                    results.extend(self.predictor.predict([img], [size]))
+                except Exception as err:  # recorded in the row, never lost
+                    results.append(f"inference_failed: {type(err).__name__}: {err}")
+            return results
