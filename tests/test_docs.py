@@ -108,3 +108,24 @@ def test_the_demo_runs_only_commands_that_parse(recipe, tmp_path, monkeypatch):
     for argv in ran:
         check(argv)
     assert "--contact-sheet" in ran[-2] and "--html" in ran[-2]
+
+
+def test_segmentation_and_evaluation_show_the_same_inference_options():
+    def inference_group(job: str) -> list[tuple[list[str], str]]:
+        parser = load_parser(str(REPO / job))
+        group = next(g for g in parser._action_groups if g.title == "inference")
+        return [(a.option_strings, a.help) for a in group._group_actions]
+
+    segment = inference_group("jobs/segment_bucket.py")
+    assert inference_group("jobs/evaluate.py") == segment
+    assert [flags[0] for flags, _ in segment] == [
+        "--score-threshold",
+        "--max-detections",
+        "--classes",
+        "--no-amp",
+        "--batch-size",
+        "--actors",
+        "--gpus-per-actor",
+        "--cpus-per-actor",
+        "--actor-resources",
+    ]

@@ -2,6 +2,7 @@
 predictions on coco_small) to COCO JSON that pycocotools loads, and to pictures."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -174,6 +175,18 @@ def test_coco_dataset_names_files_relative_to_the_image_root_and_lists_the_model
     assert [img["file_name"] for img in json.loads((tmp_path / "full.json").read_text())["images"]] == [
         r["uri"] for r in rows[:6]
     ]
+
+
+def test_relative_paths_name_the_same_files_as_absolute_ones(predictions, tmp_path, coco_small, monkeypatch):
+    """--images and --predictions as a user types them, relative to where the job runs."""
+    out, rows = predictions
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(out, tmp_path), os.path.relpath(coco_small[1], tmp_path)]
+    assert not any(map(os.path.isabs, relative))
+    result = call_job("export.py", "--predictions", relative[0], "--coco-dataset", "rel.json", "--images", relative[1])
+    assert result.returncode == 0, result.stderr
+    dataset = json.loads((tmp_path / "rel.json").read_text())
+    assert [img["file_name"] for img in dataset["images"]] == [r["uri"].rsplit("/", 1)[1] for r in rows[:6]]
 
 
 def test_coco_dataset_and_pictures(predictions, tmp_path):
