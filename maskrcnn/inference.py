@@ -78,12 +78,21 @@ class InferenceOptions(PredictOptions):
 def start(options: InferenceOptions, min_cpus: int) -> None:
     """Start or join Ray (:func:`maskrcnn.runtime.init_ray`) with room for the pool and
     ``min_cpus`` more; stop at once where GPU actors could never start."""
-    init_ray(min_cpus=options.cpus + min_cpus)
-    if options.gpus_per_actor and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
+    if options.gpus_per_actor and not os.environ.get("RAY_ADDRESS") and not _local_gpus():
         raise ValueError(
             "--gpus-per-actor: this machine has no GPU; pass --gpus-per-actor 0, "
             "or submit the job to a cluster with GPU nodes"
         )
+    init_ray(min_cpus=options.cpus + min_cpus)
+
+
+def _local_gpus() -> float:
+    """The GPUs a local Ray has, or would have once started (checked before starting it)."""
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0.0)
+    import torch
+
+    return float(torch.cuda.device_count())
 
 
 def share(ckpt: dict[str, Any]) -> list[ray.ObjectRef]:

@@ -204,6 +204,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
         ("unwritable_output", r"error: cannot write .*blocker/out/_job\.json"),
         ("other_model", r"error: .*holds output of another job \(model="),
         ("unknown_class", r"error: --classes zebra not among the model's classes"),
+        ("no_gpu", r"error: --gpus-per-actor: this machine has no GPU"),
         (
             "offline_weights",
             r"error: cannot download weights COCO_V1 from "
@@ -238,6 +239,8 @@ def test_bad_job_input_stops_before_the_pool_starts(
         model = "COCO_V1"
         for key, value in {**OFFLINE, "TORCH_HOME": str(tmp_path / "torch")}.items():
             monkeypatch.setenv(key, value)
+    elif case == "no_gpu":
+        extra = ["--gpus-per-actor", "1"]
     else:
         extra = ["--classes", "zebra"]
     result = call_job("segment_bucket.py", "--input", photos, "--output", out, "--model", model, *extra)
