@@ -39,6 +39,8 @@ IO, COCO = "input (local paths or s3:// URIs)", "COCO JSON"
 
 @dataclass(kw_only=True)
 class ExportConfig:
+    """Everything an export is told: this job's flags."""
+
     predictions: str = option("the --output of jobs/segment_bucket.py", group=IO)
     images: str | None = option(
         "the image root: --coco-results matches the ground truth's file_names relative to "

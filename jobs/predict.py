@@ -38,6 +38,8 @@ IO, MODEL = "input and output (local paths or s3:// URIs)", "model"
 
 @dataclass(kw_only=True)
 class PredictConfig:
+    """Everything a prediction run is told: this job's flags."""
+
     input: list[str] = option("image files, folders, globs ('photos/**/*.jpg') or s3:// prefixes", group=IO, nargs="+")
     output: str = option("folder or s3:// prefix for the pictures and JSON", group=IO)
     json_per_image: bool = option("also write one JSON per image beside its picture", False, group=IO)

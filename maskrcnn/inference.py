@@ -66,8 +66,10 @@ class InferenceOptions(PredictOptions):
         super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
-            raise ValueError("--gpus-per-actor must be at least 0 and --cpus-per-actor above 0")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be at least 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be above 0, got {self.cpus_per_actor}")
 
     @property
     def cpus(self) -> int:

@@ -101,8 +101,8 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
     if listing.is_empty(cfg.input, cfg.extensions):
         raise SegmentError(f"no images found in {cfg.input}")
-    written = prepare_output(cfg, model_id, checkpoint.keypoint_spec(ckpt))
-    resumed = {k: output.read_footer(uri) for k, uri in written.items()}
+    finished = prepare_output(cfg, model_id, checkpoint.keypoint_spec(ckpt))
+    resumed = {k: output.read_footer(uri) for k, uri in finished.items()}
     output.write_categories(cfg.output, checkpoint.categories(ckpt))
     # 2. One pipeline for the whole input; the driver writes each part once it is whole.
     inference.start(cfg.inference, min_cpus=2)
