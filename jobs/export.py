@@ -14,7 +14,12 @@ Examples:
   python jobs/export.py --predictions labels/run1 --render 16 --render-dir labels/run1-pictures \\
       --contact-sheet labels/run1-sheet.png --html labels/run1-report
 
-One pass over the part files feeds every output; each file appears whole or not at all.
+  # the 200 least certain images, for review in Label Studio (tasks.json + config.xml) and CVAT
+  python jobs/export.py --predictions s3://labels/run1 --images s3://archive/photos --review 200 \\
+      --label-studio labels/review1-ls --cvat labels/review1-cvat --html labels/review1-report
+
+One pass over the part files feeds every output (two with --review: one to choose the
+queue); each file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import checkpoint, export, storage
+from maskrcnn import checkpoint, export, labelling, masks, review, storage
 from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
 from maskrcnn.draw import PICTURES, PictureOptions
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.progress import Progress
 from maskrcnn.report import Report
+from maskrcnn.review import ReviewOptions
 
 IO, COCO = "input (local paths or s3:// URIs)", "COCO JSON"
+TOOLS = "labelling tools (polygons; file names or URLs relative to --images)"
 
 
 @dataclass(kw_only=True)
@@ -55,8 +62,41 @@ class ExportConfig:
     coco_dataset: str | None = option(
         "write a COCO dataset JSON (images, annotations with scores, categories) here", None, group=COCO
     )
+    segmentation: str = option(
+        "how --coco-dataset and --coco-results write masks: rle (COCO's compressed RLE) or polygons "
+        "(pycocotools' loadRes reads RLE results only)",
+        "rle",
+        group=COCO,
+        choices=("rle", "polygons"),
+    )
+    polygon_tolerance: float = option(
+        "pixels a polygon may stray from its mask's outline (Douglas-Peucker; 0 keeps every boundary pixel)",
+        masks.POLYGON_TOLERANCE,
+        group=COCO,
+        metavar="PX",
+    )
     model: str | None = model_option(COCO, required=False)
     arch: str | None = arch_option(COCO)
+    label_studio: str | None = option(
+        "write Label Studio tasks with polygon predictions (tasks.json) and their labelling config (config.xml) here",
+        None,
+        group=TOOLS,
+        metavar="DIR",
+    )
+    url_prefix: str | None = option(
+        "Label Studio image URLs: this + the path under --images (e.g. /data/local-files/?d=photos/); "
+        "default: the s3:// URI, for Label Studio's S3 storage",
+        None,
+        group=TOOLS,
+    )
+    cvat: str | None = option(
+        "write CVAT's COCO 1.0 layout here: annotations/instances_default.json, polygons, file_names "
+        "relative to --images (default: the segmentation's --input)",
+        None,
+        group=TOOLS,
+        metavar="DIR",
+    )
+    review: ReviewOptions = embed(ReviewOptions)
     render: int = option("draw the first N images with instances", 0, group=PICTURES, metavar="N")
     render_dir: str | None = option("write the N pictures here, one PNG each", None, group=PICTURES)
     contact_sheet: str | None = option("write the N pictures as one grid PNG here", None, group=PICTURES)
@@ -72,18 +112,22 @@ class ExportConfig:
     def __post_init__(self) -> None:
         """Usage errors for combinations that do nothing; then absolute paths, so that the
         image root and the segmentation's --input compare as written."""
-        if not (self.coco_results or self.coco_dataset or self.render or self.html):
-            raise ValueError("nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR")
+        if not (self.coco_results or self.coco_dataset or self.label_studio or self.cvat or self.render or self.html):
+            raise ValueError(
+                "nothing to do: give --coco-results, --coco-dataset, --label-studio, --cvat, --render N or --html DIR"
+            )
         if self.render and not (self.render_dir or self.contact_sheet or self.html):
             raise ValueError("--render needs --render-dir, --contact-sheet or --html")
         if (self.render_dir or self.contact_sheet) and not self.render:
             raise ValueError("--render-dir and --contact-sheet need --render N (how many images to draw)")
         if self.annotations and not self.coco_results:
             raise ValueError("--annotations only applies to --coco-results")
-        if self.model and not self.coco_dataset:
-            raise ValueError("--model only applies to --coco-dataset (its categories)")
-        if self.render < 0 or self.columns < 1:
-            raise ValueError("--render must be at least 0 and --columns at least 1")
+        if self.model and not (self.coco_dataset or self.label_studio or self.cvat):
+            raise ValueError("--model only applies to --coco-dataset, --label-studio and --cvat (its categories)")
+        if self.url_prefix is not None and not self.label_studio:
+            raise ValueError("--url-prefix only applies to --label-studio")
+        if self.render < 0 or self.columns < 1 or self.polygon_tolerance < 0:
+            raise ValueError("--render and --polygon-tolerance must be at least 0 and --columns at least 1")
         self.predictions = storage.absolute(self.predictions)
         self.images = storage.absolute(self.images) if self.images else None
 
@@ -98,35 +142,67 @@ def main(argv: list[str] | None = None) -> None:
         raise storage.StorageError(f"cannot read {cfg.predictions}: no such output")
     root = cfg.images or export.job_input(cfg.predictions)
     keypoints = export.job_keypoints(cfg.predictions)  # a keypoint model's names and skeleton
-    progress = Progress("export", export.count_rows(cfg.predictions), unit="rows")
+    rows = export.count_rows(cfg.predictions)
+    queue = None
+    if cfg.review.review:
+        progress = Progress("review queue", rows, unit="rows")
+        queue = review.select(progress.each(export.read_rows(cfg.predictions)), cfg.review, cfg.min_score)
+        progress.finish()
+    progress = Progress("export", rows, unit="rows")
     with contextlib.ExitStack() as stack:
-        sinks = [stack.enter_context(sink) for sink in sinks_for(cfg, root, keypoints)]
-        for row in export.read_rows(cfg.predictions):
-            for sink in sinks:
-                sink.add(row)
-            progress.add(1)
+        sinks = [stack.enter_context(sink) for sink in sinks_for(cfg, root, keypoints, queue)]
+        feed(progress.each(export.read_rows(cfg.predictions)), sinks, queue)
     progress.finish()
     for sink in sinks:
         print(f"[export] {describe(sink, cfg)}")
-    if any(isinstance(s, export.Pictures) and not s.drawn for s in sinks):
+    if any(isinstance(s, export.Pictures) and not s.drawn for s in sinks) and not queue:
         raise ValueError(
             f"nothing to draw: no image in {cfg.predictions} has instances at or above --min-score {cfg.min_score}"
         )
 
 
-def sinks_for(cfg: ExportConfig, root: str | None, keypoints: KeypointSpec | None = None) -> list:
+def feed(rows, sinks: list, queue: list[review.Queued] | None) -> None:
+    """Every row to every sink; with a review queue, the report still sees every row (its
+    counts are the whole output's) and the others get only the queued rows, in queue order,
+    once the queue's last row has been read (so only the queue's rows are held)."""
+    if queue is None:
+        for row in rows:
+            for sink in sinks:
+                sink.add(row)
+        return
+    ranks, held = {q.uri: q.rank for q in queue}, {}
+    reports = [s for s in sinks if isinstance(s, Report)]
+    for row in rows:
+        for report in reports:
+            report.add(row)
+        if row["uri"] in ranks:
+            held[ranks[row["uri"]]] = row
+    for rank in sorted(held):
+        for sink in sinks:
+            if not isinstance(sink, Report):
+                sink.add(held[rank])
+
+
+def sinks_for(
+    cfg: ExportConfig,
+    root: str | None,
+    keypoints: KeypointSpec | None = None,
+    queue: list[review.Queued] | None = None,
+) -> list:
     """The outputs asked for, each a sink that takes the rows one at a time."""
     sinks: list = []
+    polygons = export.Segmentation(cfg.polygon_tolerance if cfg.segmentation == "polygons" else None)
+    categories = checkpoint.categories_of(cfg.model, cfg.arch) if cfg.model else None
     if cfg.coco_results:
         image_id = None
         if cfg.annotations:
             if root is None:
                 raise ValueError("--annotations: pass --images, the root the ground truth's file_names are relative to")
             image_id = export.ground_truth_ids(cfg.annotations, root)
-        sinks.append(export.CocoResults(cfg.coco_results, image_id, cfg.min_score))
+        sinks.append(export.CocoResults(cfg.coco_results, image_id, cfg.min_score, polygons))
     if cfg.coco_dataset:
-        categories = checkpoint.categories_of(cfg.model, cfg.arch) if cfg.model else None
-        sinks.append(export.CocoDataset(cfg.coco_dataset, cfg.images, cfg.min_score, categories, keypoints))
+        sinks.append(export.CocoDataset(cfg.coco_dataset, cfg.images, cfg.min_score, categories, keypoints, polygons))
+    sinks += labelling_sinks(cfg, root, categories, keypoints)
     if cfg.render_dir or cfg.contact_sheet:
         sinks.append(
             export.Pictures(
@@ -142,14 +218,38 @@ def sinks_for(cfg: ExportConfig, root: str | None, keypoints: KeypointSpec | Non
             )
         )
     if cfg.html:
+        pictures = len(queue) if queue is not None else cfg.render or 24
         sinks.append(
             Report(
                 cfg.html,
                 cfg.predictions,
-                pictures=cfg.render or 24,
+                pictures=pictures,
                 root=root,
                 min_score=cfg.min_score,
                 keypoints=keypoints,
+                queue=queue,
+            )
+        )
+    return sinks
+
+
+def labelling_sinks(
+    cfg: ExportConfig, root: str | None, categories: list[dict] | None, keypoints: KeypointSpec | None
+) -> list:
+    """CVAT's COCO 1.0 and Label Studio's tasks, as asked; both always polygons."""
+    sinks: list = []
+    if cfg.cvat:
+        if root is None:
+            raise ValueError("--cvat: pass --images, the root CVAT's file names are relative to")
+        cvat = export.Segmentation(cfg.polygon_tolerance)
+        sinks.append(
+            export.CocoDataset(labelling.cvat_annotations(cfg.cvat), root, cfg.min_score, categories, keypoints, cvat)
+        )
+    if cfg.label_studio:
+        url = labelling.image_url(root, cfg.url_prefix)
+        sinks.append(
+            labelling.LabelStudioTasks(
+                cfg.label_studio, url, min_score=cfg.min_score, tolerance=cfg.polygon_tolerance, categories=categories
             )
         )
     return sinks
@@ -161,7 +261,13 @@ def describe(sink: object, cfg: ExportConfig) -> str:
         unmatched = f"; {len(missing)} images not in {cfg.annotations}, e.g. {missing[0]}" if missing else ""
         return f"{sink.items.count} detections of {sink.rows} images -> {cfg.coco_results}{unmatched}"
     if isinstance(sink, export.CocoDataset):
-        return f"{sink.images.count} images, {sink.annotations.count} annotations -> {cfg.coco_dataset}"
+        left_out = sink.segmentation.no_polygon
+        specks = f" ({left_out} masks too small for a polygon left out)" if left_out else ""
+        return f"{sink.images.count} images, {sink.annotations.count} annotations{specks} -> {sink.uri}"
+    if isinstance(sink, labelling.LabelStudioTasks):
+        specks = f" ({sink.no_polygon} masks too small for a polygon left out)" if sink.no_polygon else ""
+        where = storage.join(cfg.label_studio, labelling.TASKS)
+        return f"{sink.tasks} Label Studio tasks, {sink.regions} polygon regions{specks} -> {where}"
     if isinstance(sink, export.Pictures):
         return f"{sink.drawn} pictures drawn" + (f" -> {cfg.render_dir}" if cfg.render_dir else "")
     return f"report of {sink.images} rows, {len(sink.figures)} pictures -> {storage.join(cfg.html, 'index.html')}"

@@ -21,7 +21,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn import images, keypoints, masks, storage
+from maskrcnn import images, keypoints, labelling, masks, storage
 from maskrcnn.errors import UserError
 
 
@@ -40,10 +40,14 @@ class CocoDataset:
     keypoints: keypoints.KeypointSpec | None = None  # the categories' keypoint names and skeleton
 
 
-def load_coco(annotations: str, image_root: str) -> CocoDataset:
+def load_coco(annotations: str, image_root: str, like: list[dict] | None = None) -> CocoDataset:
     """Index a COCO instances file (local or s3://) whose ``file_name``s are under ``image_root``
-    (see :func:`index_coco`)."""
-    return index_coco(_read(annotations), annotations, image_root)
+    (see :func:`index_coco`); with ``like``, its categories are matched to those by name
+    (:func:`match_categories`)."""
+    gt = labelling.from_labelling_tools(_read(annotations))
+    if like is not None:
+        labelling.match_categories(gt, like, annotations, categories(gt, annotations))
+    return index_coco(gt, annotations, image_root)
 
 
 def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> CocoDataset:
@@ -77,7 +81,7 @@ def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> 
     records = [
         {
             "image_id": img["id"],
-            "uri": img["file_name"] if image_root is None else storage.join(image_root, img["file_name"]),
+            "uri": img["file_name"] if image_root is None else labelling.image_uri(image_root, img["file_name"]),
             "width": img["width"],
             "height": img["height"],
             "annotations": json.dumps(by_image[img["id"]]),

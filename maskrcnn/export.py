@@ -80,6 +80,27 @@ def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str,
     return results
 
 
+class Segmentation:
+    """How a COCO file writes masks: as their COCO RLE (``tolerance`` None), or as polygons
+    (:func:`maskrcnn.masks.to_polygons` within ``tolerance`` pixels). A mask with no polygon
+    of 3 points or more (a speck) cannot be written as polygons: its instance is left out,
+    and counted in ``no_polygon``."""
+
+    def __init__(self, tolerance: float | None = None):
+        self.tolerance, self.no_polygon = tolerance, 0
+
+    def __call__(self, ann: dict[str, Any]) -> dict[str, Any] | None:
+        """A COCO annotation or result with its ``segmentation`` as asked; None to leave it out."""
+        segm = ann.get("segmentation")
+        if self.tolerance is None or not isinstance(segm, dict):
+            return ann
+        polygons = masks.to_polygons(segm, self.tolerance)
+        if not polygons:
+            self.no_polygon += 1
+            return None
+        return dict(ann, segmentation=polygons)
+
+
 class _JsonList:
     """A JSON array written item by item to a local file."""
 
@@ -96,9 +117,16 @@ class CocoResults(contextlib.ExitStack):
     returns None for rows to leave out; by default rows are numbered 1.. in order, as
     :class:`CocoDataset` numbers them."""
 
-    def __init__(self, uri: str, image_id: Callable[[dict], int | None] | None = None, min_score: float = 0.0):
+    def __init__(
+        self,
+        uri: str,
+        image_id: Callable[[dict], int | None] | None = None,
+        min_score: float = 0.0,
+        segmentation: Segmentation | None = None,
+    ):
         super().__init__()
         self.uri, self.image_id, self.min_score, self.rows, self.unmatched = uri, image_id, min_score, 0, []
+        self.segmentation = segmentation or Segmentation()
         self.file = open(self.enter_context(storage.staged(uri)), "w")
         self.callback(self.file.close)
         self.file.write("[")
@@ -113,7 +141,9 @@ class CocoResults(contextlib.ExitStack):
             self.unmatched.append(row["uri"])
             return
         for result in to_results([i for i in row["instances"] if i["score"] >= self.min_score], image_id):
-            self.items.add(result)
+            result = self.segmentation(result)
+            if result is not None:
+                self.items.add(result)
 
     def __exit__(self, *exc: Any) -> bool:
         if exc[0] is None:
@@ -149,9 +179,11 @@ class CocoDataset(contextlib.ExitStack):
         min_score: float = 0.0,
         categories: list[dict] | None = None,
         keypoints: KeypointSpec | None = None,
+        segmentation: Segmentation | None = None,
     ):
         super().__init__()
-        self.root, self.min_score, self.keypoints = root, min_score, keypoints
+        self.uri, self.root, self.min_score, self.keypoints = uri, root, min_score, keypoints
+        self.segmentation = segmentation or Segmentation()
         self.categories = {c["id"]: c["name"] for c in categories or []}
         self.file = open(self.enter_context(storage.staged(uri)), "w")
         self.callback(self.file.close)
@@ -171,7 +203,9 @@ class CocoDataset(contextlib.ExitStack):
         for inst in row["instances"]:
             if inst["score"] >= self.min_score:
                 self.categories[inst["category_id"]] = inst["category"]
-                self.annotations.add({"id": self.annotations.count + 1, "image_id": image_id, **self._annotation(inst)})
+                ann = self.segmentation(self._annotation(inst))
+                if ann is not None:
+                    self.annotations.add({"id": self.annotations.count + 1, "image_id": image_id, **ann})
 
     @staticmethod
     def _annotation(inst: dict[str, Any]) -> dict[str, Any]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from maskrcnn import data, keypoints, output, storage
@@ -75,15 +77,61 @@ def same_categories(sources: dict[str, list[dict]]) -> None:
 @dataclass(frozen=True)
 class Rules:
     """What turns rows into training records: the training set's categories (label i+1 is
-    ``categories[i]``) and ``--min-score``, which keeps pseudo-label instances at or above it."""
+    ``categories[i]``), ``--min-score``, which keeps pseudo-label instances at or above it,
+    and the reviewed images (:func:`reviewed_images`), whose pseudo-labels are not trained on."""
 
     categories: tuple[tuple[int, str], ...]
     keypoints: keypoints.KeypointSpec | None = None
     min_score: float | None = None
+    reviewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False, repr=False)
 
     @functools.cached_property
     def label_of(self) -> dict[int, int]:
         return {cid: i + 1 for i, (cid, _) in enumerate(self.categories)}
+
+    def is_reviewed(self, uri: str) -> bool:
+        key = review_key(uri)
+        at = int(np.searchsorted(self.reviewed, key))
+        return at < len(self.reviewed) and int(self.reviewed[at]) == key
+
+
+def review_key(uri: str) -> int:
+    """The :func:`image_id` of a URI written the one way: local paths absolute and normalised."""
+    if not storage.is_s3(uri):
+        uri = os.path.normpath(os.path.abspath(storage.local_path(uri)))
+    return image_id(uri)
+
+
+def reviewed_images(coco_records: list[dict[str, Any]], sources: list[Labels]) -> np.ndarray:
+    """The images a person labelled, as sorted :func:`review_key`\\ s: every image of a COCO
+    file (a reviewed export from Label Studio or CVAT, or any ground truth) and every Parquet
+    row without ``model`` (ground truth converted by ``jobs/coco_to_parquet.py``). A pseudo-
+    label row of one of these images is skipped (counted as ``reviewed``): the person's labels
+    replace the model's. Part files whose ``model`` column has no null (its statistics say
+    so) are not read; 8 bytes per reviewed image reach every cleaning task."""
+    keys = {review_key(r["uri"]) for r in coco_records}
+    for labels in sources:
+        for uri in labels.files:
+            if _has_ground_truth(uri):
+                keys.update(review_key(u) for u in _ground_truth_uris(uri))
+    return np.array(sorted(keys), dtype=np.int64)
+
+
+def _has_ground_truth(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    meta = pq.read_metadata(path, filesystem=fs)
+    column = meta.schema.names.index("model")
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_null_count or stats.null_count > 0:
+            return True
+    return False
+
+
+def _ground_truth_uris(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    table = pq.read_table(path, filesystem=fs, columns=["uri", "model"])
+    return table.filter(pc.is_null(table.column("model"))).column("uri").to_pylist()
 
 
 def record_schema(rules: Rules) -> pa.Schema:
@@ -102,6 +150,9 @@ def records(rows: list[dict[str, Any]], rules: Rules) -> tuple[list[dict[str, An
     for row in rows:
         if row["error"]:
             skipped["error"] += 1
+            continue
+        if row["model"] is not None and rules.is_reviewed(row["uri"]):
+            skipped["reviewed"] += 1
             continue
         img = {"id": image_id(row["uri"]), "file_name": row["uri"], "width": row["width"], "height": row["height"]}
         anns = _training_annotations(row, img, rules, dropped)

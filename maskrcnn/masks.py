@@ -161,3 +161,130 @@ def _run_lengths(
         positions = positions[positions < total]  # a mask ending on the last pixel has no final zero run
         counts.append(np.diff(np.concatenate([[0], positions, [total]])).astype(np.uint32))
     return counts
+
+
+# ---------------------------------------------------------------- polygons
+
+POLYGON_TOLERANCE = 0.5  # pixels: how far a simplified outline may stray from the mask's own
+
+
+def to_polygons(rle: dict, tolerance: float = POLYGON_TOLERANCE) -> list[list[float]]:
+    """A compressed RLE -> COCO polygons ``[[x1, y1, x2, y2, ...], ...]``, one per connected
+    part, in pixel-edge coordinates (as pycocotools rasterises them: ``[0, 0, 2, 0, 2, 2, 0, 2]``
+    is the 2 x 2 square of pixels at the origin).
+
+    OpenCV traces each part and its holes (``RETR_CCOMP``, as detectron2's ``GenericMask``
+    does) through the centres of the boundary pixels; each outline is simplified to within
+    ``tolerance`` pixels (Douglas-Peucker, ``cv2.approxPolyDP``) and then moved half a pixel
+    outwards (holes inwards), onto the pixels' edges. A hole is kept by joining it to its
+    part's outline with a zero-width cut, so that the one polygon fills the part and leaves
+    the hole empty under the even-odd rule pycocotools, Label Studio and CVAT draw with.
+    Parts and holes left with fewer than 3 points are dropped; a mask with no part of 3
+    points or more (a speck of a pixel or two, a one-pixel line) gives ``[]``.
+
+    Only the mask's bounding columns are decoded, so the cost grows with its box, not with
+    the photo's pixels.
+    """
+    found = _crop(rle)
+    if found is None:
+        return []
+    crop, x0, y0 = found
+    import cv2  # opencv-python-headless: only polygon export needs it
+
+    contours, hierarchy = cv2.findContours(np.pad(crop, 1), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None:
+        return []
+    hierarchy = hierarchy[0]
+    outlines = [
+        _outline(cv2.approxPolyDP(c, tolerance, True)[:, 0, :], outer=h[3] < 0) for c, h in zip(contours, hierarchy)
+    ]
+    polygons = []
+    for i, (_, _, child, parent) in enumerate(hierarchy):
+        if parent >= 0 or outlines[i] is None:
+            continue
+        polygon = outlines[i]
+        while child >= 0:
+            if outlines[child] is not None:
+                polygon = _join_hole(polygon, outlines[child])
+            child = hierarchy[child][0]
+        polygons.append((polygon + (x0 - 0.5, y0 - 0.5)).ravel().round(2).tolist())  # - 1 for the pad, + 0.5
+    return polygons
+
+
+def _crop(rle: dict) -> tuple[np.ndarray, int, int] | None:
+    """The mask's pixels within its bounding box, as ``(crop, x0, y0)``; None when it is empty.
+    Reads the RLE's runs (column-major, zeros first) and fills only the columns they touch."""
+    height = int(rle["size"][0])
+    counts = _counts(rle["counts"])
+    ends = np.cumsum(counts)
+    on_starts, on_ends = (ends - counts)[1::2], ends[1::2]
+    keep = on_ends > on_starts
+    on_starts, on_ends = on_starts[keep], on_ends[keep]
+    if len(on_starts) == 0:
+        return None
+    x0, x1 = int(on_starts[0] // height), int((on_ends[-1] - 1) // height) + 1
+    edges = np.zeros((x1 - x0) * height + 1, np.int32)
+    np.add.at(edges, on_starts - x0 * height, 1)
+    np.add.at(edges, on_ends - x0 * height, -1)
+    columns = np.cumsum(edges[:-1]).astype(np.uint8).reshape(x1 - x0, height).T
+    rows = np.flatnonzero(columns.any(axis=1))
+    return np.ascontiguousarray(columns[rows[0] : rows[-1] + 1]), x0, int(rows[0])
+
+
+def _counts(counts: str | bytes | list[int]) -> np.ndarray:
+    """COCO run lengths from an uncompressed list or a compressed string (pycocotools' rleFrString)."""
+    if isinstance(counts, list):
+        return np.asarray(counts, dtype=np.int64)
+    text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    runs: list[int] = []
+    p = 0
+    while p < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[p]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return np.asarray(runs, dtype=np.int64)
+
+
+def _outline(points: np.ndarray, outer: bool) -> np.ndarray | None:
+    """A traced outline (pixel centres) moved half a pixel onto the pixels' edges: outwards
+    for a part, inwards for a hole; None when it has fewer than 3 points."""
+    if len(points) < 3:
+        return None
+    points = points.astype(np.float64)
+    a, b = _offset(points, 0.5), _offset(points, -0.5)
+    bigger, smaller = (a, b) if abs(_signed_area(a)) > abs(_signed_area(b)) else (b, a)
+    return bigger if outer else smaller
+
+
+def _offset(points: np.ndarray, distance: float) -> np.ndarray:
+    """A closed polygon with every edge moved ``distance`` along its normal (mitred corners,
+    the mitre capped at twice the distance)."""
+    edges = np.roll(points, -1, axis=0) - points
+    lengths = np.maximum(np.linalg.norm(edges, axis=1, keepdims=True), 1e-9)
+    normals = np.stack([edges[:, 1], -edges[:, 0]], axis=1) / lengths
+    corner = normals + np.roll(normals, 1, axis=0)  # vertex i joins edges i - 1 and i
+    corner /= np.maximum(np.linalg.norm(corner, axis=1, keepdims=True), 1e-9)
+    cos = np.maximum((corner * normals).sum(axis=1, keepdims=True), 0.5)
+    return points + distance * corner / cos
+
+
+def _signed_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum())
+
+
+def _join_hole(polygon: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """One polygon tracing ``polygon``, then (through a zero-width cut at the closest pair of
+    points) around ``hole`` and back."""
+    distances = ((polygon[:, None, :] - hole[None, :, :]) ** 2).sum(axis=-1)
+    i, j = np.unravel_index(distances.argmin(), distances.shape)
+    return np.concatenate([polygon[: i + 1], hole[j:], hole[: j + 1], polygon[i:]])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 def clock(seconds: float) -> str:
@@ -47,6 +49,12 @@ class Progress:
             return
         if time.perf_counter() - self.last >= self.every or (self.total is not None and self.done >= self.total):
             self._print(note)
+
+    def each(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, counting one as each is taken."""
+        for item in items:
+            yield item
+            self.add(1)
 
     def finish(self, note: str = "") -> None:
         """The closing line, unless the last line already gave this count."""

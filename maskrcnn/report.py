@@ -1,9 +1,10 @@
 """A browsable report of a segmentation output: one static HTML page (no server, no
-JavaScript) with the summary, drawn images with their instance tables, and the error rows.
+JavaScript) with the summary, plots (:mod:`maskrcnn.plots`), drawn images with their
+instance tables, the review queue, and the error rows.
 
 :class:`Report` is a sink like those of :mod:`maskrcnn.export`: it counts every row, draws
-the first few, keeps the first error rows, and writes ``index.html`` beside its pictures
-when closed.
+the first few (or, with a review queue, the queued ones), keeps the first error rows, and
+writes ``index.html`` beside its pictures and plots when closed.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import html
 import urllib.parse
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
-from maskrcnn import export, masks, output, storage
+import numpy as np
+
+from maskrcnn import export, masks, output, plots, storage
 from maskrcnn.keypoints import KeypointSpec
+from maskrcnn.review import Queued
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
@@ -24,6 +28,7 @@ th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-al
 td.n { text-align: right; }
 figure { display: inline-block; margin: 0 1.5em 1.5em 0; vertical-align: top; }
 figure img { max-width: 640px; display: block; }
+img.plot { display: block; max-width: 100%; margin: .5em 0 1.5em; }
 figcaption { font-family: monospace; word-break: break-all; max-width: 640px; }
 """
 
@@ -40,8 +45,11 @@ class Report(contextlib.AbstractContextManager):
         max_errors: int = 1000,
         max_side: int = 640,
         keypoints: KeypointSpec | None = None,
+        queue: list[Queued] | None = None,
     ):
         self.directory, self.source, self.root, self.min_score = directory, source, root, min_score
+        self.queue = queue
+        self.rank = {q.uri: q.rank for q in queue or []}
         self.max_errors = max_errors
         self.pictures = export.Pictures(
             pictures,
@@ -53,7 +61,10 @@ class Report(contextlib.AbstractContextManager):
         )
         self.images, self.instances, self.errors, self.classes = 0, 0, Counter(), Counter()
         self.error_rows: list[tuple[str, str]] = []
-        self.figures: list[str] = []
+        self.figures: dict[int, str] = {}  # by rank in the queue, or in the order drawn
+        self.pictured: dict[str, str] = {}  # URI -> picture name
+        self.scores: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(plots.BINS, np.int64))
+        self.per_image: Counter = Counter()
 
     def add(self, row: dict[str, Any]) -> None:
         self.images += 1
@@ -65,9 +76,15 @@ class Report(contextlib.AbstractContextManager):
         kept = [i for i in row["instances"] if i["score"] >= self.min_score]
         self.instances += len(kept)
         self.classes.update(i["category"] for i in kept)
+        self.per_image[min(len(kept), plots.MAX_COUNT)] += 1
+        for i in kept:
+            self.scores[i["category"]][plots.score_bin(i["score"])] += 1
+        if self.queue is not None and row["uri"] not in self.rank:
+            return
         name = self.pictures.add(row)
         if name:
-            self.figures.append(self._figure(row, kept, name))
+            self.pictured[row["uri"]] = name
+            self.figures[self.rank.get(row["uri"], len(self.figures))] = self._figure(row, kept, name)
 
     def _figure(self, row: dict[str, Any], kept: list[dict], name: str) -> str:
         """The HTML of the picture :class:`maskrcnn.export.Pictures` has just drawn as ``name``,
@@ -91,6 +108,12 @@ class Report(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
+            storage.write_bytes(storage.join(self.directory, "scores.png"), plots.scores(dict(self.scores)))
+            storage.write_bytes(
+                storage.join(self.directory, "instances.png"), plots.instances_per_image(self.per_image)
+            )
+            if self.errors:
+                storage.write_bytes(storage.join(self.directory, "errors.png"), plots.errors(self.errors))
             storage.write_text(storage.join(self.directory, "index.html"), self.page())
 
     def page(self) -> str:
@@ -100,10 +123,11 @@ class Report(contextlib.AbstractContextManager):
             "<h2>Summary</h2>" + _table(("", "count"), summary),
             "<h3>Errors by kind</h3>" + _table(("kind", "rows"), sorted(self.errors.items())),
             "<h3>Instances by category</h3>" + _table(("category", "instances"), self.classes.most_common()),
-            f"<h2>Pictures</h2><p>The first {len(self.figures)} images with instances"
-            + (f" scoring at least {self.min_score}" if self.min_score else "")
-            + ".</p>"
-            + "".join(self.figures),
+            "<h2>Plots</h2>"
+            + _plot("scores.png", "instance scores by class")
+            + _plot("instances.png", "instances per image")
+            + (_plot("errors.png", "error rows by kind") if self.errors else ""),
+            self._queue() if self.queue is not None else self._pictures(),
             "<h2>Errors</h2>" + _table(("URI", "reason"), self.error_rows) + self._more_errors(),
         ]
         body = "\n".join(parts)
@@ -113,9 +137,27 @@ class Report(contextlib.AbstractContextManager):
             f"<body>\n{body}\n</body></html>\n"
         )
 
+    def _pictures(self) -> str:
+        above = f" scoring at least {self.min_score}" if self.min_score else ""
+        intro = f"<h2>Pictures</h2><p>The first {len(self.figures)} images with instances{above}.</p>"
+        return intro + "".join(self.figures[k] for k in sorted(self.figures))
+
+    def _queue(self) -> str:
+        rows = [(q.rank, export.printable(q.uri), q.counted, f"{q.mean_score:.3f}") for q in self.queue or []]
+        intro = (
+            f"<h2>Review queue</h2><p>{len(rows)} images, most worth a look first; the outputs "
+            "written beside this report hold these images only.</p>"
+        )
+        table = _table(("rank", "URI", "instances counted", "their mean score"), rows)
+        return intro + table + "<h3>Queued pictures</h3>" + "".join(self.figures[k] for k in sorted(self.figures))
+
     def _more_errors(self) -> str:
         more = sum(self.errors.values()) - len(self.error_rows)
         return f"<p>… and {more} more error rows, not listed.</p>" if more > 0 else ""
+
+
+def _plot(name: str, alt: str) -> str:
+    return f'<img class="plot" src="{name}" alt="{html.escape(alt)}">'
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:

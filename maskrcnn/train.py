@@ -113,16 +113,18 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
     """Everything that can fail on bad input before Ray starts; returns the training set and
     the ``--weights`` tensors (None without)."""
     found: dict[str, list[dict]] = {}
-    records, dropped, sources = [], Counter(), []
+    records, dropped = [], Counter()
+    sources = [labels.open_labels(source) for source in cfg.train_sources if labels.is_labels(source)]
+    like = sources[0].categories if sources else None  # COCO files' classes are matched to these by name
     for source in cfg.train_sources:
         if labels.is_labels(source):
-            sources.append(labels.open_labels(source))
-            found[source] = sources[-1].categories
+            found[source] = next(s.categories for s in sources if s.source == source)
             continue
-        coco = data.load_coco(source, cfg.train_images)
+        coco = data.load_coco(source, cfg.train_images, like)
         records += coco.records
         dropped.update(coco.dropped)
         found[source] = coco.gt["categories"]
+        like = like or coco.gt["categories"]
         del coco  # its ground truth: evaluation scores the validation set's only
     if cfg.train_images and not all(map(labels.is_labels, cfg.train_sources)):
         storage.check_readable_dir(cfg.train_images)
@@ -147,7 +149,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
         for record in records:
             record.pop("num_keypoints", None)
     cats = tuple((c["id"], c["name"]) for c in categories)
-    rules = labels.Rules(cats, spec, cfg.min_score)
+    rules = labels.Rules(cats, spec, cfg.min_score, labels.reviewed_images(records, sources))
     return TrainingSet(categories, rules, records, sources, dropped, val, _sigmas(cfg, spec)), initial
 
 

@@ -337,3 +337,36 @@ def mask_iou(a: list[dict], b: list[dict]) -> np.ndarray:
     if not a or not b:
         return np.zeros((len(a), len(b)))
     return np.asarray(mask_utils.iou([dict(r) for r in a], [dict(r) for r in b], [0] * len(b)))
+
+
+def teacher_labels(coco_small: tuple[str, str], out: str, images: int, seed: int = 0) -> list[dict]:
+    """Pseudo-labels as a good teacher would write them: the first ``images`` images of the
+    real coco_small set, each non-crowd ground-truth mask an instance with a seeded score,
+    written as a segmentation output (part files and ``_categories.json``). Returns the rows."""
+    import json
+
+    from maskrcnn import masks, output
+
+    gt = json.loads(Path(coco_small[0]).read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for img in gt["images"][:images]:
+        instances = [
+            {
+                "category_id": ann["category_id"],
+                "category": names[ann["category_id"]],
+                "score": float(rng.uniform(0.2, 1.0)),
+                "bbox": [float(v) for v in ann["bbox"]],
+                "mask": masks.to_compressed(ann["segmentation"], img["height"], img["width"]),
+                "keypoints": None,
+                "iscrowd": None,
+            }
+            for ann in gt["annotations"]
+            if ann["image_id"] == img["id"] and not ann["iscrowd"]
+        ]
+        rows.append(output.row(f"{coco_small[1]}/{img['file_name']}", (img["height"], img["width"]), instances, "teacher"))
+    output.write_part(out, 0, rows[: len(rows) // 2])
+    output.write_part(out, 1, rows[len(rows) // 2 :])
+    output.write_categories(out, gt["categories"])
+    return rows

@@ -127,3 +127,65 @@ def test_iou_is_computed_on_the_runs():
     expected = [[(x & y).sum() / (x | y).sum() for y in binary[1:]] for x in binary[:2]]
     np.testing.assert_allclose(mask_iou(a, b), expected)
     assert mask_iou(a, []).shape == (2, 0)
+
+
+# ---------------------------------------------------------------- polygons
+
+
+def _coco_small_masks(coco_small) -> list[dict]:
+    gt = json.loads(open(coco_small[0]).read())
+    sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    return [masks.to_compressed(a["segmentation"], *sizes[a["image_id"]]) for a in gt["annotations"]]
+
+
+def test_the_crop_of_every_real_mask_is_its_decoded_box(coco_small):
+    for rle in _coco_small_masks(coco_small):
+        full = masks.decode(rle, *rle["size"])
+        ys, xs = np.nonzero(full)
+        crop, x0, y0 = masks._crop(rle)
+        assert (x0, y0) == (xs.min(), ys.min())
+        np.testing.assert_array_equal(crop, full[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+
+
+def test_polygons_of_real_masks_cover_them(coco_small):
+    """Every coco_small mask (polygons, multi-part polygons, crowd RLEs) -> polygons -> the
+    mask pycocotools draws from them: measured here at a mean IoU of 0.991 (min 0.88)."""
+    ious = []
+    for rle in _coco_small_masks(coco_small):
+        polygons = masks.to_polygons(rle)
+        assert polygons and all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
+        ious.append(mask_iou([rle], [masks.to_compressed(polygons, *rle["size"])])[0, 0])
+    assert len(ious) > 800 and np.mean(ious) > 0.985 and min(ious) > 0.85
+
+
+def test_a_hole_stays_empty_and_a_square_comes_back_exactly():
+    binary = np.zeros((1, 60, 80), np.uint8)
+    binary[0, 10:50, 20:70] = 1
+    binary[0, 20:30, 30:45] = 0  # the hole
+    binary[0, 55:58, 2:5] = 1  # a second part: a 3 x 3 square
+    rle = masks.encode(binary)[0]
+    polygons = masks.to_polygons(rle, tolerance=0)
+    assert len(polygons) == 2  # one polygon per part, the hole joined into its part's
+    drawn = masks.decode(polygons, 60, 80)
+    np.testing.assert_array_equal(drawn, binary[0])  # straight edges: pixel-exact, hole included
+    corners = {(2.0, 55.0), (5.0, 55.0), (5.0, 58.0), (2.0, 58.0)}  # the square's, on the pixels' edges
+    assert any(len(p) == 8 and set(zip(p[::2], p[1::2])) == corners for p in polygons)
+
+
+def test_masks_with_no_polygon_give_none():
+    empty = masks.encode(np.zeros((1, 5, 5), np.uint8))[0]
+    speck = np.zeros((1, 5, 5), np.uint8)
+    speck[0, 2, 2] = 1
+    line = np.zeros((1, 5, 9), np.uint8)
+    line[0, 2, 1:8] = 1  # one pixel high: its outline has no area
+    assert masks.to_polygons(empty) == []
+    assert masks.to_polygons(masks.encode(speck)[0]) == []
+    assert masks.to_polygons(masks.encode(line)[0], tolerance=1) == []
+
+
+def test_uncompressed_rle_counts_give_the_same_polygons():
+    binary = np.zeros((1, 30, 40), np.uint8)
+    binary[0, 5:25, 8:30] = 1
+    rle = masks.encode(binary)[0]
+    runs = masks._counts(rle["counts"]).tolist()
+    assert masks.to_polygons({"size": [30, 40], "counts": runs}) == masks.to_polygons(rle)

@@ -1,0 +1,195 @@
+"""Pre-labels for the tools where people review labels: Label Studio tasks and CVAT's COCO 1.0.
+
+- :class:`LabelStudioTasks` writes ``tasks.json`` (one task per image, its instances as a
+  ``predictions`` entry of polygon regions in percent coordinates, as Label Studio
+  pre-annotations take them) and ``config.xml`` (the labelling config naming the classes).
+- CVAT's COCO 1.0 is a COCO dataset with polygons at ``annotations/instances_default.json``
+  (:func:`cvat_annotations`), written by :class:`maskrcnn.export.CocoDataset`.
+
+Both are sinks (see :mod:`maskrcnn.export`): rows in one at a time, files whole on close.
+What comes back from the tools is read by :mod:`maskrcnn.data` with the quirks undone here
+(:func:`image_uri`, :func:`from_labelling_tools`, :func:`match_categories`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.parse
+from typing import Any, Callable
+from xml.sax.saxutils import quoteattr
+
+from maskrcnn import export, masks, storage
+from maskrcnn.errors import UserError
+
+TASKS, CONFIG = "tasks.json", "config.xml"
+FROM_NAME, TO_NAME = "label", "image"  # the labelling config's control and image tag names
+
+
+def cvat_annotations(directory: str) -> str:
+    """Where CVAT's COCO 1.0 import looks for the annotations in a folder (or zip) it is given."""
+    return storage.join(directory, "annotations", "instances_default.json")
+
+
+def image_url(root: str | None, url_prefix: str | None) -> Callable[[str], str]:
+    """How a task names its image: ``url_prefix`` + the path relative to ``root`` (percent-
+    encoded, ``/`` kept), or, without a prefix, the ``s3://`` URI itself, which Label Studio's
+    S3 storage serves. A local image without a prefix is an error: the browser cannot open it."""
+
+    def url(uri: str) -> str:
+        if url_prefix is not None:
+            path = export.relative(uri, root) if root else None
+            if path is None:
+                raise ValueError(f"{uri} is not under --images {root}: --url-prefix needs the image root")
+            return url_prefix + urllib.parse.quote(path, safe="/")
+        if storage.is_s3(uri):
+            return uri
+        raise ValueError(
+            f"{uri}: a local image needs --url-prefix (e.g. /data/local-files/?d= for Label Studio's local storage)"
+        )
+
+    return url
+
+
+class LabelStudioTasks(contextlib.ExitStack):
+    """Label Studio tasks with the model's instances as predictions, and their labelling config.
+
+    Each instance at or above ``min_score`` is one polygon region per connected part of its
+    mask (:func:`maskrcnn.masks.to_polygons`; a hole is kept by a zero-width cut), labelled
+    with its class and carrying its score; an instance without a mask (a keypoint model's)
+    is its box. A mask with no polygon of 3 points or more is left out and counted in
+    ``no_polygon``. The prediction's ``score`` is the lowest of its regions' scores, so that
+    sorting tasks by it in Label Studio brings the least certain image first. Error rows
+    have no image to show and are left out (counted in ``errors``).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        url: Callable[[str], str],
+        *,
+        min_score: float = 0.0,
+        tolerance: float = masks.POLYGON_TOLERANCE,
+        categories: list[dict] | None = None,
+    ):
+        super().__init__()
+        self.directory, self.url, self.min_score, self.tolerance = directory, url, min_score, tolerance
+        self.classes = [c["name"] for c in sorted(categories or [], key=lambda c: c["id"])]
+        self.tasks = self.regions = self.no_polygon = self.errors = 0
+        self.file = open(self.enter_context(storage.staged(storage.join(directory, TASKS))), "w")
+        self.callback(self.file.close)
+        self.file.write("[")
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["error"]:
+            self.errors += 1
+            return
+        result = []
+        for inst in row["instances"]:
+            if inst["score"] >= self.min_score:
+                result += self._regions(inst, row["width"], row["height"], f"{self.tasks + 1}-{len(result) + 1}")
+        scores = [r["score"] for r in result]
+        prediction = {"model_version": row["model"] or "", "score": min(scores) if scores else 0.0, "result": result}
+        task = {"data": {TO_NAME: self.url(row["uri"])}, "predictions": [prediction]}
+        self.file.write(("," if self.tasks else "") + "\n" + json.dumps(task))
+        self.tasks += 1
+        self.regions += len(result)
+
+    def _regions(self, inst: dict[str, Any], width: int, height: int, first_id: str) -> list[dict[str, Any]]:
+        if inst.get("mask"):
+            polygons = masks.to_polygons(inst["mask"], self.tolerance)
+            if not polygons:
+                self.no_polygon += 1
+        else:
+            x, y, w, h = inst["bbox"]
+            polygons = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        if inst["category"] not in self.classes:
+            self.classes.append(inst["category"])
+        return [
+            {
+                "id": f"{first_id}-{k}",
+                "from_name": FROM_NAME,
+                "to_name": TO_NAME,
+                "type": "polygonlabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "score": inst["score"],
+                "value": {
+                    "points": [[100 * p[i] / width, 100 * p[i + 1] / height] for i in range(0, len(p), 2)],
+                    "polygonlabels": [inst["category"]],
+                    "closed": True,
+                },
+            }
+            for k, p in enumerate(polygons, 1)
+        ]
+
+    def __exit__(self, *exc: Any) -> bool:
+        if exc[0] is None:
+            self.file.write("\n]\n")
+            storage.write_text(storage.join(self.directory, CONFIG), labelling_config(self.classes))
+        return super().__exit__(*exc)
+
+
+def labelling_config(classes: list[str]) -> str:
+    """Label Studio's labelling config for polygon labels of ``classes`` over one image."""
+    labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in classes)
+    return (
+        "<View>\n"
+        f'  <Image name="{TO_NAME}" value="${TO_NAME}" zoom="true"/>\n'
+        f'  <PolygonLabels name="{FROM_NAME}" toName="{TO_NAME}" strokeWidth="2" opacity="0.4">\n'
+        f"{labels}\n"
+        "  </PolygonLabels>\n"
+        "</View>\n"
+    )
+
+
+# ---------------------------------------------------------------- what comes back
+
+LOCAL_FILES = "/data/local-files/?d="  # how Label Studio's local storage names a file under its document root
+
+
+def image_uri(root: str, file_name: str) -> str:
+    """Where a COCO file's image is: ``file_name`` under ``root``. Files written by labelling
+    tools are read as they come: an ``s3://`` URI (Label Studio's S3 storage) is the image
+    itself, and Label Studio's local-storage URL ``/data/local-files/?d=PATH`` names PATH
+    (percent-decoded) under ``root``, which is then Label Studio's document root."""
+    if storage.is_s3(file_name):
+        return file_name
+    if file_name.startswith(LOCAL_FILES):
+        file_name = urllib.parse.unquote(file_name[len(LOCAL_FILES) :])
+    return storage.join(root, file_name)
+
+
+def from_labelling_tools(gt: dict[str, Any]) -> dict[str, Any]:
+    """A COCO dict with CVAT's one departure from COCO undone: CVAT's COCO 1.0 export (made
+    by Datumaro) writes every mask shape as ``iscrowd: 1`` with an uncompressed RLE, though
+    a person drew it as one object; such annotations carry CVAT's ``attributes`` (always
+    ``occluded``), which a crowd region from COCO itself never has, and are trained on."""
+    for ann in gt.get("annotations") or []:
+        if (
+            isinstance(ann, dict)
+            and ann.get("iscrowd")
+            and isinstance(ann.get("attributes"), dict)
+            and "occluded" in ann["attributes"]
+            and isinstance(ann.get("segmentation"), dict)
+            and isinstance(ann["segmentation"].get("counts"), list)
+        ):
+            ann["iscrowd"] = 0
+    return gt
+
+
+def match_categories(gt: dict[str, Any], like: list[dict], path: str, own: list[dict]) -> None:
+    """Renumber a COCO dict's categories (and its annotations' ``category_id``) to the ids of
+    the categories ``like`` with the same names: a labelling tool numbers classes its own way
+    (Label Studio from 0, CVAT from 1 in its label order). A class ``like`` lacks is an error;
+    an annotation of an id the file does not list stays unknown (and is dropped)."""
+    by_name = {c["name"]: c for c in like}
+    missing = [c["name"] for c in own if c["name"] not in by_name]
+    if missing:
+        raise UserError(f"{path}: categories {missing[:3]} are not among the training set's {sorted(by_name)[:8]}")
+    new_id = {c["id"]: by_name[c["name"]]["id"] for c in own}
+    for ann in gt.get("annotations") or []:
+        if isinstance(ann, dict) and isinstance(ann.get("category_id"), int):
+            ann["category_id"] = new_id.get(ann["category_id"], -1)
+    gt["categories"] = [dict(c) for c in like]
