@@ -33,7 +33,7 @@ demo-clean:
 	rm -rf demo_out demo_out_s3 demo_out_keypoints demo_out_keypoints_s3
 
 test: lint clients
-	MASKRCNN_CLIENTS=$(CLIENTS) $(PY) -m pytest
+	MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -255,8 +255,9 @@ def test_html_report_parses_and_links_only_to_files_that_exist(predictions, tmp_
 
     page = Links()
     page.feed((tmp_path / "report" / "index.html").read_text())
-    assert page.open == [] and len(page.links) == 3
+    assert page.open == [] and len(page.links) == 3 + 3  # the pictures, and the plots: scores, instances, errors
     assert all((tmp_path / "report" / link).is_file() for link in page.links)
+    assert {"scores.png", "instances.png", "errors.png"} <= set(page.links)
     text = " ".join(page.text)
     assert f"{rows[6]['uri']} missing: gone" in text  # the error row, with its URI and reason
     assert f"instances {sum(len(r['instances']) for r in rows)}" in text and "images 7" in text
@@ -311,7 +312,7 @@ def test_export_needs_something_to_do(predictions):
     result = call_job("export.py", "--predictions", predictions[0])
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
-        "error: nothing to do: give --coco-results, --coco-dataset, --render N or --html DIR"
+        "error: nothing to do: give --coco-results, --coco-dataset, --label-studio, --cvat, --render N or --html DIR"
     )
 
 
@@ -335,3 +336,28 @@ def test_duckdb_reads_the_output_with_no_project_code(predictions):
         f"SELECT i.category FROM (SELECT unnest(instances) AS i FROM read_parquet('{out}/*.parquet')) LIMIT 1"
     ).fetchone()
     assert category in ("person", "car", "dog")
+
+
+def test_a_review_queue_writes_only_the_queued_images_in_queue_order(predictions, tmp_path):
+    out, rows = predictions
+    flags = ["--review", "2", "--review-by", "crowded", "--coco-dataset", str(tmp_path / "queue.json")]
+    done = call_job("export.py", "--predictions", out, *flags, "--html", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    crowded = sorted((r for r in rows if not r["error"]), key=lambda r: (-len(r["instances"]), r["uri"]))[:2]
+    written = json.loads((tmp_path / "queue.json").read_text())
+    assert [i["file_name"] for i in written["images"]] == [r["uri"] for r in crowded]
+    assert len(written["annotations"]) == sum(len(r["instances"]) for r in crowded)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Review queue" in page and page.count("<figure>") == 2
+    assert page.index(crowded[0]["uri"]) < page.index(crowded[1]["uri"])
+    assert f'images</td><td class="n">{len(rows)}' in page  # the summary still counts every row
+
+
+def test_polygons_in_coco_files_draw_the_masks_again(predictions, tmp_path):
+    out, rows = predictions
+    flags = ["--segmentation", "polygons", "--coco-dataset", str(tmp_path / "d.json")]
+    assert call_job("export.py", "--predictions", out, *flags).returncode == 0
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert all(isinstance(a["segmentation"], list) for a in written["annotations"])
+    sent = [i for r in rows if not r["error"] for i in r["instances"]]
+    assert 0 < len(written["annotations"]) <= len(sent)

@@ -86,3 +86,22 @@ def test_part_files_of_schema_version_2_still_read(tmp_path):
     assert ann["iscrowd"] == 0 and ann["score"] == pytest.approx(0.9)
     records, _, _ = labels.records(pq.read_table(tmp_path / "part-000000.parquet").to_pylist(), RULES)
     assert len(json.loads(records[0]["annotations"])) == 1
+
+
+def test_a_reviewed_image_is_not_also_trained_from_its_pseudo_labels(tmp_path):
+    """An image a person labelled (a COCO file's, or a ground-truth row) replaces its
+    pseudo-labels; local paths match however they are written."""
+    truth = str(tmp_path / "truth")
+    output.write_part(truth, 0, [_row(str(tmp_path / "img" / "2.jpg"), [_instance(None)], model=None)])
+    output.write_categories(truth, [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}])
+    pseudo = str(tmp_path / "pseudo")
+    output.write_part(pseudo, 0, [_row(str(tmp_path / "img" / "9.jpg"), [_instance(0.9)])])  # no null model
+    output.write_categories(pseudo, [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}])
+    coco_records = [{"uri": f"{tmp_path}/img/./sub/../1.jpg"}]
+    reviewed = labels.reviewed_images(coco_records, [labels.open_labels(truth), labels.open_labels(pseudo)])
+    assert len(reviewed) == 2
+    rules = labels.Rules(RULES.categories, None, 0.5, reviewed)
+    rows = [_row(str(tmp_path / "img" / f"{i}.jpg"), [_instance(0.9)]) for i in (1, 2, 3)]
+    rows.append(_row(str(tmp_path / "img" / "2.jpg"), [_instance(None)], model=None))  # ground truth stays
+    records, _, skipped = labels.records(rows, rules)
+    assert [r["uri"].rsplit("/", 1)[1] for r in records] == ["3.jpg", "2.jpg"] and skipped == {"reviewed": 2}

@@ -285,7 +285,10 @@ def _train_history(text: str) -> list[dict]:
         ("val_duplicate_id", r"error: .*val\.json: annotation id \d+: the id is used twice"),
         ("no_keypoints", r"error: .*annotations\.json: no category lists 'keypoints', which --arch keypointrcnn_"),
         ("sigma_count", r"error: --keypoint-sigmas gives 2 values for 11 keypoints"),
-        ("categories_differ", r"error: .*labels: its categories differ from .*annotations\.json's"),
+        (
+            "categories_differ",
+            r"error: .*annotations\.json: categories \[.*\] are not among the training set's \['dog'\]",
+        ),
         ("no_categories_file", r"error: .*labels: no _categories\.json beside the part files"),
     ],
 )
