@@ -165,7 +165,8 @@ def _run_lengths(
 
 # ---------------------------------------------------------------- polygons
 
-POLYGON_TOLERANCE = 0.5  # pixels: how far a simplified outline may stray from the mask's own
+POLYGON_TOLERANCE = 1.0  # pixels: how far a simplified outline may stray from the mask's own...
+POLYGON_RELATIVE_TOLERANCE = 0.005  # ...and at most this fraction of the outline's length
 
 
 def to_polygons(rle: dict, tolerance: float = POLYGON_TOLERANCE) -> list[list[float]]:
@@ -174,9 +175,11 @@ def to_polygons(rle: dict, tolerance: float = POLYGON_TOLERANCE) -> list[list[fl
     is the 2 x 2 square of pixels at the origin).
 
     OpenCV traces each part and its holes (``RETR_CCOMP``, as detectron2's ``GenericMask``
-    does) through the centres of the boundary pixels; each outline is simplified to within
-    ``tolerance`` pixels (Douglas-Peucker, ``cv2.approxPolyDP``) and then moved half a pixel
-    outwards (holes inwards), onto the pixels' edges. A hole is kept by joining it to its
+    does) through the centres of the boundary pixels; each outline is simplified (Douglas-
+    Peucker, ``cv2.approxPolyDP``) to within ``tolerance`` pixels or 0.5% of its length,
+    whichever is less, so that a large outline loses its staircase and a small one keeps its
+    shape (see benchmarks/polygons.py), and then moved half a pixel outwards (holes inwards),
+    onto the pixels' edges. A hole is kept by joining it to its
     part's outline with a zero-width cut, so that the one polygon fills the part and leaves
     the hole empty under the even-odd rule pycocotools, Label Studio and CVAT draw with.
     Parts and holes left with fewer than 3 points are dropped; a mask with no part of 3
@@ -195,9 +198,7 @@ def to_polygons(rle: dict, tolerance: float = POLYGON_TOLERANCE) -> list[list[fl
     if hierarchy is None:
         return []
     hierarchy = hierarchy[0]
-    outlines = [
-        _outline(cv2.approxPolyDP(c, tolerance, True)[:, 0, :], outer=h[3] < 0) for c, h in zip(contours, hierarchy)
-    ]
+    outlines = [_outline(_simplified(cv2, c, tolerance), outer=h[3] < 0) for c, h in zip(contours, hierarchy)]
     polygons = []
     for i, (_, _, child, parent) in enumerate(hierarchy):
         if parent >= 0 or outlines[i] is None:
@@ -209,6 +210,11 @@ def to_polygons(rle: dict, tolerance: float = POLYGON_TOLERANCE) -> list[list[fl
             child = hierarchy[child][0]
         polygons.append((polygon + (x0 - 0.5, y0 - 0.5)).ravel().round(2).tolist())  # - 1 for the pad, + 0.5
     return polygons
+
+
+def _simplified(cv2: Any, contour: np.ndarray, tolerance: float) -> np.ndarray:
+    epsilon = min(tolerance, POLYGON_RELATIVE_TOLERANCE * cv2.arcLength(contour, True))
+    return cv2.approxPolyDP(contour, epsilon, True)[:, 0, :]
 
 
 def _crop(rle: dict) -> tuple[np.ndarray, int, int] | None:

@@ -149,13 +149,14 @@ def test_the_crop_of_every_real_mask_is_its_decoded_box(coco_small):
 
 def test_polygons_of_real_masks_cover_them(coco_small):
     """Every coco_small mask (polygons, multi-part polygons, crowd RLEs) -> polygons -> the
-    mask pycocotools draws from them: measured here at a mean IoU of 0.991 (min 0.88)."""
+    mask pycocotools draws from them: measured here at a mean IoU of 0.986 (min 0.87) at the
+    default tolerance, with 25 points a mask (benchmarks/polygons.py)."""
     ious = []
     for rle in _coco_small_masks(coco_small):
         polygons = masks.to_polygons(rle)
         assert polygons and all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
         ious.append(mask_iou([rle], [masks.to_compressed(polygons, *rle["size"])])[0, 0])
-    assert len(ious) > 800 and np.mean(ious) > 0.985 and min(ious) > 0.85
+    assert len(ious) > 800 and np.mean(ious) > 0.98 and min(ious) > 0.85
 
 
 def test_a_hole_stays_empty_and_a_square_comes_back_exactly():
