@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         progress = Progress("review queue", rows, unit="rows")
         queue = review.select(progress.each(export.read_rows(cfg.predictions)), cfg.review, cfg.min_score)
         progress.finish()
+        print(f"[export] review queue: {len(queue)} of {rows} rows, by {cfg.review.review_by}", flush=True)
     progress = Progress("export", rows, unit="rows")
     with contextlib.ExitStack() as stack:
         sinks = [stack.enter_context(sink) for sink in sinks_for(cfg, root, keypoints, queue)]

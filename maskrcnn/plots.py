@@ -33,6 +33,7 @@ def scores(histograms: dict[str, np.ndarray]) -> bytes:
         ax.bar(edges[:-1], counts, width=1 / BINS, align="edge", color="#3b75af", edgecolor="white", linewidth=0.5)
         ax.set_title(f"{_plain(name)} ({int(counts.sum())})", fontsize=10)
         ax.set_xlim(0, 1)
+        ax.yaxis.set_major_locator(_whole())
         ax.tick_params(labelsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("score", fontsize=9)
@@ -50,6 +51,7 @@ def instances_per_image(counts: Counter) -> bytes:
     ax.bar(xs, [counts.get(x, 0) for x in xs], width=0.8, color="#3b75af")
     ax.set_xlabel(f"instances in the image ({MAX_COUNT} = {MAX_COUNT} or more)", fontsize=9)
     ax.set_ylabel("images", fontsize=9)
+    ax.yaxis.set_major_locator(_whole())
     ax.set_xlim(-0.8, max([x for x in xs if counts.get(x)] or [1]) + 0.8)
     ax.set_title("Instances per image", fontsize=11)
     return _png(fig)
@@ -62,8 +64,16 @@ def errors(kinds: Counter) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(items) + 1.2))
     ax.barh([_plain(k) for k, _ in items][::-1], [v for _, v in items][::-1], color="#c0504d")
     ax.set_xlabel("rows", fontsize=9)
+    ax.xaxis.set_major_locator(_whole())
     ax.set_title("Error rows by kind", fontsize=11)
     return _png(fig)
+
+
+def _whole():
+    """Ticks at whole numbers only: the axes count images, instances and rows."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _plain(text: str) -> str:

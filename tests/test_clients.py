@@ -3,8 +3,9 @@ trains. Their packages (label-studio-sdk, Datumaro, FiftyOne with its mongod) li
 .venv-clients (``make clients``), apart from this project's, as on a reviewer's machine;
 tests/clients/read_back.py runs there and reports what arrived.
 
-The labels are a good teacher's: the real masks of coco_small's photos (polygons, multi-part
-polygons, holes), with seeded scores (tests.helpers.teacher_labels)."""
+Two sets of labels: a good teacher's, the real masks of coco_small's photos (polygons,
+multi-part polygons, holes) with seeded scores (tests.helpers.teacher_labels); and a real
+jobs/segment_bucket.py output of an untrained model, whose masks are small and ragged."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from maskrcnn import data, masks
-from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, teacher_labels
+from maskrcnn import data, masks, output
+from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, small_model_file, teacher_labels
 
 CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))
 LOCAL_FILES = "/data/local-files/?d="
@@ -43,62 +44,75 @@ def read_back(*args: str, env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def labels(tmp_path_factory, coco_small):
-    out = str(tmp_path_factory.mktemp("teacher") / "labels")
-    return out, teacher_labels(coco_small, out, images=12)
+@pytest.fixture(scope="module", params=["teacher", "segmented"])
+def labels(request, tmp_path_factory, coco_small):
+    """``(output, its rows, their image root, the least mean IoU a tool must keep)``: a good
+    teacher's labels of real photos, or what jobs/segment_bucket.py writes with a small
+    untrained model on generated shapes (many small, ragged masks: the hard case)."""
+    out = str(tmp_path_factory.mktemp(request.param) / "labels")
+    if request.param == "teacher":
+        return out, teacher_labels(coco_small, out, images=12), coco_small[1], 0.98
+    shapes = request.getfixturevalue("shapes")
+    model = small_model_file(out + ".pt", classes=("circle", "rectangle", "triangle"), category_ids=(1, 2, 3))
+    flags = f"--input {shapes}/val/images --output {out} --model {model} --score-threshold 0.05 --max-detections 20"
+    done = run_job("segment_bucket.py", *flags.split())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, list(output.read_rows(out)), f"{shapes}/val/images", 0.9
 
 
 def _parts(rows: list[dict]) -> list[tuple[str, dict, int]]:
     """Each instance of the rows: its image's file name, the instance, and its polygon count."""
     return [
-        (r["uri"].rsplit("/", 1)[-1], i, len(masks.to_polygons(i["mask"])))
-        for r in rows
-        if not r["error"]
-        for i in r["instances"]
+        (_name(r["uri"]), i, len(masks.to_polygons(i["mask"]))) for r in rows if not r["error"] for i in r["instances"]
     ]
 
 
-def test_label_studio_sdk_reads_every_mask_back_from_the_tasks(labels, coco_small, tmp_path):
-    out, rows = labels
+def _name(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1]
+
+
+def test_label_studio_sdk_reads_every_mask_back_from_the_tasks(labels, tmp_path):
+    out, rows, root, least = labels
     tasks = tmp_path / "ls"
-    flags = ["--predictions", out, "--images", coco_small[1], "--label-studio", str(tasks), "--url-prefix", LOCAL_FILES]
+    flags = ["--predictions", out, "--images", root, "--label-studio", str(tasks), "--url-prefix", LOCAL_FILES]
     assert call_job("export.py", *flags).returncode == 0
     coco = read_back("label-studio", str(tasks / "tasks.json"), str(tasks / "config.xml"), str(tmp_path))
     assert coco["images"] == len(rows)
-    assert coco["file_names"] == [LOCAL_FILES + r["uri"].rsplit("/", 1)[-1] for r in rows]
+    assert coco["file_names"] == [LOCAL_FILES + _name(r["uri"]) for r in rows]
     parts = _parts(rows)
     anns = coco["annotations"]
     assert len(anns) == sum(k for _, _, k in parts)  # one region per part; Label Studio keeps their order
     ious, at = [], 0
     for _, inst, k in parts:
-        height, width = inst["mask"]["size"]
-        got = masks.to_compressed([a["segmentation"][0] for a in anns[at : at + k]], height, width)
-        ious.append(mask_iou([inst["mask"]], [got])[0, 0])
-        at += k
-    assert len(ious) > 50 and np.mean(ious) > 0.98 and min(ious) > 0.85, (np.mean(ious), min(ious))
+        if k:  # a speck with no polygon is left out, and counted (tests/test_labelling.py)
+            height, width = inst["mask"]["size"]
+            got = masks.to_compressed([a["segmentation"][0] for a in anns[at : at + k]], height, width)
+            ious.append(mask_iou([inst["mask"]], [got])[0, 0])
+            at += k
+    assert len(ious) > 50 and np.mean(ious) > least, (np.mean(ious), min(ious))
 
 
-def test_datumaro_imports_the_cvat_layout_with_every_polygon(labels, coco_small, tmp_path):
-    out, rows = labels
+def test_datumaro_imports_the_cvat_layout_with_every_polygon(labels, tmp_path):
+    out, rows, root, least = labels
     cvat = tmp_path / "cvat"
-    assert call_job("export.py", "--predictions", out, "--images", coco_small[1], "--cvat", str(cvat)).returncode == 0
+    assert call_job("export.py", "--predictions", out, "--images", root, "--cvat", str(cvat)).returncode == 0
     assert (cvat / "annotations" / "instances_default.json").is_file()
-    (cvat / "images").symlink_to(coco_small[1])  # CVAT takes the images from its task; Datumaro from here
+    (cvat / "images").symlink_to(root)  # CVAT takes the images from its task; Datumaro from here
     items = read_back("datumaro", str(cvat))["items"]
-    assert sorted(items) == sorted(r["uri"].rsplit("/", 1)[-1].removesuffix(".jpg") for r in rows)
+    assert sorted(items) == sorted(os.path.splitext(_name(r["uri"]))[0] for r in rows)
     by_image = defaultdict(list)
-    for name, inst, _ in _parts(rows):
-        by_image[name.removesuffix(".jpg")].append(inst)
+    for name, inst, k in _parts(rows):
+        by_image[os.path.splitext(name)[0]].append((inst, k))
     for item, polygons in items.items():
-        assert len(polygons) == sum(len(masks.to_polygons(i["mask"])) for i in by_image[item])
-        height, width = by_image[item][0]["mask"]["size"]
-        sent = mask_utils.merge([dict(i["mask"]) for i in by_image[item]])
-        got = masks.to_compressed([p["points"] for p in polygons], height, width)
-        assert mask_iou([sent], [got])[0, 0] > 0.97, item
+        assert len(polygons) == sum(k for _, k in by_image[item])  # every part of every mask
+        if polygons:
+            height, width = by_image[item][0][0]["mask"]["size"]
+            sent = mask_utils.merge([dict(i["mask"]) for i, k in by_image[item] if k])
+            got = masks.to_compressed([p["points"] for p in polygons], height, width)
+            assert mask_iou([sent], [got])[0, 0] > least - 0.01, item
 
 
-def test_a_cvat_coco_export_trains_unchanged(tmp_path, labels):
+def test_a_cvat_coco_export_trains_unchanged(tmp_path):
     """CVAT's COCO 1.0 export (Datumaro's exporter): a mask shape comes as iscrowd 1 with an
     uncompressed RLE and CVAT's attributes, classes numbered from 1 in the task's order."""
     read_back("datumaro-export", str(tmp_path / "export"))
@@ -140,17 +154,18 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_fiftyone_receives_every_mask_of_the_coco_dataset(labels, coco_small, tmp_path, mongod):
-    out, rows = labels
+def test_fiftyone_receives_every_mask_of_the_coco_dataset(labels, tmp_path, mongod):
+    out, rows, root, _ = labels
     dataset = tmp_path / "dataset.json"
-    flags = ["--predictions", out, "--images", coco_small[1], "--coco-dataset", str(dataset)]
+    flags = ["--predictions", out, "--images", root, "--coco-dataset", str(dataset)]
     assert call_job("export.py", *flags, "--segmentation", "polygons").returncode == 0
-    samples = read_back("fiftyone", coco_small[1], str(dataset), env={"FIFTYONE_DATABASE_URI": mongod})["samples"]
+    samples = read_back("fiftyone", root, str(dataset), env={"FIFTYONE_DATABASE_URI": mongod})["samples"]
     assert len(samples) == len(rows)
     for row in rows:
-        got = samples[row["uri"].rsplit("/", 1)[-1]]
-        assert [d["label"] for d in got] == [i["category"] for i in row["instances"]]
-        areas = np.array([masks.area(i["mask"]) for i in row["instances"]])
+        sent = [i for i in row["instances"] if masks.to_polygons(i["mask"])]  # specks are left out, counted
+        got = samples[_name(row["uri"])]
+        assert [d["label"] for d in got] == [i["category"] for i in sent]
+        areas = np.array([masks.area(i["mask"]) for i in sent])
         pixels = np.array([d["pixels"] for d in got], dtype=float)
         assert np.all(np.abs(pixels - areas) <= 0.1 * areas + 20), (pixels, areas)
 
