@@ -49,7 +49,8 @@ def instances_per_image(counts: Counter) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 2.8))
     xs = list(range(0, MAX_COUNT + 1))
     ax.bar(xs, [counts.get(x, 0) for x in xs], width=0.8, color="#3b75af")
-    ax.set_xlabel(f"instances in the image ({MAX_COUNT} = {MAX_COUNT} or more)", fontsize=9)
+    capped = f" ({MAX_COUNT}: {MAX_COUNT} or more)" if counts.get(MAX_COUNT) else ""
+    ax.set_xlabel(f"instances in the image{capped}", fontsize=9)
     ax.set_ylabel("images", fontsize=9)
     ax.yaxis.set_major_locator(_whole())
     ax.set_xlim(-0.8, max([x for x in xs if counts.get(x)] or [1]) + 0.8)
