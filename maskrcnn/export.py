@@ -209,8 +209,13 @@ class CocoDataset(contextlib.ExitStack):
 
     @staticmethod
     def _annotation(inst: dict[str, Any]) -> dict[str, Any]:
+        """An instance as COCO's ground truth has it: with a mask, its ``bbox`` is the mask's
+        tight box (a predicted box may stray from its mask, and FiftyOne, for one, crops the
+        mask to the box) and ``area`` the mask's."""
         ann = as_coco_annotation(inst)
-        return dict(ann, area=masks.area(inst["mask"]) if inst["mask"] else inst["bbox"][2] * inst["bbox"][3])
+        if not inst["mask"]:
+            return dict(ann, area=inst["bbox"][2] * inst["bbox"][3])
+        return dict(ann, bbox=masks.box(inst["mask"]), area=masks.area(inst["mask"]))
 
     def __exit__(self, *exc: Any) -> bool:
         if exc[0] is None:

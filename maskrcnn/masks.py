@@ -80,6 +80,11 @@ def area(rle: dict) -> float:
     return float(mask_utils.area(rle))
 
 
+def box(rle: dict) -> list[float]:
+    """The mask's tight box, COCO ``[x, y, w, h]``."""
+    return [float(v) for v in mask_utils.toBbox(rle)]
+
+
 def paste_and_encode(
     mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
 ) -> list[dict]:
