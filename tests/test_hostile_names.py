@@ -159,13 +159,15 @@ def _check_outputs(everything, before, sizes, out, pictures, sheet, report, pred
         n for n in new if not any(n.startswith(p + "/") for p in prefixes) and n != sheet.removeprefix("s3://")
     ] == []
     coco = ("coco_dataset.json", "coco_results.json")
-    for folder, suffix in ((pictures, ".png"), (predicted, ".png"), (predicted, ".json"), (report, ".png")):
+    report_pictures = storage.join(report, "pictures")
+    for folder, suffix in ((pictures, ".png"), (predicted, ".png"), (predicted, ".json"), (report_pictures, ".png")):
         found = [n for n in new if n.startswith(folder.removeprefix("s3://") + "/") and n.endswith(suffix)]
         assert len([n for n in found if not n.endswith(coco)]) == len(sizes), (folder, suffix, found)
     page = _Tags()
     page.feed(storage.read_text(storage.join(report, "index.html")))
     assert page.tags <= REPORT_TAGS and page.attrs <= {"lang", "charset", "src", "alt", "class"}, page.tags
-    assert len(page.sources) == len(sizes)
+    plots = {"scores.png", "instances.png", "errors.png"}
+    assert len([s for s in page.sources if s not in plots]) == len(sizes) and plots <= set(page.sources)
     for src in page.sources:
         assert storage.exists(storage.join(report, *urllib.parse.unquote(src).split("/"))), src
     assert storage.read_bytes(sheet).startswith(b"\x89PNG")
