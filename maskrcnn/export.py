@@ -101,7 +101,7 @@ class Segmentation:
         return dict(ann, segmentation=polygons)
 
 
-class _JsonList:
+class JsonList:
     """A JSON array written item by item to a local file."""
 
     def __init__(self, f: Any):
@@ -130,7 +130,7 @@ class CocoResults(contextlib.ExitStack):
         self.file = open(self.enter_context(storage.staged(uri)), "w")
         self.callback(self.file.close)
         self.file.write("[")
-        self.items = _JsonList(self.file)
+        self.items = JsonList(self.file)
 
     def add(self, row: dict[str, Any]) -> None:
         if row["error"]:
@@ -190,7 +190,7 @@ class CocoDataset(contextlib.ExitStack):
         # Annotations wait in a second file until the images are written.
         self.anns_file = self.enter_context(tempfile.TemporaryFile("w+"))
         self.file.write('{"images": [')
-        self.images, self.annotations = _JsonList(self.file), _JsonList(self.anns_file)
+        self.images, self.annotations = JsonList(self.file), JsonList(self.anns_file)
 
     def add(self, row: dict[str, Any]) -> None:
         if row["error"]:

@@ -14,12 +14,11 @@ What comes back from the tools is read by :mod:`maskrcnn.data` with the quirks u
 from __future__ import annotations
 
 import contextlib
-import json
 import urllib.parse
 from typing import Any, Callable
 from xml.sax.saxutils import quoteattr
 
-from maskrcnn import export, masks, storage
+from maskrcnn import export, masks, output, storage
 from maskrcnn.errors import UserError
 
 TASKS, CONFIG = "tasks.json", "config.xml"
@@ -79,6 +78,7 @@ class LabelStudioTasks(contextlib.ExitStack):
         self.file = open(self.enter_context(storage.staged(storage.join(directory, TASKS))), "w")
         self.callback(self.file.close)
         self.file.write("[")
+        self.items = export.JsonList(self.file)
 
     def add(self, row: dict[str, Any]) -> None:
         if row["error"]:
@@ -91,7 +91,7 @@ class LabelStudioTasks(contextlib.ExitStack):
         scores = [r["score"] for r in result]
         prediction = {"model_version": row["model"] or "", "score": min(scores) if scores else 0.0, "result": result}
         task = {"data": {TO_NAME: self.url(row["uri"])}, "predictions": [prediction]}
-        self.file.write(("," if self.tasks else "") + "\n" + json.dumps(task))
+        self.items.add(task)
         self.tasks += 1
         self.regions += len(result)
 
@@ -101,8 +101,7 @@ class LabelStudioTasks(contextlib.ExitStack):
             if not polygons:
                 self.no_polygon += 1
         else:
-            x, y, w, h = inst["bbox"]
-            polygons = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            polygons = output.box_polygon(inst["bbox"])
         if inst["category"] not in self.classes:
             self.classes.append(inst["category"])
         return [
@@ -126,7 +125,7 @@ class LabelStudioTasks(contextlib.ExitStack):
 
     def __exit__(self, *exc: Any) -> bool:
         if exc[0] is None:
-            self.file.write("\n]\n")
+            self.file.write("]")
             storage.write_text(storage.join(self.directory, CONFIG), labelling_config(self.classes))
         return super().__exit__(*exc)
 

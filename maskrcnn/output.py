@@ -139,7 +139,7 @@ def as_coco_annotation(inst: dict[str, Any]) -> dict[str, Any]:
     ann = {
         "category_id": inst["category_id"],
         "bbox": list(inst["bbox"]),
-        "segmentation": dict(inst["mask"]) if inst.get("mask") else _box_polygon(inst["bbox"]),
+        "segmentation": dict(inst["mask"]) if inst.get("mask") else box_polygon(inst["bbox"]),
         "iscrowd": int(bool(inst.get("iscrowd"))),
     }
     points = inst.get("keypoints")
@@ -158,7 +158,7 @@ def as_coco_annotation(inst: dict[str, Any]) -> dict[str, Any]:
 KEYPOINT_MIN_SCORE = 0.0
 
 
-def _box_polygon(bbox: list[float]) -> list[list[float]]:
+def box_polygon(bbox: list[float]) -> list[list[float]]:
     x, y, w, h = bbox
     return [[x, y, x, y + h, x + w, y + h, x + w, y]]
 

@@ -98,28 +98,8 @@ class Queued:
 
 
 def select(rows: Iterable[dict[str, Any]], options: ReviewOptions, min_score: float = 0.0) -> list[Queued]:
-    """The ``options.review`` rows with the smallest :meth:`ReviewOptions.priority`, ranked."""
-    heap: list[tuple[_Reversed, int, float]] = []  # the N smallest keys so far, the largest on top
-    for row in rows:
-        found = options.priority(row, min_score)
-        if found is None:
-            continue
-        key, counted, mean = found
-        if len(heap) < options.review:
-            heapq.heappush(heap, (_Reversed(key), counted, mean))
-        elif key < heap[0][0].key:
-            heapq.heapreplace(heap, (_Reversed(key), counted, mean))
-    ranked = sorted(heap, key=lambda entry: entry[0].key)
-    return [Queued(rank, entry[0].key[2], entry[1], entry[2]) for rank, entry in enumerate(ranked, 1)]
-
-
-class _Reversed:
-    """Orders keys largest first, so that a heapq min-heap keeps the N smallest."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: tuple):
-        self.key = key
-
-    def __lt__(self, other: _Reversed) -> bool:
-        return self.key > other.key
+    """The ``options.review`` rows with the smallest :meth:`ReviewOptions.priority`, ranked
+    (``heapq.nsmallest`` holds N of them at a time)."""
+    found = (options.priority(row, min_score) for row in rows)
+    best = heapq.nsmallest(options.review, (f for f in found if f is not None), key=lambda f: f[0])
+    return [Queued(rank, key[2], counted, mean) for rank, (key, counted, mean) in enumerate(best, 1)]
