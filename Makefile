@@ -13,14 +13,14 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) scripts/install.py $(PY) -c constraints.txt -e ".[test]"
 	touch $@
 
 clients: $(CLIENTS)/.installed
 
 $(CLIENTS)/.installed: tests/clients/requirements.txt
 	$(PYTHON) -m venv $(CLIENTS)
-	$(CLIENTS)/bin/pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+	$(CLIENTS)/bin/python scripts/install.py $(CLIENTS)/bin/python -r tests/clients/requirements.txt
 	touch $@
 
 demo: install
@@ -36,7 +36,7 @@ demo-clean:
 test:
 	$(MAKE) -j2 install clients
 	$(MAKE) lint
-	MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest
+	PYTHONFAULTHANDLER=1 MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .

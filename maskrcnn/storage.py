@@ -19,6 +19,7 @@ or ``AWS_ENDPOINT_URL``), which boto3 honours on its own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import posixpath
@@ -63,6 +64,11 @@ def _s3() -> pafs.S3FileSystem:
     if endpoint:
         kwargs["endpoint_override"] = endpoint
     return pafs.S3FileSystem(**kwargs)
+
+
+# pyarrow finalizes its S3 client at exit; the cached filesystem goes first (atexit runs
+# last-registered first), so that no S3 object outlives the AWS SDK it was made with.
+atexit.register(_s3.cache_clear)
 
 
 def absolute(uri: str) -> str:

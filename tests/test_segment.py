@@ -142,7 +142,9 @@ def _parts(output: Path) -> list[Path]:
 
 def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data, model_file, tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
-    shutil.copytree(shared_data / "coco_small" / "images", archive)
+    archive.mkdir()
+    for src in sorted((shared_data / "coco_small" / "images").iterdir())[:40]:
+        shutil.copy(src, archive / src.name)
     rel = functools.partial(os.path.relpath, start=REPO)  # relative paths, as users type them
     args = [
         "--input",
@@ -179,7 +181,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     df = _read(str(out))
     listed = sorted(str(p) for p in archive.iterdir())
     assert sorted(df.uri) == listed and not df.uri.duplicated().any()
-    assert summary["resumed_rows"] == 4 * len(before) and summary["processed_rows"] == 80 - 4 * len(before)
+    assert summary["resumed_rows"] == 4 * len(before) and summary["processed_rows"] == 40 - 4 * len(before)
     assert all(p.stat().st_mtime_ns == before[p.name] for p in _parts(out) if p.name in before)
     assert (out / "_SUCCESS").exists()
     # The model's categories beside the part files, for training on them (maskrcnn.labels)

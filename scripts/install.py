@@ -1,0 +1,51 @@
+"""``make install``'s installer: ``python scripts/install.py VENV_PYTHON ARGS...`` runs
+``uv pip install ARGS`` into that venv, with the package sources pip is configured with
+(its index URLs, find-links and constraints, from pip's config files and ``PIP_*``
+variables), so both find the same releases. uv unpacks torch's CUDA wheels and their
+NVIDIA libraries (some 5 GB) in a fraction of pip's time; if uv cannot be installed, pip
+installs ARGS itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# pip setting -> uv flag; each may hold several space-separated values.
+FLAGS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links"}
+
+
+def main(python: str, args: list[str]) -> int:
+    quiet = ["--quiet", "--disable-pip-version-check"]
+    if subprocess.run([python, "-m", "pip", "install", *quiet, "uv"]).returncode != 0:
+        print("install: uv could not be installed; pip installs the packages instead", file=sys.stderr)
+        return subprocess.run([python, "-m", "pip", "install", *quiet, *args]).returncode
+    uv = [python, "-m", "uv", "pip", "install", "--quiet", "--python", python, *uv_sources(python)]
+    return subprocess.run([*uv, *args]).returncode
+
+
+def uv_sources(python: str) -> list[str]:
+    """pip's configured sources as uv flags. With several indexes, uv picks the best version
+    across all of them, as pip does (uv's default is the first index that has the package)."""
+    settings = pip_settings(python)
+    flags = [f for name, flag in FLAGS.items() for value in settings.get(name, []) for f in (flag, value)]
+    flags += [f for value in settings.get("constraint", []) for f in ("--constraint", value)]
+    if settings.get("extra-index-url"):
+        flags += ["--index-strategy", "unsafe-best-match"]
+    return flags
+
+
+def pip_settings(python: str) -> dict[str, list[str]]:
+    """``pip config list`` as {setting: values}; a ``PIP_*`` variable wins over the files."""
+    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    settings: dict[str, list[str]] = {}
+    for line in listed.splitlines():  # e.g. global.find-links='/opt/wheels' or :env:.find-links='...'
+        key, _, value = line.partition("=")
+        source, _, name = key.rpartition(".")
+        values = value.strip().strip("'\"").split()
+        if source == ":env:" or name not in settings:
+            settings[name] = values
+    return settings
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
