@@ -175,8 +175,8 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     """The small Keypoint R-CNN on 30 real COCO person images (one crowd, 11 with no one),
     validated on mmpose's 4, started from a weights file (the fine-tuning structure, frozen
     BN, which the resumed workers must rebuild from the checkpoint); a worker is killed at
-    step 5 and the run resumes from its last checkpoint, mid-epoch, and goes on exactly as an
-    uninterrupted run with the same seed: the same loss at every step. Keypoint AP is evaluated,
+    step 5 and the run resumes from its last checkpoint, mid-epoch, and goes on exactly as the
+    uninterrupted run: each step trained twice gives the same loss. Keypoint AP is evaluated,
     best.pt follows it and carries COCO's keypoint names and skeleton from the dataset's category."""
     import torch
 
@@ -204,10 +204,12 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     best = checkpoint.load(str(tmp_path / "runs" / "kp" / "best.pt"))
     assert best["arch"] == arch and best["arch_kwargs"]["num_keypoints"] == 17
     assert checkpoint.keypoint_spec(best) == keypoints.COCO_PERSON and "best_val_keypoints_AP" in best["metrics"]
-    straight = run_job("train.py", *[a if a != "kp" else "kp-straight" for a in args])
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    resumed_losses = dict(_steps(out))  # a step trained twice (before the kill and after) keeps its last loss
-    assert resumed_losses == dict(_steps(straight.stdout)) and len(resumed_losses) == 14
+    # The steps trained twice, before the kill and again after the resume, give the same loss:
+    # the same weights, optimizer state, data and random draws came back from the checkpoint.
+    before, again = dict(_steps(out[: resumed.start()])), dict(_steps(out[resumed.end() :]))
+    twice = sorted(set(before) & set(again))
+    assert twice and twice[0] == int(resumed.group(1)) + 1, (before, again)
+    assert [before[s] for s in twice] == [again[s] for s in twice], (before, again)
 
 
 def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkpoint(shapes, bucket, tmp_path):
