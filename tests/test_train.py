@@ -175,8 +175,8 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     """The small Keypoint R-CNN on 30 real COCO person images (one crowd, 11 with no one),
     validated on mmpose's 4, started from a weights file (the fine-tuning structure, frozen
     BN, which the resumed workers must rebuild from the checkpoint); a worker is killed at
-    step 5 and the run resumes from its last checkpoint, mid-epoch, and goes on exactly as the
-    uninterrupted run: each step trained twice gives the same loss. Keypoint AP is evaluated,
+    step 5 and the run resumes from its last checkpoint, mid-epoch: each step it trains again
+    gives the loss it gave before the kill. Keypoint AP is evaluated,
     best.pt follows it and carries COCO's keypoint names and skeleton from the dataset's category."""
     import torch
 
