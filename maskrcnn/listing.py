@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from maskrcnn import output, storage
 from maskrcnn.errors import UserError
@@ -84,6 +85,13 @@ def parts(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[s
         if not chunk:
             return
         yield k, chunk
+
+
+def start_tally() -> Any:
+    """A :class:`Tally` actor on the driver's own node: a lost worker node (a spot instance)
+    must not take the job's count with it."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Tally.options(scheduling_strategy=here).remote()
 
 
 @ray.remote(num_cpus=0)

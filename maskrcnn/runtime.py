@@ -36,9 +36,11 @@ def init_ray(min_cpus: int) -> None:
         except ValueError:  # the job's own runtime_env has a setup hook: keep the user's
             ray.init(logging_level=logging.WARNING)
         return
-    # Starting a private local instance: its token-auth notice asks nothing of the user.
+    # Starting a private local instance ("local": not a `ray start` left running on this
+    # machine, which ray.init would otherwise join); its token-auth notice asks nothing of the user.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), runtime_env=hook, logging_level=logging.WARNING)
+    cpus = max(os.cpu_count() or 1, min_cpus)
+    ray.init(address="local", num_cpus=cpus, runtime_env=hook, logging_level=logging.WARNING)
 
 
 def quiet_logs() -> None:

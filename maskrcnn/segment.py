@@ -108,7 +108,7 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     inference.start(cfg.inference, min_cpus=2)
     model = inference.share(ckpt)
     del ckpt
-    tally = listing.Tally.remote()  # what the listing task saw, once it ends
+    tally = listing.start_tally()  # what the listing task saw, once it ends
     progress = _progress(cfg, tally, resumed=sum(f["rows"] for f in resumed.values()))
     with without_false_alarms():
         ds = pipeline(cfg, resumed, None if cfg.full_decode else fit, model, tally)

@@ -372,3 +372,20 @@ def teacher_labels(coco_small: tuple[str, str], out: str, images: int, seed: int
     output.write_part(out, 1, rows[len(rows) // 2 :])
     output.write_categories(out, gt["categories"])
     return rows
+
+
+MARKER = "MASKRCNN_TEST_MARKER"
+
+
+def kill_marked(marker: str) -> None:
+    """Kill every process whose environment holds ``MASKRCNN_TEST_MARKER=marker``: whatever a
+    job or a ``ray start`` run with that marker started (Ray's own processes, and actors that
+    setproctitle renamed, which ``ray stop`` can miss), and no other test's Ray."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARKER) == marker:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass

@@ -19,7 +19,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import REPO, free_port, small_model_file
+from tests.helpers import MARKER, REPO, free_port, kill_marked, small_model_file
 
 pytestmark = pytest.mark.slow
 
@@ -118,13 +118,12 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
 
 @contextlib.contextmanager
 def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
-    """``ray start --head`` on loopback; yields the dashboard port, and stops Ray after.
+    """``ray start --head`` on loopback; yields the dashboard port, and kills the head after.
 
-    ``ray stop`` finds Ray's processes by name, and an actor renamed by setproctitle (a Ray
-    Data ``MapWorker``) can outlive it; every process of this head inherits a marker
-    variable, so the ones left over are found by it and killed."""
+    Not ``ray stop``, which stops every Ray on the machine (another test's too); every
+    process of this head inherits a marker variable, and :func:`kill_marked` finds them by it."""
     marker = uuid.uuid4().hex
-    env = dict(env, MASKRCNN_TEST_HEAD=marker)
+    env = dict(env, **{MARKER: marker})
     port, dashboard = free_port(), free_port()
     started = subprocess.run(
         [
@@ -152,19 +151,7 @@ def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
         assert started.returncode == 0, started.stderr[-2000:]
         yield dashboard
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        _kill_marked(marker)
-
-
-def _kill_marked(marker: str) -> None:
-    import psutil
-
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("MASKRCNN_TEST_HEAD") == marker:
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
+        kill_marked(marker)
 
 
 def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
