@@ -33,13 +33,10 @@ demo-clean:
 	rm -rf demo_out demo_out_s3 demo_out_keypoints demo_out_keypoints_s3
 
 # The two venvs install side by side (most of a fresh clone's install time is unpacking wheels).
-# Tests run in two processes, a file at a time each (pytest-xdist): a Ray job leaves about a
-# quarter of the CPUs idle while its processes start. The longest files go first.
-LONGEST_TESTS := tests/test_train.py tests/test_segment.py tests/test_clients.py tests/test_multinode.py
 test:
 	$(MAKE) -j2 install clients
 	$(MAKE) lint
-	PYTHONFAULTHANDLER=1 MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest -n 2 --dist loadfile $(LONGEST_TESTS) tests
+	PYTHONFAULTHANDLER=1 MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .
