@@ -46,10 +46,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(parser(), TrainConfig, argv)
     result = run(cfg)
-    if result.error:
+    if result and result.error:
         raise result.error
     print(f"[train] run directory: {cfg.run_dir}")
-    if result.checkpoint:
+    if result and result.checkpoint:
         print(f"[train] latest checkpoint: {result.checkpoint.path}/model.pt")
     print(f"[train] best checkpoint: {cfg.run_dir.rstrip('/')}/best.pt (if a validation set was given)")
 

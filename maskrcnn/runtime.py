@@ -36,11 +36,19 @@ def init_ray(min_cpus: int) -> None:
         except ValueError:  # the job's own runtime_env has a setup hook: keep the user's
             ray.init(logging_level=logging.WARNING)
         return
-    # Starting a private local instance ("local": not a `ray start` left running on this
-    # machine, which ray.init would otherwise join); its token-auth notice asks nothing of the user.
+    # A private local instance: "local", not a `ray start` left running on this machine,
+    # which ray.init would otherwise join; no dashboard, whose processes cost a local run
+    # about 3 s of start (the job prints its own progress). Its token-auth notice asks
+    # nothing of the user.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     cpus = max(os.cpu_count() or 1, min_cpus)
-    ray.init(address="local", num_cpus=cpus, runtime_env=hook, logging_level=logging.WARNING)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=hook,
+        logging_level=logging.WARNING,
+    )
 
 
 def quiet_logs() -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -55,18 +56,23 @@ from maskrcnn.worker import score_name, worker_loop
 
 __all__ = ["TrainConfig", "run"]
 
+CHECKPOINT = re.compile(r"/checkpoint_(\d{8})/model\.pt$")  # Worker.report's names
+
 
 # ---------------------------------------------------------------- the driver
 
 
-def run(cfg: TrainConfig) -> ray.train.Result:
-    """Train; return Ray Train's result (its ``checkpoint`` is the latest)."""
+def run(cfg: TrainConfig) -> ray.train.Result | None:
+    """Train; return Ray Train's result (its ``checkpoint`` is the latest), or None when the
+    run had already trained its last step."""
     train, initial = prepare(cfg)
     init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
     del initial
     plan = count(cfg, train, weights, _shared_validation(train))
     _announce(cfg, train, plan)
+    if finished(cfg, plan):
+        return None
     dataset = training_data(cfg, train)
     train.records.clear()  # in Ray's object store now
     fs, path = storage.filesystem(cfg.storage)
@@ -210,6 +216,25 @@ def count(
         weights=weights,
         val=val,
     )
+
+
+def finished(cfg: TrainConfig, plan: TrainingPlan) -> bool:
+    """Whether the run's latest checkpoint has trained the last step already (a re-run of a
+    finished run), so that no worker need start. It is read as a resumed worker would read
+    it; one that does not load (cut short by a crash) is left to Ray Train's own resume."""
+    steps = [int(m.group(1)) for m in map(CHECKPOINT.search, storage.iter_files(cfg.run_dir)) if m]
+    last_step = min(plan.steps_per_epoch * cfg.epochs, cfg.max_steps or plan.steps_per_epoch * cfg.epochs)
+    if not steps or max(steps) < last_step:
+        return False
+    uri = storage.join(cfg.run_dir, f"checkpoint_{max(steps):08d}", checkpoint.FILENAME)
+    try:
+        ckpt = checkpoint.load(uri)
+    except checkpoint.CheckpointError:
+        return False
+    if ckpt["arch"] != cfg.arch:
+        print(f"[train] the run's checkpoints are {ckpt['arch']}; --arch {cfg.arch} does not apply", flush=True)
+    print(f"[train] run already complete at step {ckpt['step']} (epoch {ckpt['epoch']}); nothing to do", flush=True)
+    return True
 
 
 def _steps_per_epoch(cfg: TrainConfig, images: int) -> int:
