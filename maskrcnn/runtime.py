@@ -22,10 +22,13 @@ import ray
 FALSE_ALARMS = (b"has constructor arguments in the object store and max_restarts > 0",)
 
 
-def init_ray(min_cpus: int) -> None:
+def init_ray(min_cpus: int, *, dashboard: bool = False) -> None:
     """Join the cluster under ``ray job submit`` (RAY_ADDRESS is set); otherwise start a
     local Ray with at least ``min_cpus`` logical CPUs, so that actors or training workers
-    and the CPU data tasks beside them can all be scheduled on a small machine."""
+    and the CPU data tasks beside them can all be scheduled on a small machine. A local Ray
+    starts its dashboard only with ``dashboard``: its processes cost a run about 3 s of start
+    (the jobs print their own progress), but Ray Train's placement-group cleaner asks the
+    dashboard's state API whether the training controller still lives."""
     quiet_logs()
     if ray.is_initialized():
         return
@@ -37,15 +40,13 @@ def init_ray(min_cpus: int) -> None:
             ray.init(logging_level=logging.WARNING)
         return
     # A private local instance: "local", not a `ray start` left running on this machine,
-    # which ray.init would otherwise join; no dashboard, whose processes cost a local run
-    # about 3 s of start (the job prints its own progress). Its token-auth notice asks
-    # nothing of the user.
+    # which ray.init would otherwise join. Its token-auth notice asks nothing of the user.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     cpus = max(os.cpu_count() or 1, min_cpus)
     ray.init(
         address="local",
         num_cpus=cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard,
         runtime_env=hook,
         logging_level=logging.WARNING,
     )

@@ -66,7 +66,7 @@ def run(cfg: TrainConfig) -> ray.train.Result | None:
     """Train; return Ray Train's result (its ``checkpoint`` is the latest), or None when the
     run had already trained its last step."""
     train, initial = prepare(cfg)
-    init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
+    init_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2, dashboard=True)
     weights = [ray.put(initial)] if initial else None  # the workers read them here; none downloads
     del initial
     plan = count(cfg, train, weights, _shared_validation(train))

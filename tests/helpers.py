@@ -4,6 +4,7 @@ command lines. Test files import from here, never from each other."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -378,14 +379,19 @@ MARKER = "MASKRCNN_TEST_MARKER"
 
 
 def kill_marked(marker: str) -> None:
-    """Kill every process whose environment holds ``MASKRCNN_TEST_MARKER=marker``: whatever a
-    job or a ``ray start`` run with that marker started (Ray's own processes, and actors that
-    setproctitle renamed, which ``ray stop`` can miss), and no other test's Ray."""
+    """Kill every process whose environment holds ``MASKRCNN_TEST_MARKER=marker``, and their
+    children: whatever a job or a ``ray start`` run with that marker started, and no other
+    test's Ray. (The children, because a process that setproctitle renamed, as Ray's agents,
+    dashboard modules and actors are, no longer shows its environment.)"""
     import psutil
 
+    doomed: list[psutil.Process] = []
     for proc in psutil.process_iter():
         try:
             if proc.environ().get(MARKER) == marker:
-                proc.kill()
+                doomed += [proc, *proc.children(recursive=True)]
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
+    for proc in doomed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()

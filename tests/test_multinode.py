@@ -121,7 +121,11 @@ def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
     """``ray start --head`` on loopback; yields the dashboard port, and kills the head after.
 
     Not ``ray stop``, which stops every Ray on the machine (another test's too); every
-    process of this head inherits a marker variable, and :func:`kill_marked` finds them by it."""
+    process of this head inherits a marker variable, and :func:`kill_marked` finds them by it.
+    The head's address file goes too, as ``ray stop`` removes it: Ray's own processes in
+    later jobs (Ray Train's placement-group cleaner) would otherwise look for this head."""
+    from ray._common.utils import reset_ray_address
+
     marker = uuid.uuid4().hex
     env = dict(env, **{MARKER: marker})
     port, dashboard = free_port(), free_port()
@@ -152,6 +156,7 @@ def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
         yield dashboard
     finally:
         kill_marked(marker)
+        reset_ray_address()
 
 
 def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):

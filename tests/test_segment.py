@@ -307,7 +307,7 @@ def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_da
 
     manifest = tmp_path / "m.txt"
     manifest.write_text("".join(f"{shared_data / 'photos' / n}\n" for n in ["dog1.jpg", "dog2.jpg"]))
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         cfg = SegmentConfig(
             input=str(manifest),
