@@ -223,8 +223,7 @@ def finished(cfg: TrainConfig, plan: TrainingPlan) -> bool:
     finished run), so that no worker need start. It is read as a resumed worker would read
     it; one that does not load (cut short by a crash) is left to Ray Train's own resume."""
     steps = [int(m.group(1)) for m in map(CHECKPOINT.search, storage.iter_files(cfg.run_dir)) if m]
-    last_step = min(plan.steps_per_epoch * cfg.epochs, cfg.max_steps or plan.steps_per_epoch * cfg.epochs)
-    if not steps or max(steps) < last_step:
+    if not steps or max(steps) < plan.last_step:  # read no checkpoint to resume from: the workers do
         return False
     uri = storage.join(cfg.run_dir, f"checkpoint_{max(steps):08d}", checkpoint.FILENAME)
     try:

@@ -150,3 +150,9 @@ class TrainingPlan:
     sigmas: list[float] | None  # the OKS sigmas validation scores keypoints with
     weights: list[ray.ObjectRef] | None = None  # the driver's --weights tensors, in the object store
     val: list[ray.ObjectRef] | None = None  # the validation images and ground truth, in the object store
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: every epoch's, or ``--max-steps``."""
+        total = self.steps_per_epoch * self.cfg.epochs
+        return min(total, self.cfg.max_steps or total)

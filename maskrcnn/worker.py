@@ -98,8 +98,7 @@ class Worker:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if restored:
             self._resume(restored)
-        self.last_step = min(self.schedule.total_steps, cfg.max_steps or self.schedule.total_steps)
-        self.progress = Progress("train", self.last_step - self.step, unit="steps")
+        self.progress = Progress("train", plan.last_step - self.step, unit="steps")
         self.history: history.History | None = None  # rank 0's, opened once there is work
 
     def _restored(self) -> dict[str, Any] | None:
@@ -136,7 +135,7 @@ class Worker:
     @property
     def finished(self) -> bool:
         """All epochs done, or ``--max-steps`` reached."""
-        return self.epoch >= self.cfg.epochs or self.step >= self.last_step
+        return self.epoch >= self.cfg.epochs or self.step >= self.plan.last_step
 
     def log(self, message: str) -> None:
         # Written to stdout directly: Ray Train re-routes print() through its logger.
@@ -161,7 +160,7 @@ class Worker:
         for index, batch in enumerate(batches):
             if index < start:  # trained before the checkpoint this run resumed from: the same batch, in order
                 continue
-            if index >= spe or self.step >= self.last_step:
+            if index >= spe or self.step >= self.plan.last_step:
                 break
             result, lr = self._step(batch)
             window_images += result.images
@@ -179,7 +178,7 @@ class Worker:
                 window_images, window_start = 0, time.perf_counter()
             elif checkpoint_now:
                 self.report(dict(result.losses, lr=lr), with_checkpoint=True)
-        stopped = self.step >= self.last_step and self.step < (self.epoch + 1) * spe  # --max-steps, mid-epoch
+        stopped = self.step >= self.plan.last_step and self.step < (self.epoch + 1) * spe  # --max-steps, mid-epoch
         if not stopped:
             self.epoch += 1
         totals = {k: int(v) for k, v in self._skipped_totals().items() if v}
