@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from maskrcnn import data, keypoints, output, storage
+from maskrcnn import data, keypoints, loading, output, storage
 from maskrcnn.data import DatasetError
 
 COLUMNS = ["uri", "width", "height", "instances", "model", "error"]
@@ -251,16 +251,8 @@ def shuffled(cleaned: Cleaned, seed: int) -> ray.data.Dataset:
     seeded order, then each window of :data:`WINDOW` records shuffled, seeded. The same
     blocks give the same order, on every epoch, resume and re-run."""
     return cleaned.dataset.randomize_block_order(seed=seed).map_batches(
-        _shuffle_window, fn_kwargs={"seed": seed}, batch_size=WINDOW, batch_format="pyarrow"
+        loading.shuffle_window, fn_kwargs={"seed": seed}, batch_size=WINDOW, batch_format="pyarrow"
     )
-
-
-def _shuffle_window(table: pa.Table, seed: int) -> pa.Table:
-    table = table.filter(pc.equal(table.column("drops"), "")).drop_columns(["drops"])
-    if table.num_rows == 0:
-        return table
-    rng = np.random.default_rng([seed, int(table.column("image_id")[0].as_py()), table.num_rows])
-    return table.take(pa.array(rng.permutation(table.num_rows)))
 
 
 # ---------------------------------------------------------------- for evaluation

@@ -35,7 +35,6 @@ data from its start and skips the batches trained before the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import re
 from collections import Counter
@@ -48,7 +47,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from maskrcnn import checkpoint, data, history, keypoints, labels, storage
+from maskrcnn import checkpoint, data, history, keypoints, labels, loading, storage
 from maskrcnn.model import has_keypoints
 from maskrcnn.runtime import init_ray, without_false_alarms
 from maskrcnn.train_config import TrainConfig, TrainingPlan
@@ -256,8 +255,7 @@ def training_data(cfg: TrainConfig, train: TrainingSet) -> ray.data.Dataset:
         records = list(train.records)
         random.Random(cfg.seed).shuffle(records)  # the data order is the seed's
         dataset = ray.data.from_items(records)
-    load = functools.partial(data.load_example, transform=data.resize_transform(max(cfg.scales), cfg.max_size))
-    return dataset.map(load)
+    return dataset.map(loading.LoadExample(max(cfg.scales), cfg.max_size))
 
 
 def _announce(cfg: TrainConfig, train: TrainingSet, plan: TrainingPlan) -> None:
