@@ -23,7 +23,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from maskrcnn import data, masks, output
-from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, small_model_file, teacher_labels
+from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, teacher_labels
 
 CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))
 LOCAL_FILES = "/data/local-files/?d="
@@ -49,15 +49,12 @@ def labels(request, tmp_path_factory, coco_small):
     """``(output, its rows, their image root, the least mean IoU a tool must keep)``: a good
     teacher's labels of real photos, or what jobs/segment_bucket.py writes with a small
     untrained model on generated shapes (many small, ragged masks: the hard case)."""
-    out = str(tmp_path_factory.mktemp(request.param) / "labels")
     if request.param == "teacher":
+        out = str(tmp_path_factory.mktemp(request.param) / "labels")
         return out, teacher_labels(coco_small, out, images=12), coco_small[1], 0.98
-    shapes = request.getfixturevalue("shapes")
-    model = small_model_file(out + ".pt", classes=("circle", "rectangle", "triangle"), category_ids=(1, 2, 3))
-    flags = f"--input {shapes}/val/images --output {out} --model {model} --score-threshold 0.05 --max-detections 20"
-    done = run_job("segment_bucket.py", *flags.split())
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, list(output.read_rows(out)), f"{shapes}/val/images", 0.8  # scattered pixels: measured 0.84 and up
+    out = str(request.getfixturevalue("segmented_shapes"))
+    images = f"{request.getfixturevalue('shapes')}/val/images"
+    return out, list(output.read_rows(out)), images, 0.8  # scattered pixels: measured 0.84 and up
 
 
 def _parts(rows: list[dict]) -> list[tuple[str, dict, int]]:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from maskrcnn import checkpoint, keypoints, output, storage
-from tests.helpers import REPO, add_defects, call_job, run_job, small_model_file, tensorboard_scalars, upload_dir
+from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
@@ -214,7 +214,9 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     assert [before[s] for s in twice] == [again[s] for s in twice], (before, again)
 
 
-def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkpoint(shapes, bucket, tmp_path):
+def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkpoint(
+    shapes, segmented_shapes, bucket, tmp_path
+):
     """The student's data as the self-training loop makes it, all on S3: the human labels (a
     COCO file) plus a teacher's segmentation output of unlabelled images, filtered by
     --min-score; checkpoints and history on S3 too. The run stops at --max-steps 5 and, run
@@ -222,8 +224,8 @@ def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkp
     once in the history. (That a resumed run repeats an uninterrupted one's losses exactly is
     the keypoint test's check, on local storage.)"""
     upload_dir(shapes / "train", bucket, "data/train")
+    upload_dir(segmented_shapes, bucket, "labels/archive")  # the teacher's, as it wrote them
     pseudo = f"s3://{bucket}/labels/archive"
-    _teacher_labels(shapes, tmp_path / "teacher.pt", pseudo)
     data = f"s3://{bucket}/data/train"
     args = [
         "--train-annotations", f"{data}/annotations.json,{pseudo}", "--train-images", f"{data}/images",
@@ -256,17 +258,6 @@ def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkp
     assert best["classes"] == ["circle", "rectangle", "triangle"] and "val_segm_AP" in best["metrics"]
     on_s3 = _train_history(storage.read_text(f"s3://{bucket}/runs/student/metrics.jsonl"))
     assert [x["step"] for x in on_s3] == list(range(1, 11))
-
-
-def _teacher_labels(shapes: Path, model: Path, output: str) -> None:
-    """A teacher's labels of the unlabelled images: random weights with the dataset's categories,
-    so its top scores straddle the student's --min-score."""
-    categories = json.loads((shapes / "train" / "annotations.json").read_text())["categories"]
-    names, ids = tuple(c["name"] for c in categories), tuple(c["id"] for c in categories)
-    teacher = small_model_file(model, classes=names, category_ids=ids)
-    segment = f"--input {shapes}/val/images --output {output} --model {teacher} --score-threshold 0.05"
-    labelled = run_job("segment_bucket.py", *segment.split(), "--max-detections", "20")
-    assert labelled.returncode == 0, labelled.stderr[-3000:]
 
 
 def _train_history(text: str) -> list[dict]:
