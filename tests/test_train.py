@@ -19,6 +19,7 @@ from maskrcnn import checkpoint, keypoints, output, storage
 from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
+RAY_OVERLOADED = "during network partition or CPU being overloaded, it's safe to ignore this error"
 STEP = re.compile(r"\[train\] epoch \d+ step (\d+)/\d+ loss ([\d.]+)")
 
 
@@ -85,7 +86,10 @@ def test_ddp_training_learns_counts_bad_input_and_rerun_does_nothing(defective_t
     assert f"dropped annotations: {drops}" in out and f"validation set: dropped annotations: {drops}" in out
     assert "IoU metric: segm" in out and "Per-category segm AP (%):" in out
     assert "Reporting training result" not in out and "core_worker.cc" not in out and "Deprecat" not in out
-    assert "Traceback" not in out and "Failed to query Ray Train" not in out  # its cleaner reaches the state API
+    assert "Failed to query Ray Train" not in out  # its cleaner reaches the state API
+    # The one traceback allowed is Ray Train's own overload warning (its controller's request
+    # to the autoscaling coordinator timed out on a busy machine; training goes on).
+    assert out.count("Traceback") == out.count(RAY_OVERLOADED), out[-3000:]
 
     run_dir = tmp_path / "runs" / "ddp"
     best = checkpoint.load(str(run_dir / "best.pt"))
