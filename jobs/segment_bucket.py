@@ -15,8 +15,13 @@ Examples:
       --input s3://archive/photos/ --output s3://labels/run1/ --model s3://models/best.pt \\
       --gpus-per-actor 1 --actors 1,16 --batch-size 8
 
+  # every night: label only what is new in the archive, as a run of the dataset labels/archive/
+  python jobs/segment_bucket.py --input s3://archive/photos/ --output s3://labels/archive/ \
+      --model s3://models/best.pt --incremental
+
 Re-running with the same --output skips images that already have rows; --overwrite starts
-over. The output holds part-NNNNNN.parquet files, _summary.json and, at the end, _SUCCESS
+over; --incremental labels what the input gained as a new run (maskrcnn/incremental.py).
+The output holds part-NNNNNN.parquet files, _summary.json and, at the end, _SUCCESS
 (see maskrcnn/segment.py for the pipeline, maskrcnn/output.py for the files).
 """
 
@@ -29,6 +34,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskrcnn import incremental
 from maskrcnn.cli import add_options, job_parser, parse_config, run_main
 from maskrcnn.segment import SegmentConfig, run
 
@@ -39,8 +45,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(parser(), SegmentConfig, argv)
-    summary = run(cfg)
-    summary.pop("config")
+    if cfg.incremental:
+        summary = incremental.run(cfg)
+    else:
+        summary = run(cfg)
+        summary.pop("config")
     print("[segment] summary:\n" + json.dumps(summary, indent=2))
 
 

@@ -119,7 +119,31 @@ def _tell(tally: Any, images: int, part_files: int) -> None:
     ray.get(tally.set.remote(images, part_files))
 
 
-class Listing(Datasource):
+class Uris(Datasource):
+    """The input's URIs as a Ray Data source of ``uri`` rows, from one read task that lists
+    it (what :mod:`maskrcnn.incremental` joins against the labels already written)."""
+
+    def __init__(self, input: str, extensions: tuple[str, ...] | None):
+        super().__init__()
+        self.input, self.extensions = input, extensions
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        return [
+            ReadTask(self._blocks, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))
+        ]
+
+    def _blocks(self) -> Iterator[pa.Table]:
+        uris = input_uris(self.input, self.extensions, None)
+        while chunk := list(itertools.islice(uris, 16 * BLOCK_ROWS)):
+            yield pa.table({"uri": chunk})
+
+
+class Listing(Uris):
     """The input as a Ray Data source of ``(part, index, part_rows, uri)`` rows.
 
     ``written`` maps each part already in the output to its footer (see
@@ -136,20 +160,9 @@ class Listing(Datasource):
         written: dict[int, dict],
         report: Callable[[int, int], None],
     ):
-        super().__init__()
-        self.input, self.extensions, self.limit, self.rows_per_file = input, extensions, limit, rows_per_file
-        self.output, self.report = output, report
+        super().__init__(input, extensions)
+        self.limit, self.rows_per_file, self.output, self.report = limit, rows_per_file, output, report
         self.written = {k: (f["rows"], f["first_uri"], f["last_uri"]) for k, f in written.items()}
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
-    ) -> list[ReadTask]:
-        return [
-            ReadTask(self._blocks, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))
-        ]
 
     def _blocks(self) -> Iterator[pa.Table]:
         """Blocks of BLOCK_ROWS rows, which may span parts, so that small part files do not
@@ -178,5 +191,6 @@ class Listing(Datasource):
     def _changed(self, part: int) -> ListingError:
         return ListingError(
             f"the input listing changed since {output.part_uri(self.output, part)} was written "
-            "(files added or removed); resume needs the same input: pass --overwrite, a new --output, or a manifest"
+            "(files added or removed); resume needs the same input: pass --incremental to label only the new "
+            "images, as a run of their own, or --overwrite, or a new --output"
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections import Counter
 from typing import Any, Iterator
@@ -54,6 +55,7 @@ SCHEMA = pa.schema(
 )
 CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories}
 _PART = re.compile(r"part-(\d{6})\.parquet")
+RUN = re.compile(r"run-\d{8}T\d{6}Z")  # an incremental run's folder, named by its UTC start
 FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
 
 
@@ -116,9 +118,24 @@ def read_categories(output: str) -> list[dict[str, Any]] | None:
 
 
 def part_files(output: str) -> list[str]:
-    """The output's ``part-NNNNNN.parquet`` files, in order."""
-    parts = {k: uri for uri in storage.iter_files(output) if (k := part_of(uri.rsplit("/", 1)[-1])) is not None}
-    return [parts[k] for k in sorted(parts)]
+    """The output's part files, in order: its own ``part-NNNNNN.parquet``, then each of its
+    incremental runs' (``run-<UTC time>/part-NNNNNN.parquet``, see :mod:`maskrcnn.incremental`),
+    run by run. A part file in any other folder is not the output's."""
+    parts = {}
+    for uri, folder, name in files(output):
+        k = part_of(name)
+        if k is not None and (folder == "" or RUN.fullmatch(folder)):
+            parts[folder, k] = uri
+    return [parts[key] for key in sorted(parts)]
+
+
+def files(output: str) -> Iterator[tuple[str, str, str]]:
+    """``(uri, folder, name)`` of every file under ``output``; ``folder`` is relative to it
+    (``""`` for the output's own files)."""
+    start = len(output.rstrip("/" if storage.is_s3(output) else os.sep)) + 1
+    for uri in storage.iter_files(output):
+        folder, _, name = uri[start:].rpartition("/" if storage.is_s3(uri) else os.sep)
+        yield uri, folder, name
 
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import ray
 
+from maskrcnn.errors import UserError
+
 # Lines Ray prints at ERROR level that are not errors for these jobs. Ray Data passes its
 # context to every actor-pool actor as an object-store argument, and Ray Core warns that
 # restarting such an actor could fail if that argument were lost (ray-project/ray#57733).
@@ -60,11 +62,25 @@ def quiet_logs() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not type(handler).__name__.endswith("FileHandler"):
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _NotUserErrors) for f in handler.filters):
+                handler.addFilter(_NotUserErrors())
     # The one warning that disabling progress bars prints, once per process.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the jobs print their own progress with totals
     context.print_on_execution_start = False
+
+
+class _NotUserErrors(logging.Filter):
+    """Keeps Ray Data's console report of a failed task (its traceback, its retry advice)
+    off the terminal when the error is a :class:`~maskrcnn.errors.UserError`, such as a
+    listing that changed under a resumed run: the job prints that as its one-line error.
+    Ray Data logs it while handling the exception, so the exception is the record's or the
+    one being handled. Its log file keeps the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(err, UserError)
 
 
 @contextlib.contextmanager

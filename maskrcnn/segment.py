@@ -61,6 +61,12 @@ class SegmentConfig:
     limit: int | None = option("process only the first N inputs (a quick trial)", None, group=IO, metavar="N")
     rows_per_file: int = option("rows per Parquet part file", 1000, group=IO)
     overwrite: bool = option("delete what --output holds and start over", False, group=IO)
+    incremental: bool = option(
+        "--output is a labels dataset that grows by runs: label only the inputs none of its runs holds, "
+        "as a new run (run-<UTC time>/), after finishing an interrupted one",
+        False,
+        group=IO,
+    )
     model: str = model_option(MODEL)
     arch: str | None = arch_option(MODEL)
     inference: InferenceOptions = embed(InferenceOptions)
@@ -85,18 +91,21 @@ class SegmentConfig:
         for name in ("rows_per_file", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.incremental and self.overwrite:
+            raise ValueError("--incremental adds to a labels dataset; --overwrite would delete it: pass one of them")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
         self.model = storage.absolute(self.model) if is_path(self.model) else self.model
 
 
-def run(cfg: SegmentConfig) -> dict[str, Any]:
-    """Segment every input image; return (and write as _summary.json) the summary."""
+def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Segment every input image; return (and write as _summary.json) the summary.
+    ``ckpt`` is the loaded model where the caller has it already (:mod:`maskrcnn.incremental`)."""
     start = time.perf_counter()
     # 1. Fail fast, before any actor starts: the model (fetched once, here), its classes,
     #    the input, the output.
-    ckpt = checkpoint.load(cfg.model, cfg.arch)
+    ckpt = ckpt or checkpoint.load(cfg.model, cfg.arch)
     check_classes(ckpt["classes"], cfg.inference.classes)
     model_id, fit = checkpoint.identity(ckpt), inference_size(ckpt["arch"], **ckpt["arch_kwargs"])
     if listing.is_empty(cfg.input, cfg.extensions):
@@ -141,6 +150,10 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
                 f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
                 f"{output.SCHEMA_VERSION}, which this version writes; pass --overwrite or choose another --output"
             )
+        if previous.get("incremental"):
+            raise SegmentError(
+                f"{cfg.output} is a labels dataset of incremental runs; pass --incremental to label what is new"
+            )
         changed = [k for k in ("input", "model", "rows_per_file") if previous.get(k) != mine[k]]
         if changed:
             raise SegmentError(
@@ -149,10 +162,9 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
             )
     storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id, keypoints), indent=2))
     parts: dict[int, str] = {}
-    for uri in storage.iter_files(cfg.output):
-        name = uri.rsplit("/", 1)[-1]
+    for uri, folder, name in output.files(cfg.output):
         part = output.part_of(name)
-        if name == "_job.json":
+        if folder or name == "_job.json":
             continue
         if cfg.overwrite or (part is None and (".tmp-" in name or name == "_SUCCESS")):
             storage.delete(uri)

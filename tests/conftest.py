@@ -61,15 +61,16 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def segmented_shapes(shapes: Path, tmp_path_factory) -> Path:
-    """What ``jobs/segment_bucket.py`` writes of ``shapes/val/images`` with a small untrained
-    model of the shapes' categories (many small, ragged masks; top scores of about 0.2 to 0.4):
-    a teacher's labels, made once for the tests that read them."""
+    """What ``jobs/segment_bucket.py --incremental`` writes of ``shapes/val/images`` with a
+    small untrained model of the shapes' categories (many small, ragged masks; top scores of
+    about 0.2 to 0.4): a teacher's labels, a labels dataset of one run, made once for the
+    tests that read them (the labelling tools, training) by its root."""
     from tests.helpers import run_job, small_model_file
 
     root = tmp_path_factory.mktemp("segmented")
     model = small_model_file(root / "teacher.pt", classes=("circle", "rectangle", "triangle"), category_ids=(1, 2, 3))
     flags = f"--input {shapes}/val/images --output {root / 'labels'} --model {model} --score-threshold 0.05"
-    done = run_job("segment_bucket.py", *flags.split(), "--max-detections", "20")
+    done = run_job("segment_bucket.py", *flags.split(), "--max-detections", "20", "--incremental")
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "labels"
 

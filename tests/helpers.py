@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -145,6 +146,12 @@ def run_job(
     )
 
 
+def segment_summary(result: subprocess.CompletedProcess) -> dict:
+    """The summary that a successful ``jobs/segment_bucket.py`` prints last."""
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return json.loads(result.stdout.split("[segment] summary:\n", 1)[1])
+
+
 def call_job(script: str, *args: str) -> subprocess.CompletedProcess:
     """``jobs/<script>`` run in this process, for a job that ends before Ray starts (bad
     input, --help, export): the same exit status and output as :func:`run_job`, without
@@ -249,87 +256,6 @@ def ground_truth_as_results(gt: dict, category_of=lambda ann: ann["category_id"]
         for a in gt["annotations"]
         if not a.get("iscrowd")
     ]
-
-
-class FlakyS3:
-    """A proxy on loopback in front of an S3 endpoint that fails a share of GETs the ways a
-    busy store and a bad network do: 500, 503 SlowDown, a reset before any answer, and a
-    body cut off halfway. Seeded, so a run fails the same requests. Use as a context manager;
-    ``url`` is its address, ``failed`` counts the failures by kind."""
-
-    KINDS = ("500", "503", "reset", "truncated")
-
-    def __init__(self, endpoint: str, rate: float = 0.15, seed: int = 0):
-        import http.server
-        import random
-        import threading
-
-        self.endpoint, self.rate, self.random, self.failed = endpoint, rate, random.Random(seed), Counter()
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy.answer(self, "GET")
-
-            def do_HEAD(self) -> None:
-                proxy.answer(self, "HEAD")
-
-            def do_PUT(self) -> None:
-                proxy.answer(self, "PUT")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FlakyS3:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def answer(self, handler: Any, method: str) -> None:
-        import http.client
-        import urllib.parse
-
-        with self.lock:
-            kind = self.random.choice(self.KINDS) if method == "GET" and self.random.random() < self.rate else None
-            if kind:
-                self.failed[kind] += 1
-        if kind == "reset":
-            handler.close_connection = True
-            handler.connection.shutdown(2)
-            return
-        if kind in ("500", "503"):
-            code = "SlowDown" if kind == "503" else "InternalError"
-            body = f"<Error><Code>{code}</Code><Message>try again</Message></Error>".encode()
-            handler.send_response(int(kind))
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
-            return
-        length = int(handler.headers.get("Content-Length") or 0)
-        sent = handler.rfile.read(length) if length else None
-        target = urllib.parse.urlsplit(self.endpoint)
-        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-        upstream.request(method, handler.path, body=sent, headers=dict(handler.headers))
-        response = upstream.getresponse()
-        data = response.read()
-        handler.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "date", "server"):
-                handler.send_header(key, value)
-        handler.end_headers()
-        if method != "HEAD":
-            handler.wfile.write(data[: len(data) // 2] if kind == "truncated" else data)
-        if kind == "truncated":
-            handler.close_connection = True
-        upstream.close()
 
 
 def mask_iou(a: list[dict], b: list[dict]) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""Incremental runs (jobs/segment_bucket.py --incremental): an archive that grows, labelled
+a run at a time, each image once, on local disk and on S3."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import duckdb
+import pytest
+
+from maskrcnn import output, storage
+from tests.helpers import MARKER, REPO, call_job, kill_marked, run_job, segment_summary, small_model_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.pt", min_size=96, max_size=128)
+
+
+class Archive:
+    """An input folder or S3 prefix that grows by copies of real COCO photos."""
+
+    def __init__(self, photos: list[Path], root: str):
+        self.photos, self.root = photos, root
+
+    def uri(self, photo: Path) -> str:
+        return storage.join(self.root, photo.name)
+
+    def add(self, photos: list[Path]) -> None:
+        for photo in photos:
+            if storage.is_s3(self.root):
+                bucket, _, key = self.uri(photo)[len("s3://") :].partition("/")
+                boto3.client("s3").upload_file(str(photo), bucket, key)
+            else:
+                os.makedirs(self.root, exist_ok=True)
+                shutil.copy(photo, self.uri(photo))
+
+    def remove(self, photo: Path) -> None:
+        storage.delete(self.uri(photo))
+
+
+@pytest.fixture(params=["local", "s3"])
+def archive(request, shared_data, tmp_path) -> tuple[Archive, str]:
+    """(the archive, the labels dataset's URI), both local or both on S3."""
+    photos = sorted((shared_data / "coco_small" / "images").iterdir())[:40]
+    if request.param == "local":
+        return Archive(photos, str(tmp_path / "archive")), str(tmp_path / "labels")
+    bucket = request.getfixturevalue("bucket")
+    return Archive(photos, f"s3://{bucket}/archive"), f"s3://{bucket}/labels"
+
+
+def _label(archive: Archive, labels: str, model: str) -> dict:
+    flags = ["--input", archive.root, "--output", labels, "--model", model, "--rows-per-file", "4"]
+    return segment_summary(run_job("segment_bucket.py", *flags, "--incremental", "--score-threshold", "0.05"))
+
+
+def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, model, tmp_path):
+    archive, labels = archive
+    photos = archive.photos
+    done = []
+    for grown in (photos[:20], photos[20:25], photos[25:]):
+        if grown is photos[25:]:
+            archive.remove(photos[3])  # gone from the archive; its row stays in the dataset
+        archive.add(grown)
+        runs = _label(archive, labels, model)["runs"]
+        (name, run), *others = runs.items()
+        assert not others and run["processed_rows"] == len(grown) and run["resumed_rows"] == 0
+        assert run["errors"] == {}
+        done.append(name)
+    assert sorted(done) == done and len(set(done)) == 3
+    # One more night with nothing new: no run, no row.
+    assert _label(archive, labels, model)["runs"] == {}
+
+    # The dataset reads as one, each image once: the project's own reader (export.py's), DuckDB.
+    rows = list(output.read_rows(labels, columns=["uri", "model"]))
+    assert sorted(r["uri"] for r in rows) == sorted(archive.uri(p) for p in photos)
+    assert len({r["model"] for r in rows}) == 1
+    # The model's categories beside the runs, for training on the dataset's root (maskrcnn.labels)
+    assert output.read_categories(labels) == [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
+    files = output.part_files(labels)
+    assert [f.split("/")[-2] for f in files] == [d for d, n in zip(done, (5, 2, 4)) for _ in range(n)]
+    exported = call_job(
+        "export.py", "--predictions", labels, "--coco-dataset", str(tmp_path / "coco.json"), "--images", archive.root
+    )
+    assert exported.returncode == 0 and "[export] 40 images, " in exported.stdout, exported.stderr
+    if not storage.is_s3(labels):  # DuckDB reads S3 through its httpfs extension, a download away
+        glob = os.path.join(labels, "**", "part-*.parquet")
+        n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{glob}')").fetchall()[0]
+        assert n == distinct == 40
+
+
+def test_a_killed_run_resumes_exactly_once_and_the_next_labels_only_what_is_new(shared_data, model, tmp_path):
+    photos = sorted((shared_data / "coco_small" / "images").iterdir())[:25]
+    archive, labels = Archive(photos, str(tmp_path / "archive")), str(tmp_path / "labels")
+    archive.add(photos[:20])
+    # Big rows (score threshold 0) in parts of 1: the run's parts appear one by one.
+    flags = ["--input", archive.root, "--output", labels, "--model", model, "--incremental"]
+    flags += ["--rows-per-file", "1", "--score-threshold", "0"]
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *flags],
+        cwd=REPO,
+        env=dict(os.environ, **{MARKER: marker}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (os.path.isdir(labels) and output.part_files(labels)):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_marked(marker)
+    before = {p: os.stat(p).st_mtime_ns for p in output.part_files(labels)}
+    (killed,) = {p.split("/")[-2] for p in before}
+    assert 0 < len(before) < 20 and not os.path.exists(os.path.join(labels, killed, "_SUCCESS"))
+
+    archive.add(photos[20:])  # the archive grew meanwhile: the killed run keeps its own input
+    runs = segment_summary(run_job("segment_bucket.py", *flags))["runs"]
+    (first, resumed), (second, new) = runs.items()
+    assert first == killed and resumed["resumed_rows"] == len(before) and resumed["processed_rows"] == 20 - len(before)
+    assert second > first and new["processed_rows"] == 5 and new["resumed_rows"] == 0
+    assert all(os.stat(p).st_mtime_ns == t for p, t in before.items())
+    uris = [r["uri"] for r in output.read_rows(labels, columns=["uri"])]
+    assert sorted(uris) == sorted(archive.uri(p) for p in photos)
+
+
+def test_another_model_or_a_plain_run_is_refused_before_ray_starts(model, shared_data, tmp_path):
+    labels, photos = str(tmp_path / "labels"), str(shared_data / "photos")
+    storage.write_text(
+        os.path.join(labels, "_job.json"), '{"model": "other@1:abc", "schema_version": "3", "incremental": true}'
+    )
+    result = call_job("segment_bucket.py", "--input", photos, "--output", labels, "--model", model, "--incremental")
+    assert result.returncode == 2 and "holds output of another job (model=other@1:abc" in result.stderr
+    assert "a new model's labels are a new dataset" in result.stderr
+    result = call_job("segment_bucket.py", "--input", photos, "--output", labels, "--model", model)
+    assert result.returncode == 2, result.stderr
+    assert "is a labels dataset of incremental runs; pass --incremental" in result.stderr
+    result = call_job(
+        "segment_bucket.py", "--input", photos, "--output", labels, "--model", model, "--incremental", "--overwrite"
+    )
+    assert result.returncode == 2 and "--incremental adds to a labels dataset" in result.stderr
