@@ -17,6 +17,7 @@ from typing import Any
 
 import boto3
 import numpy as np
+import pytest
 import torch
 from pycocotools import mask as mask_utils
 
@@ -144,6 +145,25 @@ def run_job(
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))  # make clients
+
+
+def read_back(*args: str, env: dict | None = None) -> dict:
+    """tests/clients/read_back.py in the labelling tools' venv: what a tool's own code read."""
+    python = CLIENTS / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make clients` (make test does)")
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "clients" / "read_back.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def segment_summary(result: subprocess.CompletedProcess) -> dict:

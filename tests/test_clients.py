@@ -16,32 +16,15 @@ import socket
 import subprocess
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
 from maskrcnn import data, masks, output
-from tests.helpers import REPO, call_job, free_port, mask_iou, run_job, teacher_labels
+from tests.helpers import CLIENTS, call_job, free_port, mask_iou, read_back, run_job, teacher_labels
 
-CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))
 LOCAL_FILES = "/data/local-files/?d="
-
-
-def read_back(*args: str, env: dict | None = None) -> dict:
-    python = CLIENTS / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} is missing: run `make clients` (make test does)")
-    done = subprocess.run(
-        [str(python), str(REPO / "tests" / "clients" / "read_back.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", **(env or {})},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module", params=["teacher", "segmented"])

@@ -7,6 +7,7 @@ code and prints what arrived as JSON, for the test to compare with the masks it 
   datumaro DIR                        Datumaro's coco_instances importer (CVAT's COCO 1.0 engine)
   datumaro-export OUT_DIR             a CVAT-style COCO 1.0 export of one polygon and one mask
   fiftyone IMAGES LABELS              FiftyOne's COCODetectionDataset importer (needs FIFTYONE_DATABASE_URI)
+  hf-datasets GLOB                    Hugging Face datasets' Parquet loader: the rows' URIs
 """
 
 import json
@@ -87,7 +88,14 @@ def fiftyone(images: str, labels: str) -> dict:
     return {"samples": samples}
 
 
+def hf_datasets(glob: str) -> dict:
+    from datasets import load_dataset
+
+    return {"uris": list(load_dataset("parquet", data_files=glob, split="train")["uri"])}
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    run = {"label-studio": label_studio, "datumaro": datumaro, "datumaro-export": datumaro_export, "fiftyone": fiftyone}
+    run = {"label-studio": label_studio, "datumaro": datumaro, "datumaro-export": datumaro_export}
+    run |= {"fiftyone": fiftyone, "hf-datasets": hf_datasets}
     print(json.dumps(run[command](*args)))
