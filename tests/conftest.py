@@ -76,6 +76,14 @@ def segmented_shapes(shapes: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> str:
+    """The small untrained checkpoint of :func:`tests.helpers.small_checkpoint`, saved once."""
+    from tests.helpers import small_model_file
+
+    return small_model_file(tmp_path_factory.mktemp("model") / "small.pt")
+
+
+@pytest.fixture(scope="session")
 def torchvision_pth(tmp_path_factory) -> str:
     """torchvision's ``maskrcnn_resnet50_fpn`` with random weights (nothing can be downloaded
     here), saved as a bare state dict, as torchvision publishes its COCO weights. Its class

@@ -8,12 +8,15 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
+import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import boto3
 import numpy as np
@@ -341,3 +344,30 @@ def kill_marked(marker: str) -> None:
     for proc in doomed:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+
+
+def start_job(script: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """``jobs/<script>`` started as :func:`run_job` runs it, but in a session of its own and
+    with a marker that its Ray processes inherit; returns the process and the marker."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        cwd=REPO,
+        env=dict(os.environ, **{MARKER: marker}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc, marker
+
+
+def kill_job_when(job: tuple[subprocess.Popen, str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Once ``ready()``, SIGKILL a :func:`start_job` job's driver mid-job, then the Ray it started."""
+    proc, marker = job
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be interrupted"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_marked(marker)

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -18,22 +13,15 @@ import pytest
 
 from maskrcnn import output, storage
 from tests.helpers import (
-    MARKER,
-    REPO,
     call_job,
-    kill_marked,
+    kill_job_when,
     read_back,
     run_job,
     segment_summary,
-    small_model_file,
+    start_job,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return small_model_file(tmp_path_factory.mktemp("model") / "small.pt", min_size=96, max_size=128)
 
 
 class Archive:
@@ -73,7 +61,7 @@ def _label(archive: Archive, labels: str, model: str) -> dict:
     return segment_summary(run_job("segment_bucket.py", *flags, "--incremental", "--score-threshold", "0.05"))
 
 
-def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, model, tmp_path):
+def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, model_file, tmp_path):
     archive, labels = archive
     photos = archive.photos
     done = []
@@ -81,14 +69,14 @@ def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, mod
         if grown is photos[25:]:
             archive.remove(photos[3])  # gone from the archive; its row stays in the dataset
         archive.add(grown)
-        runs = _label(archive, labels, model)["runs"]
+        runs = _label(archive, labels, model_file)["runs"]
         (name, run), *others = runs.items()
         assert not others and run["processed_rows"] == len(grown) and run["resumed_rows"] == 0
         assert run["errors"] == {}
         done.append(name)
     assert sorted(done) == done and len(set(done)) == 3
     if not storage.is_s3(labels):  # one more night with nothing new: no run, no row
-        assert _label(archive, labels, model)["runs"] == {}
+        assert _label(archive, labels, model_file)["runs"] == {}
 
     # The dataset reads as one, each image once: the project's own reader (export.py's), DuckDB.
     rows = list(output.read_rows(labels, columns=["uri", "model"]))
@@ -110,29 +98,15 @@ def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, mod
         assert sorted(uris) == sorted(archive.uri(p) for p in photos)
 
 
-def test_a_killed_run_resumes_exactly_once_and_the_next_labels_only_what_is_new(shared_data, model, tmp_path):
+def test_a_killed_run_resumes_exactly_once_and_the_next_labels_only_what_is_new(shared_data, model_file, tmp_path):
     photos = sorted((shared_data / "coco_small" / "images").iterdir())[:25]
     archive, labels = Archive(photos, str(tmp_path / "archive")), str(tmp_path / "labels")
     archive.add(photos[:20])
     # Big rows (score threshold 0) in parts of 1: the run's parts appear one by one.
-    flags = ["--input", archive.root, "--output", labels, "--model", model, "--incremental"]
+    flags = ["--input", archive.root, "--output", labels, "--model", model_file, "--incremental"]
     flags += ["--rows-per-file", "1", "--score-threshold", "0"]
-    marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *flags],
-        cwd=REPO,
-        env=dict(os.environ, **{MARKER: marker}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (os.path.isdir(labels) and output.part_files(labels)):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kill_marked(marker)
+    job = start_job("segment_bucket.py", *flags)
+    kill_job_when(job, lambda: os.path.isdir(labels) and bool(output.part_files(labels)))
     before = {p: os.stat(p).st_mtime_ns for p in output.part_files(labels)}
     (killed,) = {p.split("/")[-2] for p in before}
     assert 0 < len(before) < 20 and not os.path.exists(os.path.join(labels, killed, "_SUCCESS"))
@@ -147,18 +121,17 @@ def test_a_killed_run_resumes_exactly_once_and_the_next_labels_only_what_is_new(
     assert sorted(uris) == sorted(archive.uri(p) for p in photos)
 
 
-def test_another_model_or_a_plain_run_is_refused_before_ray_starts(model, shared_data, tmp_path):
-    labels, photos = str(tmp_path / "labels"), str(shared_data / "photos")
+def test_another_model_or_a_plain_run_is_refused_before_ray_starts(model_file, shared_data, tmp_path):
+    labels = str(tmp_path / "labels")
     storage.write_text(
         os.path.join(labels, "_job.json"), '{"model": "other@1:abc", "schema_version": "3", "incremental": true}'
     )
-    result = call_job("segment_bucket.py", "--input", photos, "--output", labels, "--model", model, "--incremental")
+    flags = ["--input", str(shared_data / "photos"), "--output", labels, "--model", model_file]
+    result = call_job("segment_bucket.py", *flags, "--incremental")
     assert result.returncode == 2 and "holds output of another job (model=other@1:abc" in result.stderr
     assert "a new model's labels are a new dataset" in result.stderr
-    result = call_job("segment_bucket.py", "--input", photos, "--output", labels, "--model", model)
+    result = call_job("segment_bucket.py", *flags)
     assert result.returncode == 2, result.stderr
     assert "is a labels dataset of incremental runs; pass --incremental" in result.stderr
-    result = call_job(
-        "segment_bucket.py", "--input", photos, "--output", labels, "--model", model, "--incremental", "--overwrite"
-    )
+    result = call_job("segment_bucket.py", *flags, "--incremental", "--overwrite")
     assert result.returncode == 2 and "--incremental adds to a labels dataset" in result.stderr

@@ -8,11 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -23,28 +18,22 @@ import pytest
 
 from maskrcnn import images, masks, output, storage
 from tests.helpers import (
-    MARKER,
     MIXED,
     OFFLINE,
     REPO,
     TOOTHBRUSH,
     UNUSABLE,
     call_job,
-    kill_marked,
+    kill_job_when,
     large_jpeg,
     mask_iou,
     run_job,
     segment_summary,
-    small_model_file,
+    start_job,
     upload_dir,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    return small_model_file(tmp_path_factory.mktemp("model") / "small.pt")
 
 
 def _read(output: str) -> pd.DataFrame:
@@ -140,22 +129,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     # together, many parts at a time, and the run could end before it is killed).
     args = ["--input", rel(archive), "--output", rel(out), "--model", rel(model_file)]
     args += ["--rows-per-file", "4", "--score-threshold", "0", "--log-every", "1"]
-    marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "segment_bucket.py"), *args],
-        cwd=REPO,
-        env=dict(os.environ, **{MARKER: marker}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not _parts(out):
-        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be interrupted"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-job; then the Ray it started
-    proc.wait()
-    kill_marked(marker)
+    kill_job_when(start_job("segment_bucket.py", *args), lambda: bool(_parts(out)))
     before = {p.name: p.stat().st_mtime_ns for p in _parts(out)}
     assert not (out / "_SUCCESS").exists()
     for p in _parts(out):
