@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from maskrcnn import checkpoint, inference, listing, output, segment, storage
+from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.predictor import check_classes
 from maskrcnn.segment import SegmentConfig, SegmentError
 
@@ -43,13 +44,14 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
     # 1. The model, and the dataset's record of its own: one model's labels per dataset.
     ckpt = checkpoint.load(cfg.model, cfg.arch)
     check_classes(ckpt["classes"], cfg.inference.classes)
-    claim(cfg, checkpoint.identity(ckpt), checkpoint.keypoint_spec(ckpt))
+    model_id = checkpoint.identity(ckpt)
+    claim(cfg, model_id, checkpoint.keypoint_spec(ckpt))
     output.write_categories(cfg.output, checkpoint.categories(ckpt))  # for training on the whole dataset
     inference.start(cfg.inference, min_cpus=2)
     # 2. An interrupted run resumes with its own manifest; a run killed before its manifest
     #    was whole is started again under its name.
-    done, fresh = {}, None
-    for name, files in runs(cfg.output).items():
+    done, fresh, earlier = {}, None, runs(cfg.output)
+    for name, files in earlier.items():
         if "_SUCCESS" in files:
             continue
         if INPUTS not in files:
@@ -58,17 +60,17 @@ def run(cfg: SegmentConfig) -> dict[str, Any]:
         print(f"[segment] resuming {name}, an interrupted run", flush=True)
         done[name] = label(cfg, name, ckpt)
     # 3. What no run holds yet, as a new run.
-    name = fresh or new_name(cfg.output)
+    name = fresh or new_name(set(earlier))
     new = write_manifest(new_inputs(cfg, output.part_files(cfg.output)), run_uri(cfg, name, INPUTS))
     if new:
         print(f"[segment] {name}: new inputs: {new}", flush=True)
         done[name] = label(cfg, name, ckpt)
     else:
         print(f"[segment] nothing new: every input of {cfg.input} has a row in {cfg.output}", flush=True)
-    return {"input": cfg.input, "output": cfg.output, "model": checkpoint.identity(ckpt), "runs": done}
+    return {"input": cfg.input, "output": cfg.output, "model": model_id, "runs": done}
 
 
-def claim(cfg: SegmentConfig, model_id: str, keypoints: Any) -> None:
+def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> None:
     """Refuse a dataset of another model or schema version; then record it as this one's."""
     record_uri = storage.join(cfg.output, "_job.json")
     if storage.exists(record_uri):
@@ -78,13 +80,7 @@ def claim(cfg: SegmentConfig, model_id: str, keypoints: Any) -> None:
                 f"{cfg.output} holds output of another job (model={previous.get('model')}, schema version "
                 f"{previous.get('schema_version')}); a new model's labels are a new dataset: choose another --output"
             )
-    record = {
-        "input": cfg.input,
-        "model": model_id,
-        "schema_version": output.SCHEMA_VERSION,
-        "keypoints": keypoints.as_dict() if keypoints else None,
-        "incremental": True,
-    }
+    record = segment.job_record(cfg, model_id, keypoints) | {"incremental": True}
     storage.write_text(record_uri, json.dumps(record, indent=2))
 
 
@@ -97,9 +93,8 @@ def runs(dataset: str) -> dict[str, set[str]]:
     return dict(sorted(found.items()))
 
 
-def new_name(dataset: str) -> str:
-    """``run-<UTC time>``, a second after the dataset's latest run if that has this second's name."""
-    taken = runs(dataset)
+def new_name(taken: set[str]) -> str:
+    """``run-<UTC time>``, a second later if a run of the dataset has this second's name."""
     while (name := time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())) in taken:
         time.sleep(1)
     return name
@@ -121,9 +116,7 @@ def new_inputs(cfg: SegmentConfig, earlier: list[str]) -> ray.data.Dataset:
     """The input's URIs that no part file in ``earlier`` holds, sorted (at most ``--limit``)."""
     listed = ray.data.read_datasource(listing.Uris(cfg.input, cfg.extensions), override_num_blocks=1)
     if earlier:
-        fs, _ = storage.filesystem(earlier[0])
-        paths = [storage.filesystem(uri)[1] for uri in earlier]
-        held = ray.data.read_parquet(paths, filesystem=fs).select_columns(["uri"])
+        held = output.read_parts(earlier, ["uri"])
         partitions = 1 + len(earlier) // PARTS_PER_JOIN_PARTITION
         listed = listed.join(held, join_type="left_anti", num_partitions=partitions, on=("uri",))
     listed = listed.sort("uri")

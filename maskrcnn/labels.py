@@ -218,9 +218,7 @@ class Cleaned:
 
 def read(labels: Labels) -> ray.data.Dataset:
     """One source's rows, in part-file order."""
-    fs, _ = storage.filesystem(labels.files[0])
-    paths = [storage.filesystem(uri)[1] for uri in labels.files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    return output.read_parts(labels.files, COLUMNS)
 
 
 def clean(sources: list[Labels], rules: Rules, coco_records: list[dict[str, Any]]) -> Cleaned:

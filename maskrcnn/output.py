@@ -129,6 +129,15 @@ def part_files(output: str) -> list[str]:
     return [parts[key] for key in sorted(parts)]
 
 
+def read_parts(files: list[str], columns: list[str]) -> Any:
+    """``columns`` of part files (of one filesystem) as a Ray Data dataset, in file order."""
+    import ray.data
+
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(uri)[1] for uri in files]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+
+
 def files(output: str) -> Iterator[tuple[str, str, str]]:
     """``(uri, folder, name)`` of every file under ``output``; ``folder`` is relative to it
     (``""`` for the output's own files)."""

@@ -144,7 +144,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
     record_uri = storage.join(cfg.output, "_job.json")
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
-        mine = _job_record(cfg, model_id, keypoints)
+        mine = job_record(cfg, model_id, keypoints)
         if previous.get("schema_version") != output.SCHEMA_VERSION:
             raise SegmentError(
                 f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
@@ -160,7 +160,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
                 f"{cfg.output} holds output of another job ({', '.join(f'{k}={previous.get(k)}' for k in changed)}); "
                 "pass --overwrite or choose another --output"
             )
-    storage.write_text(record_uri, json.dumps(_job_record(cfg, model_id, keypoints), indent=2))
+    storage.write_text(record_uri, json.dumps(job_record(cfg, model_id, keypoints), indent=2))
     parts: dict[int, str] = {}
     for uri, folder, name in output.files(cfg.output):
         part = output.part_of(name)
@@ -173,7 +173,8 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
     return parts
 
 
-def _job_record(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> dict[str, Any]:
+def job_record(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> dict[str, Any]:
+    """What ``_job.json`` records of a job (and, with ``incremental``, of a labels dataset)."""
     return {
         "input": cfg.input,
         "model": model_id,
