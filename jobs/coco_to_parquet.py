@@ -5,7 +5,7 @@ Examples:
   python jobs/coco_to_parquet.py --annotations coco/annotations/instances_train2017.json \\
       --images coco/train2017 --output labels/coco-train/
 
-  ray job submit --working-dir . -- python jobs/coco_to_parquet.py \\
+  ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/coco_to_parquet.py \\
       --annotations s3://bucket/coco/annotations/instances_train2017.json \\
       --images s3://bucket/coco/train2017 --output s3://bucket/labels/coco-train/
 

@@ -9,7 +9,8 @@ Examples:
   python jobs/evaluate.py --model runs/shapes/best.pt \\
       --annotations data/val/annotations.json --images data/val/images --output runs/shapes/eval.json
 
-  ray job submit --working-dir . -- python jobs/evaluate.py --model s3://bucket/runs/r50/best.pt \\
+  ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/evaluate.py \\
+      --model s3://bucket/runs/r50/best.pt \\
       --annotations s3://bucket/coco/annotations/instances_val2017.json --images s3://bucket/coco/val2017 \\
       --actors 4 --gpus-per-actor 1 --output s3://bucket/runs/r50/eval_val2017.json
 """

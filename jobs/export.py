@@ -50,11 +50,12 @@ class ExportConfig:
 
     predictions: str = option("the --output of jobs/segment_bucket.py", group=IO)
     images: str | None = option(
-        "the image root: --coco-results matches the ground truth's file_names relative to "
-        "it (default: the segmentation's --input), --coco-dataset writes file_names "
-        "relative to it (default: full URIs), pictures are named by it",
+        "the image root: --coco-results matches the ground truth's file_names relative to it, --cvat "
+        "writes file_names and --url-prefix URLs relative to it, pictures are named by it; "
+        "--coco-dataset writes file_names relative to it (without --images: full URIs)",
         None,
         group=IO,
+        default_text="the segmentation's --input",
     )
     min_score: float = option("leave out instances below this score", 0.0, group=IO)
     coco_results: str | None = option("write COCO results JSON (what loadRes takes) here", None, group=COCO)
@@ -84,14 +85,14 @@ class ExportConfig:
         metavar="DIR",
     )
     url_prefix: str | None = option(
-        "Label Studio image URLs: this + the path under --images (e.g. /data/local-files/?d=photos/); "
-        "default: the s3:// URI, for Label Studio's S3 storage",
+        "Label Studio image URLs: this + the path under --images (e.g. /data/local-files/?d=photos/)",
         None,
         group=TOOLS,
+        default_text="the s3:// URI, for Label Studio's S3 storage",
     )
     cvat: str | None = option(
         "write CVAT's COCO 1.0 layout here: annotations/instances_default.json, polygons, file_names "
-        "relative to --images (default: the segmentation's --input)",
+        "relative to --images",
         None,
         group=TOOLS,
         metavar="DIR",
@@ -103,7 +104,7 @@ class ExportConfig:
     columns: int = option("contact sheet columns", 4, group=PICTURES)
     pictures: PictureOptions = embed(PictureOptions)
     html: str | None = option(
-        "write a report (index.html and its pictures) here; it shows --render N pictures (default 24)",
+        "write a report (index.html and its pictures) here; it shows --render N pictures, 24 without --render",
         None,
         group=PICTURES,
         metavar="DIR",

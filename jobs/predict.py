@@ -45,7 +45,7 @@ class PredictConfig:
     json_per_image: bool = option("also write one JSON per image beside its picture", False, group=IO)
     model: str = model_option(MODEL)
     arch: str | None = arch_option(MODEL)
-    device: str | None = option("torch device (default: cuda if there is one, else cpu)", None, group=MODEL)
+    device: str | None = option("torch device", None, group=MODEL, default_text="cuda if there is one, else cpu")
     predict: PredictOptions = embed(PredictOptions)
     pictures: PictureOptions = embed(PictureOptions)
 

@@ -11,7 +11,7 @@ Examples:
   python jobs/segment_bucket.py --input photos/ --output labels/persons/ \\
       --model COCO_V1 --arch keypointrcnn_resnet50_fpn
 
-  ray job submit --working-dir . -- python jobs/segment_bucket.py \\
+  ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/segment_bucket.py \\
       --input s3://archive/photos/ --output s3://labels/run1/ --model s3://models/best.pt \\
       --gpus-per-actor 1 --actors 1,16 --batch-size 8
 

@@ -8,7 +8,7 @@ Examples:
       --storage runs --name shapes --epochs 4
 
   # on a GPU cluster, COCO in S3, fine-tuning torchvision's COCO weights
-  ray job submit --working-dir . -- python jobs/train.py \\
+  ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/train.py \\
       --train-annotations s3://bucket/coco/annotations/instances_train2017.json \\
       --train-images s3://bucket/coco/train2017 \\
       --val-annotations s3://bucket/coco/annotations/instances_val2017.json \\

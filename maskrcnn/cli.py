@@ -1,10 +1,12 @@
-"""The command line, the same for every job: flags declared once, as config fields; errors
-as one line naming the problem, with a non-zero exit.
+"""The command line, the same for every job: flags declared once, as config fields; an error
+the user can fix as one line naming the problem (exit status 2), a defect with its traceback
+(exit status 1).
 
 A job's config is a dataclass whose fields are made by :func:`option`: the field's type,
 default and help text are the flag's, so :func:`add_options` builds the parser from the
 dataclass and :func:`parse_config` builds the dataclass from the parsed flags. Nothing is
-written twice, and :func:`flag_table` renders the README's reference tables from the parser.
+written twice: --help and the README's reference tables (:func:`flag_table`) show the
+declared defaults (:func:`default_shown`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import re
 import sys
+import traceback
 import types
 import typing
 from typing import Any, Callable
 
-from maskrcnn.errors import UserError
+from maskrcnn.errors import EXPECTED
 
-EXPECTED = (UserError, ValueError)
 REQUIRED = dataclasses.MISSING
 
 
@@ -36,14 +37,27 @@ def option(
     group: str,
     flag: str | None = None,
     was: dict[str, Any] | None = None,
+    default_text: str | None = None,
     **argparse_kwargs: Any,
 ) -> Any:
     """A config field that is also a flag. ``flag`` defaults to ``--field-name``; a boolean
     field is a switch (``--gpu`` turns a False default on, ``--no-amp`` a True one off).
     ``was`` maps a flag's earlier names to None (it took the value) or to the value it stood
     for (``{"--gpu": 1.0}``); they still work, with a warning, and --help leaves them out.
+    ``default_text`` says what a None default stands for ("all", "from the file"), where the
+    job decides it later; --help and the README show it as the default. The help text never
+    gives the default itself: both show the declared one.
     ``argparse_kwargs`` (``type``, ``choices``, ``metavar``, ``nargs``) go to ``add_argument`` as they are."""
-    meta = {"help": help, "group": group, "flag": flag, "was": was or {}, "argparse": argparse_kwargs}
+    if "(default" in help:
+        raise TypeError(f"declare the default of {help!r} (default_text=...), not in its help")
+    meta = {
+        "help": help,
+        "group": group,
+        "flag": flag,
+        "was": was or {},
+        "default_text": default_text,
+        "argparse": argparse_kwargs,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -79,7 +93,8 @@ def add_options(
             kwargs.update(required=True, type=kwargs.get("type", kind))
         else:
             kwargs.update(default=default, type=kwargs.get("type", kind))
-        group.add_argument(flag, **kwargs)
+        action = group.add_argument(flag, **kwargs)
+        action.default_text = meta["default_text"]  # read by default_shown
         for old, value in meta["was"].items():
             parser.add_argument(old, action=_Renamed, dest=field.name, new=flag, value=value, type=kwargs.get("type"))
     return parser
@@ -194,13 +209,11 @@ MODEL_HELP = (
 )
 ARCH_HELP = (
     "the architecture of a .pth file that does not say, or of a bare weight name "
-    "(default: from the file; maskrcnn_resnet50_fpn for a bare weight name: "
-    "--arch keypointrcnn_resnet50_fpn --model COCO_V1 is torchvision's Keypoint R-CNN)"
+    "(--arch keypointrcnn_resnet50_fpn --model COCO_V1: torchvision's Keypoint R-CNN)"
 )
-KEYPOINT_SIGMAS_HELP = (
-    "keypoint models: the OKS sigma of each keypoint, comma-separated, in the category's order "
-    "(default: COCO's for COCO's 17 person keypoints, else 0.067 each, with a warning)"
-)
+ARCH_DEFAULT = "from the file; maskrcnn_resnet50_fpn for a bare weight name"
+KEYPOINT_SIGMAS_HELP = "keypoint models: the OKS sigma of each keypoint, comma-separated, in the category's order"
+KEYPOINT_SIGMAS_DEFAULT = "COCO's for COCO's 17 person keypoints, else 0.067 each, with a warning"
 
 
 def model_option(group: str, required: bool = True) -> Any:
@@ -210,7 +223,11 @@ def model_option(group: str, required: bool = True) -> Any:
 def arch_option(group: str) -> Any:
     from maskrcnn.model import ARCHS  # here, so that importing cli (to report an error) loads no torch
 
-    return option(ARCH_HELP, None, group=group, choices=ARCHS)
+    return option(ARCH_HELP, None, group=group, default_text=ARCH_DEFAULT, choices=ARCHS)
+
+
+def keypoint_sigmas_option(group: str) -> Any:
+    return option(KEYPOINT_SIGMAS_HELP, None, group=group, default_text=KEYPOINT_SIGMAS_DEFAULT, type=floats)
 
 
 # ---------------------------------------------------------------- the parser and the exit
@@ -228,20 +245,31 @@ def job_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every flag with a default says so: ``(default: X)`` is added unless the help gives it."""
+    """Every flag with a default says so, ``(default: X)``, from its declaration (:func:`default_shown`)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if "(default" in text or action.required or switch or action.default in (None, argparse.SUPPRESS):
+        text, default = action.help or "", default_shown(action)
+        if default in (None, "required", "off", "none"):
             return text
-        return f"{text} (default: {_shown(action.default)})"
+        return f"{text} (default: {default.replace('%', '%%')})"
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v).lstrip(".") for v in value)
-    return str(value).replace("%", "%%")
+def default_shown(action: argparse.Action) -> str | None:
+    """A flag's default as --help and the README show it: its declared ``default_text``,
+    else its value; "required", "off" for a switch, "none" for None; None for a hidden flag."""
+    if action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
+        return None
+    if getattr(action, "default_text", None):
+        return action.default_text
+    if action.required:
+        return "required"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "off"
+    if action.default is None:
+        return "none"
+    if isinstance(action.default, (tuple, list)):
+        return ",".join(str(v).lstrip(".") for v in action.default)
+    return str(action.default)
 
 
 def flag_table(parser: argparse.ArgumentParser) -> str:
@@ -250,22 +278,14 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
     for action in parser._actions:
         if not action.option_strings or action.option_strings[0] == "-h" or action.help == argparse.SUPPRESS:
             continue
-        text = (action.help or "") % {"default": action.default}
-        match = re.search(r" ?\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", text)
-        if match:
-            default, text = match.group(1), text.replace(match.group(0), "")
-        elif action.required:
-            default = "required"
-        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            default = "off"
-        elif action.default is None:
-            default = "none"
-        else:
-            default = _shown(action.default).replace("%%", "%")
         metavar = f" {action.metavar}" if action.metavar else ""
-        text = text.replace("|", r"\|")
+        default, text = _cell(default_shown(action) or "none"), _cell((action.help or "").replace("%%", "%"))
         rows.append(f"| `{action.option_strings[0]}{metavar}` | {default} | {text} |")
     return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", r"\|")
 
 
 def load_parser(path: str) -> argparse.ArgumentParser:
@@ -278,6 +298,10 @@ def load_parser(path: str) -> argparse.ArgumentParser:
 
 
 def run_main(main: Callable[[], None]) -> None:
+    """Run a job's ``main`` as a command-line program. An error the user can fix
+    (:data:`~maskrcnn.errors.EXPECTED`) is one line naming it, exit status 2. Anything else
+    is a defect: its one line, then the traceback (also in the job's log, which under ``ray
+    job submit`` is this stderr), exit status 1."""
     try:
         main()
     except KeyboardInterrupt:
@@ -285,9 +309,19 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(130)
     except Exception as err:  # the top of a command-line program
         cause = _root_cause(err)
-        text = str(cause).strip().splitlines()
-        print(f"error: {text[0] if text else type(cause).__name__}", file=sys.stderr)
-        sys.exit(2 if isinstance(cause, EXPECTED) else 1)
+        line, kind = _first_line(cause), type(cause).__name__
+        if isinstance(cause, EXPECTED):
+            print(f"error: {line or kind}", file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {kind}: {line}" if line else f"error: {kind}", file=sys.stderr)
+        # The whole chain: Ray's wrappers carry the remote traceback of a task or worker.
+        traceback.print_exception(err, file=sys.stderr)
+        sys.exit(1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -330,6 +330,16 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
     return row
 
 
+def _tensor(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``. A writable array on the CPU is shared, not copied; a read-only
+    one (Ray Data's batches are views of Arrow buffers) is copied, which ``torch.as_tensor``
+    would instead warn about: torch has no read-only tensors."""
+    array = np.asarray(array)
+    if array.flags.writeable:
+        return torch.as_tensor(array, dtype=dtype).to(device, non_blocking=True)
+    return torch.tensor(array, dtype=dtype, device=device)
+
+
 def _split_keypoints(points: torch.Tensor, canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
     """COCO's ``(N, K, 3)`` ``[x, y, v]`` -> transforms.v2 ``KeyPoints`` (which move with the
     image) and the visibility beside them."""
@@ -349,18 +359,18 @@ def to_model_inputs(
     ``device``, augmented there when ``augment`` is given."""
     imgs, targets = [], []
     for r in rows:
-        image = tv_tensors.Image(torch.as_tensor(r["image"]).to(device, non_blocking=True))
+        image = tv_tensors.Image(_tensor(r["image"], torch.uint8, device))
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(r["boxes"], dtype=torch.float32).to(device),
+                _tensor(r["boxes"], torch.float32, device),
                 format="XYXY",
                 canvas_size=tuple(image.shape[-2:]),
             ),
-            "labels": torch.as_tensor(r["labels"], dtype=torch.int64).to(device),
-            "masks": tv_tensors.Mask(torch.as_tensor(r["masks"], dtype=torch.uint8).to(device)),
+            "labels": _tensor(r["labels"], torch.int64, device),
+            "masks": tv_tensors.Mask(_tensor(r["masks"], torch.uint8, device)),
         }
         if "keypoints" in r:
-            points = torch.as_tensor(r["keypoints"], dtype=torch.float32).to(device)
+            points = _tensor(r["keypoints"], torch.float32, device)
             target.update(_split_keypoints(points, tuple(image.shape[-2:])))
         if augment is not None:
             image, target = augment(image, target)

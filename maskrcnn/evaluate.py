@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn import checkpoint, data, inference, keypoints, output, storage
-from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, arch_option, embed, floats, model_option, option
+from maskrcnn.cli import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.export import to_results
 from maskrcnn.inference import InferenceOptions
 from maskrcnn.model import has_keypoints, has_masks, is_path
@@ -200,7 +200,7 @@ class EvaluateConfig:
     annotations: str = option("COCO instances JSON with the ground truth", group=DATA)
     images: str = option("directory holding the images' file_names", group=DATA)
     output: str | None = option("write the AP tables as JSON here", None, group=DATA)
-    keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
+    keypoint_sigmas: tuple[float, ...] | None = keypoint_sigmas_option(DATA)
     # COCO AP is reported at torchvision's low threshold: a high one would cut the recall curve.
     inference: InferenceOptions = embed(InferenceOptions, score_threshold=EVAL_SCORE_THRESHOLD)
 

@@ -42,7 +42,7 @@ class PredictOptions:
     score_threshold: float = option("drop detections below this score", 0.5, group=INFER)
     max_detections: int = option("keep at most this many instances per image", 100, group=INFER)
     classes: list[str] | None = option(
-        "comma-separated class names to keep (default: all)", None, group=INFER, type=names
+        "comma-separated class names to keep", None, group=INFER, default_text="all", type=names
     )
     amp: bool = option(
         "run GPU inference in fp32 instead of fp16 autocast (AMP)",
@@ -148,7 +148,7 @@ class Predictor:
         multiple of 32; and its resized size. Resizing comes before normalising (the same to
         float rounding), so a 12 MP photo costs one conversion, not three full-size passes."""
         transform = self.model.transform
-        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float()
+        pixels = _pixels(image, self.device).permute(2, 0, 1).float()
         resized = transform.resize(pixels, None)[0].div_(255)
         canvas = transform.batch_images([transform.normalize(resized)], size_divisible=transform.size_divisible)
         return canvas, (resized.shape[-2], resized.shape[-1])
@@ -207,3 +207,12 @@ def _keypoint_triples(det: dict[str, torch.Tensor]) -> list[list[list[float]]]:
     logit at each keypoint) -> per instance, K ``[x, y, score]``."""
     xy = det["keypoints"][..., :2]
     return torch.cat([xy, det["keypoints_scores"].float().unsqueeze(-1)], dim=-1).tolist()
+
+
+def _pixels(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An ``(H, W, 3)`` uint8 image as a tensor on ``device``: float on the CPU, uint8 on a GPU
+    (a quarter of the bytes to copy; converted there). One copy either way, made by
+    ``torch.tensor``: the arrays Ray hands an actor are read-only views of its object store,
+    and ``torch.from_numpy`` warns about every one of them (torch has no read-only tensors)."""
+    dtype = torch.float32 if device.type == "cpu" else torch.uint8
+    return torch.tensor(image, dtype=dtype, device=device)

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import ray
 
-from maskrcnn.errors import UserError
+from maskrcnn.errors import EXPECTED
 
 # Lines Ray prints at ERROR level that are not errors for these jobs. Ray Data passes its
 # context to every actor-pool actor as an object-store argument, and Ray Core warns that
@@ -73,14 +73,15 @@ def quiet_logs() -> None:
 
 class _NotUserErrors(logging.Filter):
     """Keeps Ray Data's console report of a failed task (its traceback, its retry advice)
-    off the terminal when the error is a :class:`~maskrcnn.errors.UserError`, such as a
-    listing that changed under a resumed run: the job prints that as its one-line error.
-    Ray Data logs it while handling the exception, so the exception is the record's or the
-    one being handled. Its log file keeps the record."""
+    off the terminal when the error is one the user can fix (:data:`~maskrcnn.errors.EXPECTED`),
+    such as a listing that changed under a resumed run: the job prints that as its one-line
+    error. A defect's report stays, as its traceback does. Ray Data logs it while handling the
+    exception, so the exception is the record's or the one being handled (a RayTaskError of
+    one of ours is an instance of it too). Its log file keeps the record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return not isinstance(err, UserError)
+        return not isinstance(err, EXPECTED)
 
 
 @contextlib.contextmanager

@@ -267,4 +267,7 @@ def _announce(cfg: TrainConfig, train: TrainingSet, plan: TrainingPlan) -> None:
     )
     if cfg.val_annotations:
         print(f"[train] validation set: dropped annotations: {plan.val_dropped or 'none'}", flush=True)
+    if plan.warmup_steps < cfg.warmup_steps:
+        total = plan.steps_per_epoch * cfg.epochs
+        print(f"[train] warmup: {plan.warmup_steps} steps, a quarter of the run's {total} steps", flush=True)
     print(f"[train] configuration: {history.write_config(cfg.run_dir, dataclasses.asdict(cfg))}", flush=True)

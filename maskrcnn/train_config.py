@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import ray
 
 from maskrcnn import labels, storage
-from maskrcnn.cli import KEYPOINT_SIGMAS_HELP, floats, ints, option
+from maskrcnn.cli import ints, keypoint_sigmas_option, option
 from maskrcnn.engine import OPTIMIZERS
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import ARCHS, SMALL, default_sizes
@@ -32,32 +32,33 @@ class TrainConfig:
         "directory holding the COCO files' file_names (Parquet rows hold URIs)", None, group=DATA
     )
     min_score: float | None = option(
-        "keep pseudo-label instances (Parquet rows with scores) scoring at least S; rows left with "
-        "none are skipped (default: all)",
+        "keep pseudo-label instances (Parquet rows with scores) scoring at least S; rows left with none are skipped",
         None,
         group=DATA,
+        default_text="all",
         metavar="S",
     )
     val_annotations: str | None = option(
         "COCO instances JSON or Parquet labels, evaluated after every epoch", None, group=DATA
     )
     val_images: str | None = option("directory holding the validation COCO file's images", None, group=DATA)
-    keypoint_sigmas: tuple[float, ...] | None = option(KEYPOINT_SIGMAS_HELP, None, group=DATA, type=floats)
+    keypoint_sigmas: tuple[float, ...] | None = keypoint_sigmas_option(DATA)
     arch: str = option("architecture", SMALL, group=MODEL, choices=ARCHS)
     weights: str | None = option(
         "initial weights: a torchvision weight name (COCO_V1, MaskRCNN_ResNet50_FPN_Weights.COCO_V1, "
-        "ResNet50_Weights.IMAGENET1K_V1), a .pth file or project checkpoint (path or s3://) (default: random)",
+        "ResNet50_Weights.IMAGENET1K_V1), a .pth file or project checkpoint (path or s3://)",
         None,
         group=MODEL,
+        default_text="random",
     )
     scales: tuple[int, ...] | None = option(
-        "training shortest-side sizes, comma-separated; the largest is used to evaluate "
-        "(default: 256,288,320 for the small model, 640..800 for R50)",
+        "training shortest-side sizes, comma-separated; the largest is used to evaluate",
         None,
         group=MODEL,
+        default_text="256,288,320 for the small model, 640..800 for R50",
         type=ints,
     )
-    max_size: int | None = option("longest-side cap (default: 512 small, 1333 R50)", None, group=MODEL)
+    max_size: int | None = option("longest-side cap", None, group=MODEL, default_text="512 small, 1333 R50")
     storage: str = option("directory or s3:// prefix for checkpoints", group=RUN)
     name: str = option("run name; re-using it resumes the run: STORAGE/NAME/", group=RUN)
     num_workers: int = option("data-parallel workers", 2, group=RUN)
@@ -78,10 +79,14 @@ class TrainConfig:
         group=OPTIM,
         choices=OPTIMIZERS,
     )
-    lr: float | None = option("base LR (default: SGD 0.02 x global batch / 16, AdamW 1e-4)", None, group=OPTIM)
+    lr: float | None = option("base LR", None, group=OPTIM, default_text="SGD 0.02 x global batch / 16, AdamW 1e-4")
     momentum: float = option("SGD momentum", 0.9, group=OPTIM)
     weight_decay: float = option("weight decay (both optimizers)", 1e-4, group=OPTIM)
-    warmup_steps: int = option("linear warmup steps", 100, group=OPTIM)
+    warmup_steps: int = option(
+        "linear warmup steps, at most a quarter of the run's steps (a shorter run warms up for that quarter)",
+        100,
+        group=OPTIM,
+    )
     schedule: str = option(
         "decay after warmup: multistep (x0.1 at 2/3 and 8/9 of the steps) or cosine",
         "multistep",
@@ -150,6 +155,12 @@ class TrainingPlan:
     sigmas: list[float] | None  # the OKS sigmas validation scores keypoints with
     weights: list[ray.ObjectRef] | None = None  # the driver's --weights tensors, in the object store
     val: list[ray.ObjectRef] | None = None  # the validation images and ground truth, in the object store
+
+    @property
+    def warmup_steps(self) -> int:
+        """--warmup-steps, at most a quarter of the schedule's steps, so that a short run (a
+        quick trial, a small dataset) is not all warmup."""
+        return min(self.cfg.warmup_steps, self.steps_per_epoch * self.cfg.epochs // 4)
 
     @property
     def last_step(self) -> int:

@@ -83,7 +83,7 @@ class Worker:
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
             total_steps=plan.steps_per_epoch * cfg.epochs,
-            warmup_steps=min(cfg.warmup_steps, plan.steps_per_epoch * cfg.epochs // 4),
+            warmup_steps=plan.warmup_steps,
             kind=cfg.schedule,
         )
         torch.manual_seed(cfg.seed)

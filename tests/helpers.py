@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,11 +137,17 @@ def small_model_file(path: Path | str, **kwargs: Any) -> str:
     return str(path)
 
 
+# A library's warning category (UserWarning, FutureWarning, RayDeprecationWarning, ...) as
+# Python's warnings module prints it; the jobs' own lines say "warning:" in lower case.
+LIBRARY_WARNING = re.compile(r"\b[A-Z]\w*Warning\b")
+
+
 def run_job(
     script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables."""
-    return subprocess.run(
+    """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables.
+    No library warning may reach the user's terminal: it tells them nothing they can act on."""
+    done = subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
         capture_output=True,
         text=True,
@@ -148,6 +155,14 @@ def run_job(
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+    assert_no_library_warnings(done.stdout + done.stderr)
+    return done
+
+
+def assert_no_library_warnings(output: str) -> None:
+    """``output`` has no line of a library's warning (see :data:`LIBRARY_WARNING`)."""
+    found = [line for line in output.splitlines() if LIBRARY_WARNING.search(line)]
+    assert not found, "a library warning reached the terminal:\n" + "\n".join(found[:10])
 
 
 CLIENTS = Path(os.environ.get("MASKRCNN_CLIENTS", REPO / ".venv-clients"))  # make clients

@@ -9,12 +9,13 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
 from maskrcnn import cli
 from maskrcnn.errors import UserError
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_no_library_warnings, run_job
 
 
 @dataclass(kw_only=True)
@@ -25,7 +26,7 @@ class _Config:
       python jobs/x.py --path p"""
 
     path: str = cli.option("where to read", group="io")
-    sizes: tuple[int, ...] | None = cli.option("shortest sides (default: 800)", None, group="io", type=cli.ints)
+    sizes: tuple[int, ...] | None = cli.option("shortest sides", None, group="io", default_text="800", type=cli.ints)
     workers: int = cli.option("workers", 2, group="run")
     gpu: bool = cli.option("use a GPU", False, group="run")
     amp: bool = cli.option("disable AMP", True, group="run", flag="--no-amp")
@@ -69,6 +70,11 @@ def test_help_gives_every_default_once():
     assert "workers (default: 2)" in text and "(default: 0.0)" in text
     assert "shortest sides (default: 800)" in text and text.count("default: 800") == 1
     assert "use a GPU (default" not in text and "disable AMP (default" not in text
+
+
+def test_a_default_is_declared_never_written_into_the_help():
+    with pytest.raises(TypeError, match="declare the default"):
+        cli.option("shortest sides (default: 800)", None, group="io")
 
 
 def test_the_flag_table_is_the_help():
@@ -152,24 +158,88 @@ class _Wrapped(Exception):
         self.cause = cause
 
 
-@pytest.mark.parametrize(
-    "raised, code, line",
-    [
-        (UserError("cannot read s3://b/x: no such file"), 2, "error: cannot read s3://b/x: no such file"),
-        (_Wrapped(ValueError("bad --classes\nsecond line")), 2, "error: bad --classes"),
-        (RuntimeError("a bug"), 1, "error: a bug"),
-    ],
-)
-def test_run_main_prints_the_root_cause_on_one_line(raised, code, line, capsys):
+def _wrapped_by_ray(raised: BaseException) -> Callable[[], None]:
     def main() -> None:
         try:
             raise raised
         except Exception as err:
             raise RuntimeError("wrapped by Ray") from err
 
+    return main
+
+
+@pytest.mark.parametrize(
+    "raised, line",
+    [
+        (UserError("cannot read s3://b/x: no such file"), "error: cannot read s3://b/x: no such file"),
+        (_Wrapped(ValueError("bad --classes\nsecond line")), "error: bad --classes"),
+    ],
+)
+def test_run_main_prints_an_expected_errors_root_cause_on_one_line(raised, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(_wrapped_by_ray(raised))
+    assert exit_.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
+def test_run_main_prints_a_defects_one_line_then_its_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(_wrapped_by_ray(_Wrapped(KeyError("x"))))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert err.splitlines()[0] == "error: KeyError: 'x'"
+    assert "Traceback (most recent call last)" in err and "RuntimeError: wrapped by Ray" in err
+    assert "raise raised" in err  # the frame that raised it
+
+
+@pytest.mark.parametrize("cause, code", [(UserError("the listing changed"), 2), (KeyError("x"), 1)])
+def test_an_error_in_a_ray_task_is_reported_as_its_cause_is(cause, code, capsys):
+    """A RayTaskError carries the task's exception and its remote traceback: a user's error
+    is one line; a defect's report shows the frame in the task that raised it."""
+    from ray.exceptions import RayTaskError
+
+    remote = 'Traceback (most recent call last):\n  File "/w/maskrcnn/inference.py", line 9, in fetch_and_decode\n'
+
+    def main() -> None:
+        raise RayTaskError("fetch_and_decode", remote + repr(cause), cause).as_instanceof_cause()
+
     with pytest.raises(SystemExit) as exit_:
         cli.run_main(main)
-    assert exit_.value.code == code and capsys.readouterr().err == line + "\n"
+    err = capsys.readouterr().err
+    assert exit_.value.code == code
+    if code == 2:
+        assert err == "error: the listing changed\n"
+    else:
+        assert err.startswith("error: KeyError: 'x'\nTraceback (most recent call last):\n")
+        assert 'File "/w/maskrcnn/inference.py", line 9, in fetch_and_decode' in err
+
+
+def test_a_jobs_defect_keeps_its_traceback(tmp_path):
+    """A bug in a real job (here a KeyError from a dict lookup, patched into the conversion)
+    is not reported as a user's error: its one line, then the traceback, exit status 1."""
+    (tmp_path / "gt.json").write_text("{}")
+    argv = ["jobs/coco_to_parquet.py", "--annotations", str(tmp_path / "gt.json"), "--images", str(tmp_path)]
+    code = (
+        "import runpy, sys\n"
+        "import maskrcnn.convert\n"
+        "def categories(uri):\n"
+        "    return {}['x']\n"
+        "maskrcnn.convert._categories = categories\n"
+        f"sys.argv = {[*argv, '--output', str(tmp_path / 'out')]!r}\n"
+        "runpy.run_path('jobs/coco_to_parquet.py', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert lines[0] == "error: KeyError: 'x'" and lines[1] == "Traceback (most recent call last):"
+    assert "in categories" in lines[-2] and lines[-1] == "KeyError: 'x'"  # the frame that raised it
+    assert_no_library_warnings(done.stdout + done.stderr)
+
+
+def test_a_bad_path_is_one_line_without_a_traceback(tmp_path):
+    missing = tmp_path / "missing.json"
+    done = run_job("coco_to_parquet.py", "--annotations", str(missing), "--images", ".", "--output", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr == f"error: annotation file not found: {missing}\n"
 
 
 def test_reporting_an_error_imports_neither_torch_nor_ray():

@@ -171,6 +171,17 @@ def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
             assert abs(ys.min() - y0) <= 2.5 and abs(ys.max() + 1 - y1) <= 2.5
 
 
+def test_model_inputs_copy_only_read_only_arrays():
+    """Ray Data hands a worker read-only views of its blocks: those are copied (torch, which has
+    no read-only tensors, warns about them otherwise); a writable array is shared, not copied."""
+    cpu, writable = torch.device("cpu"), np.ones((1, 8, 8), np.uint8)
+    frozen = writable.copy()
+    frozen.setflags(write=False)
+    assert np.shares_memory(data._tensor(writable, torch.uint8, cpu).numpy(), writable)
+    copied = data._tensor(frozen, torch.uint8, cpu)
+    assert not np.shares_memory(copied.numpy(), frozen) and torch.equal(copied, torch.from_numpy(writable))
+
+
 def test_augmentation_repeats_under_the_same_seed(shapes):
     ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, data.resize_transform(96, 128)) for r in ds.records[:6]]

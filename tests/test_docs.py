@@ -4,8 +4,10 @@ the configuration reference lists every flag the jobs have."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from maskrcnn.cli import load_parser
 from tests.helpers import REPO, check_command, load_script
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
+MARKDOWN = [*DOCS, *sorted((REPO / "docs").glob("*.md"))]  # every document whose links must resolve
 JOBS = sorted(f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py"))  # every job, so none is left out
 DEMO = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/export.py", "jobs/predict.py"]
 
@@ -129,3 +132,62 @@ def test_segmentation_and_evaluation_show_the_same_inference_options():
         "--cpus-per-actor",
         "--actor-resources",
     ]
+
+
+def test_every_ray_job_submit_uses_the_runtime_env_file():
+    """The READMEs and every job's --help submit the same way: with cluster/runtime_env.yaml,
+    whose excludes keep history, environments and data out of the upload."""
+    texts = {str(doc.relative_to(REPO)): doc.read_text() for doc in DOCS}
+    texts |= {job: ast.get_docstring(ast.parse((REPO / job).read_text())) for job in JOBS}
+    submits = [(name, line) for name, text in texts.items() for line in re.findall(r"ray job submit .*? -- ", text)]
+    assert len(submits) >= 10
+    for name, line in submits:
+        assert "--runtime-env cluster/runtime_env.yaml" in line, f"{name}: {line}"
+
+
+def _prose(text: str) -> str:
+    """Markdown without its fenced code blocks (a ``# comment`` there is no heading)."""
+    return re.sub(r"(?ms)^```.*?^```[^\n]*$", "", text)
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a document's headings: the heading's text (a link's text only),
+    lower case, without punctuation but hyphens and underscores, spaces as hyphens; a repeated
+    one gets -1, -2, ..."""
+    anchors: set[str] = set()
+    seen: Counter = Counter()
+    for heading in re.findall(r"(?m)^#{1,6}[ \t]+(.*?)[ \t#]*$", _prose(path.read_text())):
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return anchors
+
+
+def relative_links(path: Path) -> list[str]:
+    """The targets of a document's markdown links and images that are not URLs (no scheme
+    such as https: or mailto:); code is not searched."""
+    prose = re.sub(r"`[^`\n]*`", "", _prose(path.read_text()))
+    targets = re.findall(r"\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)", prose)
+    return [t for t in targets if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", t)]
+
+
+def test_the_anchor_rules_are_githubs():
+    doc = REPO / "docs" / "benchmarks.md"
+    assert "self-training-benchmarksself_trainingpy" in heading_anchors(doc)
+    assert "keypoint-learning-check-make-demo-keypoints" in heading_anchors(doc)
+    assert "label-a-growing-archive-every-night---incremental" in heading_anchors(REPO / "README.md")
+
+
+@pytest.mark.parametrize("doc", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_and_anchor_resolves(doc):
+    links = relative_links(doc)
+    broken = []
+    for target in links:
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path) if path else doc
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{doc.relative_to(REPO)}: " + "; ".join(broken)

@@ -16,6 +16,16 @@ def test_schedule_warms_up_then_decays():
     assert cos.lr(10) == pytest.approx(0.02) and cos.lr(55) == pytest.approx(0.01) and cos.lr(100) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("steps_per_epoch, warmup", [(300, 100), (30, 15)])
+def test_warmup_is_at_most_a_quarter_of_the_run(steps_per_epoch, warmup, tmp_path):
+    """--warmup-steps 100 (its help says so): 2 epochs of 300 steps warm up for 100, of 30 for 15."""
+    from maskrcnn.train_config import TrainConfig, TrainingPlan
+
+    cfg = TrainConfig(train_annotations="a.json", train_images="i", storage=str(tmp_path), name="r", epochs=2)
+    plan = TrainingPlan(cfg, ["a"], [1], 2 * steps_per_epoch, steps_per_epoch, {}, {}, {}, None, None)
+    assert cfg.warmup_steps == 100 and plan.warmup_steps == warmup
+
+
 def test_default_lr_scales_sgd_with_global_batch_and_not_adamw():
     assert engine.default_lr("sgd", 16) == pytest.approx(0.02) and engine.default_lr("sgd", 4) == pytest.approx(0.005)
     assert engine.default_lr("adamw", 4) == engine.default_lr("adamw", 64) == pytest.approx(1e-4)

@@ -1,12 +1,11 @@
 """The segmentation job on a simulated multi-node cluster (Ray's own ``cluster_utils``):
 decoding lands on the CPU node, inference on the "gpu"-labelled node, and losing the
 inference node mid-job still leaves every image in the output exactly once; and the
-README's `ray job submit --working-dir .` to a real local head."""
+README's `ray job submit --runtime-env cluster/runtime_env.yaml` to a real local head."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -160,7 +159,8 @@ def _ray_head(ray: str, env: dict[str, str]) -> Iterator[int]:
 
 
 def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
-    """`ray start --head` on loopback, then `ray job submit --working-dir .` as in the README."""
+    """`ray start --head` on loopback, then `ray job submit --runtime-env cluster/runtime_env.yaml`
+    from the repository root, as in the README."""
     model_file = small_model_file(tmp_path / "small.pt")
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -176,10 +176,8 @@ def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
                 f"http://127.0.0.1:{dashboard}",
                 "--submission-id",
                 "seg-e2e",
-                "--working-dir",
-                ".",
-                "--runtime-env-json",
-                json.dumps({"excludes": [".venv", ".git", ".pytest_cache"]}),
+                "--runtime-env",
+                "cluster/runtime_env.yaml",
                 "--",
                 "python",
                 "jobs/segment_bucket.py",
