@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from maskrcnn import masks, storage
+from maskrcnn.cli import floats
 from maskrcnn.keypoints import KeypointSpec
 
 CLASSES = ("circle", "rectangle", "triangle")
+SHAPE_SIZES = (0.15, 0.6)  # a shape's size, as fractions of the image's shorter side
 FIGURE_KEYPOINTS = KeypointSpec(
     (
         "head",
@@ -53,8 +56,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(base + stripes + noise, 0, 255).astype(np.uint8)
 
 
-def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
-    size = np.exp(rng.uniform(np.log(0.15), np.log(0.6))) * min(h, w)  # log-uniform: small and large
+def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int, sizes: tuple[float, float]) -> np.ndarray:
+    size = np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1]))) * min(h, w)  # log-uniform: small and large
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -75,21 +78,41 @@ def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarra
 
 
 def make_image(
-    rng: np.random.Generator, size_range: tuple[int, int], max_instances: int
+    rng: np.random.Generator,
+    size_range: tuple[int, int],
+    max_instances: int,
+    shape_sizes: tuple[float, float] = SHAPE_SIZES,
+    min_visible: float = 0.0,
+    landscape: bool = False,
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Return an RGB image and its visible instances as ``(class index, mask)``."""
-    h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    """Return an RGB image and its visible instances as ``(class index, mask)``.
+
+    A shape's size is a fraction of the image's shorter side, drawn log-uniformly from
+    ``shape_sizes``. With ``min_visible``, a shape that would leave an earlier one with less
+    than that fraction of its own area in view is drawn again elsewhere (up to 10 times,
+    then left out), so every instance stays recognisable. ``landscape`` makes every image at
+    least as wide as it is tall, so that batches pad less."""
+    h, w = (
+        sorted(int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+        if landscape
+        else _size(rng, size_range)
+    )
     image = _background(rng, h, w)
-    placed: list[tuple[int, np.ndarray]] = []
+    placed: list[tuple[int, np.ndarray, int]] = []  # (class, visible mask, whole area)
     for _ in range(int(rng.integers(1, max_instances + 1))):
         cls = int(rng.integers(len(CLASSES)))
-        mask = _shape_mask(rng, CLASSES[cls], h, w)
+        for _try in range(10 if min_visible else 1):
+            mask = _shape_mask(rng, CLASSES[cls], h, w, shape_sizes)
+            if all((m & ~mask).sum() >= min_visible * area for _, m, area in placed):
+                break
+        else:
+            continue
         colour = rng.integers(0, 256, 3)
         shade = rng.normal(0, 8, (int(mask.sum()), 3))
         image[mask] = np.clip(colour + shade, 0, 255).astype(np.uint8)
-        placed = [(c, m & ~mask) for c, m in placed]  # the new shape hides what is under it
-        placed.append((cls, mask))
-    return image, [(c, m) for c, m in placed if m.sum() >= 16]
+        placed = [(c, m & ~mask, area) for c, m, area in placed]  # the new shape hides what is under it
+        placed.append((cls, mask, int(mask.sum())))
+    return image, [(c, m) for c, m, _ in placed if m.sum() >= 16]
 
 
 def _figure_joints(rng: np.random.Generator, height: float, cx: float, top: float) -> np.ndarray:
@@ -122,12 +145,17 @@ def _figure_mask(joints: np.ndarray, height: float, h: int, w: int) -> np.ndarra
     return np.array(canvas, dtype=bool)
 
 
+def _size(rng: np.random.Generator, size_range: tuple[int, int]) -> tuple[int, int]:
+    h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    return h, w
+
+
 def make_figure_image(
     rng: np.random.Generator, size_range: tuple[int, int], max_instances: int
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
     """An RGB image and its stick figures as ``(0, visible mask, (11, 3) keypoints)``. A joint
     that a later figure hides keeps its place with visibility 1 (COCO's labelled, not visible)."""
-    h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    h, w = _size(rng, size_range)
     image = _background(rng, h, w)
     placed: list[tuple[np.ndarray, np.ndarray]] = []
     for _ in range(int(rng.integers(1, max_instances + 1))):
@@ -184,16 +212,18 @@ def generate_split(
     size_range: tuple[int, int] = (96, 160),
     max_instances: int = 6,
     kind: str = "shapes",
+    **scene: Any,
 ) -> str:
     """Write ``count`` images of ``kind`` (``shapes`` or ``figures``) under ``out/images`` and
-    ``out/annotations.json``; return the JSON's URI."""
+    ``out/annotations.json``; return the JSON's URI. ``scene`` takes :func:`make_image`'s
+    keywords (``shape_sizes``, ``min_visible``, ``landscape``)."""
     rng = np.random.default_rng(seed)
     gt = {"images": [], "annotations": [], "categories": _categories(kind)}
     for image_id in range(1, count + 1):
         if kind == "figures":
             image, instances = make_figure_image(rng, size_range, min(max_instances, 3))
         else:
-            image, instances = make_image(rng, size_range, max_instances)
+            image, instances = make_image(rng, size_range, max_instances, **scene)
         name = f"{image_id:06d}.jpg"
         storage.write_bytes(storage.join(out, "images", name), _jpeg(image))
         gt["images"].append({"id": image_id, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
@@ -220,11 +250,15 @@ def damaged_files(rng: np.random.Generator, size_range: tuple[int, int]) -> dict
     }
 
 
-def generate_archive(out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160)) -> str:
-    """Write ``count`` unlabelled images (plus :func:`damaged_files`) under ``out``; return ``out``."""
+def generate_archive(
+    out: str, count: int, seed: int, size_range: tuple[int, int] = (96, 160), max_instances: int = 6, **scene: Any
+) -> str:
+    """Write ``count`` unlabelled images (plus :func:`damaged_files`) under ``out``; return ``out``.
+    ``scene`` takes :func:`make_image`'s keywords, as :func:`generate_split` does."""
     rng = np.random.default_rng(seed)
     for index in range(1, count + 1):
-        storage.write_bytes(storage.join(out, f"{index:06d}.jpg"), _jpeg(make_image(rng, size_range, 6)[0]))
+        image = make_image(rng, size_range, max_instances, **scene)[0]
+        storage.write_bytes(storage.join(out, f"{index:06d}.jpg"), _jpeg(image))
     for name, blob in damaged_files(rng, size_range).items():
         storage.write_bytes(storage.join(out, name), blob)
     return out
@@ -242,17 +276,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-side", type=int, default=96)
     p.add_argument("--max-side", type=int, default=160)
+    p.add_argument("--max-instances", type=int, default=6, help="shapes or figures per image, at most")
+    p.add_argument(
+        "--shape-sizes",
+        type=floats,
+        default=SHAPE_SIZES,
+        metavar="MIN,MAX",
+        help="a shape's size as fractions of the image's shorter side (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-visible",
+        type=float,
+        default=0.0,
+        help="place shapes so that each keeps at least this fraction of its area in view",
+    )
+    p.add_argument("--landscape", action="store_true", help="every image at least as wide as tall (batches pad less)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    sizes = (args.min_side, args.max_side)
+    scene = {"shape_sizes": args.shape_sizes, "min_visible": args.min_visible, "landscape": args.landscape}
     for split, count, seed in (("train", args.train, args.seed), ("val", args.val, args.seed + 1)):
-        uri = generate_split(storage.join(args.out, split), count, seed, (args.min_side, args.max_side), kind=args.kind)
+        uri = generate_split(storage.join(args.out, split), count, seed, sizes, args.max_instances, args.kind, **scene)
         print(f"{split}: {count} images -> {uri}")
     if args.archive:
         uri = generate_archive(
-            storage.join(args.out, "archive"), args.archive, args.seed + 2, (args.min_side, args.max_side)
+            storage.join(args.out, "archive"), args.archive, args.seed + 2, sizes, args.max_instances, **scene
         )
         print(f"archive: {args.archive} images + 3 damaged files -> {uri}")
 

@@ -42,24 +42,27 @@ class Recipe:
     train: str  # jobs/train.py's flags, besides the data and where it writes
     metric: str  # the AP the summary checks: segm, or keypoints
     promised_ap: float  # on the val split
-    minutes: int  # the whole demo from a clean start on 2 cores, install excluded (README says the same)
+    minutes: int  # the most `make demo` takes from a fresh clone on 2 cores, install included (as README says)
     archive: str  # what jobs/segment_bucket.py labels, under the data directory
 
 
 # Small images, the small model from random weights, AdamW (several times faster than SGD
 # from scratch), 2 CPU workers (DEMO_EPOCHS=N shortens it for a quick look). Training is
-# seeded (model, data order, augmentation), so every run reaches the same AP.
+# seeded (model, data order, augmentation), so every run on one machine reaches the same AP.
+# Up to 8 shapes an image, each at least half in view: more instances a step teach more per
+# step. Landscape images pad to one canvas in a batch. Batch 4 per worker, not 2: batch norm
+# trained from scratch needs the larger batches. Validation runs once, at the end. The
+# promise sits 0.05 below the worst of benchmarks/demo_spread.py's runs (docs/benchmarks.md).
 EPOCHS = os.environ.get("DEMO_EPOCHS")
 COMMON = "--optimizer adamw --lr 0.002 --schedule cosine --warmup-steps 30 --log-every 25 --num-workers 2"
-# Batch 4 per worker, not 2: batch norm trained from scratch needs the larger batches
-# (mask AP 0.19 after 8 epochs at batch 2; 0.50 after 8 of 10 epochs at batch 4).
 SHAPES = Recipe(
     name="shapes",
-    data="--train 400 --val 48 --archive 40 --min-side 96 --max-side 160 --seed 0",
-    train=f"--epochs {EPOCHS or 10} --batch-size 4 --scales 128 --max-size 192 --eval-every 5 {COMMON}",
+    data="--train 400 --val 48 --archive 40 --min-side 96 --max-side 160 --max-instances 8 "
+    "--shape-sizes 0.15,0.5 --min-visible 0.5 --landscape --seed 0",
+    train=f"--epochs {EPOCHS or 7} --batch-size 4 --scales 128 --max-size 192 --eval-every {EPOCHS or 7} {COMMON}",
     metric="segm",
-    promised_ap=0.5,
-    minutes=18,
+    promised_ap=0.3,
+    minutes=15,
     archive="archive",
 )
 # The keypoint path (issue #12's learning check): stick figures with 11 named joints, the
@@ -151,9 +154,14 @@ def generate(data: str) -> None:
 
 def train(data: str, runs: str) -> None:
     say("2/5 train: the small Mask R-CNN on 2 Ray Train CPU workers (re-running resumes or says complete)")
+    run("jobs/train.py", *train_flags(data, runs), "--name", RECIPE.name)
+
+
+def train_flags(data: str, runs: str) -> list[str]:
+    """jobs/train.py's flags for the recipe, all but --name (benchmarks/demo_spread.py runs these too)."""
     train_set = ["--train-annotations", f"{data}/train/annotations.json", "--train-images", f"{data}/train/images"]
     val_set = ["--val-annotations", f"{data}/val/annotations.json", "--val-images", f"{data}/val/images"]
-    run("jobs/train.py", *train_set, *val_set, "--storage", runs, "--name", RECIPE.name, *RECIPE.train.split())
+    return [*train_set, *val_set, "--storage", runs, *RECIPE.train.split()]
 
 
 def evaluate(data: str, model: str, metrics: str) -> None:
@@ -210,7 +218,7 @@ def report(result: dict, wall: float) -> None:
         f"report:       {local / 'report' / 'index.html'}" if result["drawn"] else "",
         f"predictions:  {local / 'predictions'}/ (jobs/predict.py on 9 val images)",
         "step times (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()),
-        f"demo wall time: {wall / 60:.1f} min (about {RECIPE.minutes} min from a clean start on 2 cores)",
+        wall_time(wall),
     ]
     say("summary\n  " + "\n  ".join(line for line in lines if line))
     achieved = metrics[RECIPE.metric]["AP"]
@@ -218,8 +226,16 @@ def report(result: dict, wall: float) -> None:
         raise SystemExit(f"[demo] {label} AP {achieved:.3f} is below the promised {RECIPE.promised_ap}")
 
 
+def wall_time(seconds: float) -> str:
+    """The demo's time against the README's figure, which counts `make demo`'s install too."""
+    limit = f"at most {RECIPE.minutes} min from a fresh clone on 2 cores, install included"
+    if "DEMO_STARTED" not in os.environ:
+        return f"demo wall time: {seconds / 60:.1f} min, install not counted (make demo: {limit})"
+    return f"make demo wall time: {seconds / 60:.1f} min, install included ({limit})"
+
+
 def main() -> None:
-    start = time.perf_counter()
+    start = float(os.environ.get("DEMO_STARTED", time.time()))
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the jobs print their own progress
     s3 = os.environ.get("DEMO_S3") == "1"
     default = "demo_out" + ("_keypoints" if RECIPE is FIGURES else "") + ("_s3" if s3 else "")
@@ -230,13 +246,13 @@ def main() -> None:
         try:
             with demo_bucket():
                 result = demo(f"s3://{BUCKET}", local)
-                report(result, time.perf_counter() - start)
+                report(result, time.time() - start)
         except RuntimeError as err:  # the endpoint did not start
             raise SystemExit(f"[demo] {err}") from None
         return
     say(f"working in {local} ({'reusing finished steps' if any(local.iterdir()) else 'a clean start'})")
     result = demo(str(local), local)
-    report(result, time.perf_counter() - start)
+    report(result, time.time() - start)
 
 
 if __name__ == "__main__":
