@@ -32,6 +32,7 @@ from maskrcnn.cli import ints  # noqa: E402
 def _demo_script():
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

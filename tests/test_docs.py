@@ -5,6 +5,7 @@ the configuration reference lists every flag the jobs have."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import shlex
 from collections import Counter
@@ -14,7 +15,7 @@ import pytest
 
 from maskrcnn import synthetic
 from maskrcnn.cli import load_parser
-from tests.helpers import REPO, check_command, load_script
+from tests.helpers import REPO, assert_no_library_warnings, check_command, load_script
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 MARKDOWN = [*DOCS, *sorted((REPO / "docs").glob("*.md"))]  # every document whose links must resolve
@@ -91,7 +92,7 @@ def test_readme_and_demo_agree_on_its_time_and_promise():
     demo, readme = load_script("scripts/demo.py"), (REPO / "README.md").read_text()
     shapes, figures = demo.SHAPES, demo.FIGURES
     assert f"segment an archive, draw the masks (CPU, ~{shapes.minutes} min)" in readme
-    assert f"about {shapes.minutes} minutes on 2 cores" in readme
+    assert f"at most {shapes.minutes} minutes on 2 cores" in readme
     assert f"mask AP of at least {shapes.promised_ap}" in readme
     assert f"draw skeletons (CPU, ~{figures.minutes} min)" in readme
     assert f"It promises keypoint AP ≥ {figures.promised_ap} on its val split" in readme
@@ -111,6 +112,25 @@ def test_the_demo_runs_only_commands_that_parse(recipe, tmp_path, monkeypatch):
     for argv in ran:
         check(argv)
     assert "--contact-sheet" in ran[-2] and "--html" in ran[-2]
+
+
+@pytest.mark.slow
+def test_the_demo_runs_every_step_with_no_library_warning(tmp_path, monkeypatch, capfd):
+    """The demo's five real commands, on a dataset small enough for a test: its output (every
+    job's, through the terminal) has no library warning, and it ends with its summary."""
+    demo = load_script("scripts/demo.py")
+    tiny = dataclasses.replace(
+        demo.SHAPES,
+        data=demo.SHAPES.data.replace("--train 400 --val 48 --archive 40", "--train 16 --val 4 --archive 4"),
+        train=demo.SHAPES.train.replace("--epochs 4", "--epochs 1").replace("--eval-every 4", "--eval-every 1"),
+    )
+    monkeypatch.setattr(demo, "RECIPE", tiny)
+    monkeypatch.setattr(demo, "EPOCHS", "1")  # the summary does not hold a one-epoch run to the promise
+    demo.report(demo.demo(str(tmp_path), tmp_path), 60.0)
+    out = capfd.readouterr()
+    assert_no_library_warnings(out.out + out.err)
+    assert "[demo] summary" in out.out and "mask AP (val)" in out.out
+    assert "wall time:" in out.out
 
 
 def test_segmentation_and_evaluation_show_the_same_inference_options():
