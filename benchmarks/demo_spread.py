@@ -60,6 +60,14 @@ def train(data: str, runs: str, seed: int, threads: int) -> list[tuple[int, floa
     return aps
 
 
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=ints, default=(0, 1, 2), help="training seeds (default: 0,1,2)")
@@ -71,7 +79,7 @@ def main() -> None:
     )
     p.add_argument("--out", default=None, help="where the data and runs go (default: a temporary folder)")
     args = p.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'unknown CPU'}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         data, runs = f"{out}/data", f"{out}/runs"

@@ -22,7 +22,9 @@ FLAGS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "fi
 
 def main(python: str, args: list[str]) -> int:
     quiet = ["--quiet", "--disable-pip-version-check"]
-    if subprocess.run([python, "-m", "pip", "install", *quiet, "uv"]).returncode != 0:
+    # -qq: pip's warnings about configured sources that lack uv (a find-links folder of other
+    # wheels) are noise here; if uv cannot be had, the line below says so.
+    if subprocess.run([python, "-m", "pip", "install", *quiet, "--quiet", "uv"]).returncode != 0:
         print("install: uv could not be installed; pip installs the packages instead", file=sys.stderr)
         return subprocess.run([python, "-m", "pip", "install", *quiet, *args]).returncode
     uv = [python, "-m", "uv", "pip", "install", "--quiet", "--compile-bytecode", "--python", python]

@@ -91,7 +91,7 @@ def test_configuration_reference_is_the_parsers_flag_tables():
 def test_readme_and_demo_agree_on_its_time_and_promise():
     demo, readme = load_script("scripts/demo.py"), (REPO / "README.md").read_text()
     shapes, figures = demo.SHAPES, demo.FIGURES
-    assert f"segment an archive, draw the masks (CPU, ~{shapes.minutes} min)" in readme
+    assert f"segment an archive, draw the masks (CPU, at most {shapes.minutes} min)" in readme
     assert f"at most {shapes.minutes} minutes on 2 cores" in readme
     assert f"mask AP of at least {shapes.promised_ap}" in readme
     assert f"draw skeletons (CPU, ~{figures.minutes} min)" in readme
