@@ -92,11 +92,8 @@ def make_image(
     than that fraction of its own area in view is drawn again elsewhere (up to 10 times,
     then left out), so every instance stays recognisable. ``landscape`` makes every image at
     least as wide as it is tall, so that batches pad less."""
-    h, w = (
-        sorted(int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-        if landscape
-        else _size(rng, size_range)
-    )
+    h, w = _size(rng, size_range)
+    h, w = (min(h, w), max(h, w)) if landscape else (h, w)
     image = _background(rng, h, w)
     placed: list[tuple[int, np.ndarray, int]] = []  # (class, visible mask, whole area)
     for _ in range(int(rng.integers(1, max_instances + 1))):
