@@ -7,7 +7,9 @@ rules (:func:`maskrcnn.data.clean_annotation`), encoded as RLE and spilled, grou
 part file their image falls in, to local temporary files, which are then read back one
 part at a time. So memory grows with the images, not the annotations, and each part file
 is written whole and atomically (:func:`maskrcnn.output.write_part`), as the segmentation
-job writes its own.
+job writes its own. The rows keep the COCO file's sizes and coordinates, which COCO defines on
+the pixels as stored (no EXIF orientation applied): ``_categories.json`` says orientation
+``stored``, and training decodes these images so.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def run(cfg: ConvertConfig) -> dict[str, Any]:
         for part in range(parts):
             output.write_part(cfg.output, part, _rows(cfg, images, spill.read(part), part))
             progress.add(1)
-    output.write_categories(cfg.output, categories)
+    output.write_categories(cfg.output, categories, output.STORED)
     summary = {
         "annotations": cfg.annotations,
         "output": cfg.output,

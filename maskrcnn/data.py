@@ -6,6 +6,11 @@ annotations for training and evaluation alike. Fetching, decoding and resizing
 evaluation; the random augmentation (:func:`train_transform`) runs on each training
 worker's device (:func:`to_model_inputs`). Bad annotations are dropped and counted when
 indexing; bad images become rows with ``error`` set, which the training loop counts and skips.
+
+A record says the **orientation** its sizes and coordinates are in, and :func:`load_example`
+decodes its image so: ``stored``, the pixels as the file stores them (a COCO file's, as COCO
+defines it: no EXIF orientation applied), or ``displayed``, with the EXIF orientation applied
+(a segmentation output's; Parquet labels say theirs, see :mod:`maskrcnn.output`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn import images, keypoints, labelling, masks, storage
+from maskrcnn import images, keypoints, labelling, masks, output, storage
 from maskrcnn.errors import UserError
 
 
@@ -84,6 +89,7 @@ def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> 
             "uri": img["file_name"] if image_root is None else labelling.image_uri(image_root, img["file_name"]),
             "width": img["width"],
             "height": img["height"],
+            "orientation": output.STORED,  # COCO's sizes and coordinates are the stored pixels
             "annotations": json.dumps(by_image[img["id"]]),
             **({"num_keypoints": len(spec)} if spec else {}),
         }
@@ -271,7 +277,8 @@ def _per_instance(sample: tuple) -> tuple[torch.Tensor, ...]:
     return tuple(target[k] for k in ("labels", "visibility", "keypoints") if k in target)
 
 
-IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")  # size_mismatch: not the size the annotations give
+# size_mismatch: the image, decoded in the record's orientation, is not the size the annotations give
+IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")
 
 
 def _error_row(record: dict, kind: str) -> dict[str, Any]:
@@ -289,9 +296,9 @@ def _error_row(record: dict, kind: str) -> dict[str, Any]:
 
 
 def load_example(record: dict[str, Any], transform: v2.Transform | None = None) -> dict[str, Any]:
-    """Fetch, decode and (optionally) augment one record. Never raises for bad input:
-    returns a row whose ``error`` names what went wrong (``""`` when fine)."""
-    decoded, error = images.read(record["uri"], None, exif=False)
+    """Fetch, decode (in the record's ``orientation``) and (optionally) augment one record.
+    Never raises for bad input: returns a row whose ``error`` names what went wrong (``""`` when fine)."""
+    decoded, error = images.read(record["uri"], None, exif=record["orientation"] == output.DISPLAYED)
     if error:
         return _error_row(record, error.split(":", 1)[0])
     rgb, (h, w) = decoded.pixels, (record["height"], record["width"])

@@ -8,6 +8,13 @@ tasks (:func:`records`) by the rules that clean a COCO file
 (:func:`maskrcnn.data.clean_annotation`), once, before the first step (:func:`clean`): the
 records stay in Ray's object store and only their counts reach the driver. Each epoch then
 streams them in the seed's order (:func:`shuffled`).
+
+Each record carries its source's **orientation** (``_categories.json`` says it, see
+:mod:`maskrcnn.output`): ``displayed`` for a segmentation output, whose coordinates are those
+of the picture with its EXIF orientation applied, ``stored`` for ground truth converted from
+COCO; :func:`maskrcnn.data.load_example` decodes the image in it, so a phone photo stored
+turned trains, and validates, as it was labelled. A source written before
+``_categories.json`` said so is read by :func:`row_orientation`.
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ def is_labels(source: str) -> bool:
 
 @dataclass(frozen=True)
 class Labels:
-    """One source of Parquet labels, checked: its categories and part files."""
+    """One source of Parquet labels, checked: its categories, part files and orientation
+    (None where its ``_categories.json`` was written before it said: see :func:`row_orientation`)."""
 
     source: str
     categories: list[dict[str, Any]]
     files: list[str]
+    orientation: str | None = None
 
 
 def open_labels(source: str) -> Labels:
@@ -57,7 +66,23 @@ def open_labels(source: str) -> Labels:
     files = output.part_files(source)
     if not files:
         raise DatasetError(f"{source}: no part-NNNNNN.parquet files")
-    return Labels(source, data.categories({"categories": categories}, source), files)
+    orientation = output.read_orientation(source)
+    if orientation is not None and orientation not in output.ORIENTATIONS:
+        raise DatasetError(
+            f"{source}: {output.CATEGORIES} gives orientation {orientation!r}; "
+            f"it must be one of {', '.join(output.ORIENTATIONS)}"
+        )
+    return Labels(source, data.categories({"categories": categories}, source), files, orientation)
+
+
+def row_orientation(row: dict[str, Any], orientation: str | None) -> str:
+    """The orientation of a row's coordinates: its source's (``orientation``), or, for a source
+    written before ``_categories.json`` said it (None), the one its writer always used: a
+    pseudo-label row (``model`` set) is the segmentation job's, ``displayed``; a ground-truth
+    row is ``jobs/coco_to_parquet.py``'s, ``stored``, as the COCO file had it."""
+    if orientation is not None:
+        return orientation
+    return output.DISPLAYED if row["model"] is not None else output.STORED
 
 
 def same_categories(sources: dict[str, list[dict]]) -> None:
@@ -137,15 +162,19 @@ def _ground_truth_uris(uri: str) -> list[str]:
 def record_schema(rules: Rules) -> pa.Schema:
     """The columns of a training record, as :func:`maskrcnn.data.load_coco` makes them."""
     fields = [("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int64()), ("height", pa.int64())]
-    fields.append(("annotations", pa.string()))
+    fields += [("orientation", pa.string()), ("annotations", pa.string())]
     if rules.keypoints:
         fields.append(("num_keypoints", pa.int64()))
     return pa.schema(fields)
 
 
-def records(rows: list[dict[str, Any]], rules: Rules) -> tuple[list[dict[str, Any]], Counter, Counter]:
-    """Rows -> training records; also the annotations dropped and the rows skipped, by reason.
-    Error rows are skipped, as are pseudo-label rows left with nothing to train on."""
+def records(
+    rows: list[dict[str, Any]], rules: Rules, orientation: str | None = None
+) -> tuple[list[dict[str, Any]], Counter, Counter]:
+    """A source's rows -> training records; also the annotations dropped and the rows skipped,
+    by reason. Error rows are skipped, as are pseudo-label rows left with nothing to train on.
+    ``orientation`` is the source's (:attr:`Labels.orientation`); each record gets its row's
+    (:func:`row_orientation`)."""
     out, dropped, skipped = [], Counter(), Counter()
     for row in rows:
         if row["error"]:
@@ -160,6 +189,7 @@ def records(rows: list[dict[str, Any]], rules: Rules) -> tuple[list[dict[str, An
             skipped["no_instances"] += 1
             continue
         record = {"image_id": img["id"], "uri": row["uri"], "width": img["width"], "height": img["height"]}
+        record["orientation"] = row_orientation(row, orientation)
         record["annotations"] = json.dumps(anns)
         if rules.keypoints:
             record["num_keypoints"] = len(rules.keypoints)
@@ -186,11 +216,11 @@ def image_id(uri: str) -> int:
     return int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=7).digest(), "big")
 
 
-def _records_batch(table: pa.Table, rules: Rules) -> pa.Table:
-    """A batch of rows -> its records, each with ``drops`` empty, and one more row (no URI)
-    whose ``drops`` holds the batch's drops and skips: the counts travel with the data."""
-    kept, dropped, skipped = records(table.to_pylist(), rules)
-    stats = {"image_id": 0, "uri": "", "width": 0, "height": 0, "annotations": "[]"}
+def _records_batch(table: pa.Table, rules: Rules, orientation: str | None) -> pa.Table:
+    """A batch of one source's rows -> its records, each with ``drops`` empty, and one more row
+    (no URI) whose ``drops`` holds the batch's drops and skips: the counts travel with the data."""
+    kept, dropped, skipped = records(table.to_pylist(), rules, orientation)
+    stats = {"image_id": 0, "uri": "", "width": 0, "height": 0, "orientation": "", "annotations": "[]"}
     stats["drops"] = json.dumps({"dropped": dropped, "skipped": skipped})
     if rules.keypoints:
         stats["num_keypoints"] = 0
@@ -225,8 +255,12 @@ def clean(sources: list[Labels], rules: Rules, coco_records: list[dict[str, Any]
     """One pass of Ray Data tasks: every source's rows cleaned into training records (with a
     COCO file's records beside them), kept in Ray's object store for every epoch, as a
     shuffle would keep them; the driver reads only the counts."""
-    to_records = functools.partial(_records_batch, rules=rules)
-    parts = [read(one).map_batches(to_records, batch_format="pyarrow") for one in sources]
+    parts = [
+        read(one).map_batches(
+            functools.partial(_records_batch, rules=rules, orientation=one.orientation), batch_format="pyarrow"
+        )
+        for one in sources
+    ]
     if coco_records:
         coco = pa.Table.from_pylist([dict(r, drops="") for r in coco_records], schema=_cleaned_schema(rules))
         parts.insert(0, ray.data.from_arrow(coco))
@@ -257,14 +291,17 @@ def shuffled(cleaned: Cleaned, seed: int) -> ray.data.Dataset:
 
 
 def read_coco(source: str) -> dict[str, Any]:
-    """A source's rows as one COCO instances dict (``file_name``: the image's URI), for
-    scoring a validation set: that is, for labels small enough for one process."""
+    """A source's rows as one COCO instances dict (``file_name``: the image's URI; and, beyond
+    COCO, each image's ``orientation``: :func:`row_orientation`), for scoring a validation set:
+    that is, for labels small enough for one process."""
     labels = open_labels(source)
     images, annotations = [], []
     for row in output.read_rows(source, columns=COLUMNS):
         if not row["error"]:
             img_id = image_id(row["uri"])
-            images.append({"id": img_id, "file_name": row["uri"], "width": row["width"], "height": row["height"]})
+            size = {"width": row["width"], "height": row["height"]}
+            orientation = row_orientation(row, labels.orientation)
+            images.append({"id": img_id, "file_name": row["uri"], **size, "orientation": orientation})
             for inst in row["instances"] or []:
                 annotations.append({"id": len(annotations) + 1, "image_id": img_id, **output.as_coco_annotation(inst)})
     if not images:
@@ -274,7 +311,11 @@ def read_coco(source: str) -> dict[str, Any]:
 
 def load_dataset(source: str, image_root: str | None) -> data.CocoDataset:
     """A validation set, indexed by the training rules: a COCO file whose images are under
-    ``image_root``, or Parquet labels."""
-    if is_labels(source):
-        return data.index_coco(read_coco(source), source, None)
-    return data.load_coco(source, image_root)
+    ``image_root``, or Parquet labels, whose records keep their images' orientation."""
+    if not is_labels(source):
+        return data.load_coco(source, image_root)
+    gt = read_coco(source)
+    dataset = data.index_coco(gt, source, None)
+    for record, img in zip(dataset.records, gt["images"], strict=True):  # one record per image, in order
+        record["orientation"] = img["orientation"]
+    return dataset

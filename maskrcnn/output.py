@@ -9,7 +9,13 @@ The same files are the training-data form (:mod:`maskrcnn.labels`): predictions 
 set, instances with scores) are pseudo-labels, and ground truth converted from COCO
 (:mod:`maskrcnn.convert`) has ``model`` null. Beside the part files, ``_categories.json``
 holds the categories as COCO writes them (ids, names, keypoint names and skeleton), so
-nothing scans the rows to learn them.
+nothing scans the rows to learn them, and the **orientation** of the rows' coordinates
+(``width``, ``height``, boxes, masks, keypoints): :data:`DISPLAYED`, the picture with its EXIF
+orientation applied (the segmentation job labels what a person sees), or :data:`STORED`, the
+pixels as the file stores them (ground truth converted from COCO, whose sizes and coordinates
+are the stored pixels). Training and validation decode each image in its source's orientation.
+A ``_categories.json`` written before it said so has no ``orientation``; its rows are read by
+:func:`maskrcnn.labels.row_orientation` (``model`` set: displayed; null: stored).
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ INSTANCE = pa.struct(
         ("category_id", pa.int32()),
         ("category", pa.string()),
         ("score", pa.float32()),
-        ("bbox", pa.list_(pa.float32())),  # COCO [x, y, w, h] in pixels of the oriented image
+        ("bbox", pa.list_(pa.float32())),  # COCO [x, y, w, h] in pixels, in the source's orientation
         ("mask", MASK),  # COCO compressed RLE; size = [height, width]; null for Keypoint R-CNN
-        # K [x, y, score] in pixels of the oriented image (score: the heatmap's logit);
+        # K [x, y, score] in pixels, in the source's orientation (score: the heatmap's logit);
         # null for models without keypoints. The names and skeleton are in the checkpoint.
         # K [x, y, v] in ground truth (v: COCO's visibility, 0 unlabelled).
         ("keypoints", pa.list_(pa.list_(pa.float32(), 3))),
@@ -45,7 +51,7 @@ INSTANCE = pa.struct(
 SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
-        ("width", pa.int32()),  # after EXIF orientation; null when the image could not be read
+        ("width", pa.int32()),  # in the source's orientation; null when the image could not be read
         ("height", pa.int32()),
         ("instances", pa.list_(INSTANCE)),
         ("model", pa.string()),  # the model that predicted the row; null in ground truth
@@ -53,7 +59,9 @@ SCHEMA = pa.schema(
     ],
     metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
 )
-CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories}
+CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories, "orientation": ...}
+DISPLAYED, STORED = "displayed", "stored"  # a source's orientation (see the module's docstring)
+ORIENTATIONS = (DISPLAYED, STORED)
 _PART = re.compile(r"part-(\d{6})\.parquet")
 RUN = re.compile(r"run-\d{8}T\d{6}Z")  # an incremental run's folder, named by its UTC start
 FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
@@ -107,14 +115,31 @@ def write_part(output: str, part: int, rows: list[dict[str, Any]]) -> dict[str, 
     return facts
 
 
-def write_categories(output: str, categories: list[dict[str, Any]]) -> None:
-    storage.write_text(storage.join(output, CATEGORIES), json.dumps({"categories": categories}, indent=1))
+def write_categories(output: str, categories: list[dict[str, Any]], orientation: str = DISPLAYED) -> None:
+    """Write ``_categories.json``: the categories and the rows' orientation, :data:`DISPLAYED`
+    for the segmentation job's labels, :data:`STORED` for ``jobs/coco_to_parquet.py``'s."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    text = json.dumps({"categories": categories, "orientation": orientation}, indent=1)
+    storage.write_text(storage.join(output, CATEGORIES), text)
 
 
 def read_categories(output: str) -> list[dict[str, Any]] | None:
     """The categories beside an output's part files, or None where there is no ``_categories.json``."""
+    meta = _read_meta(output)
+    return None if meta is None else meta["categories"]
+
+
+def read_orientation(output: str) -> str | None:
+    """The orientation ``_categories.json`` gives the rows' coordinates, as written (unchecked);
+    None where it gives none (written before it did) or there is no ``_categories.json``."""
+    meta = _read_meta(output)
+    return None if meta is None else meta.get("orientation")
+
+
+def _read_meta(output: str) -> dict[str, Any] | None:
     uri = storage.join(output, CATEGORIES)
-    return json.loads(storage.read_text(uri))["categories"] if storage.exists(uri) else None
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
 def part_files(output: str) -> list[str]:

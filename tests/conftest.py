@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import boto3
 import pytest
@@ -102,6 +103,47 @@ def torchvision_pth(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("zoo") / "maskrcnn_resnet50_fpn_random.pth"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture
+def oriented_photos(coco_small: tuple[str, str]) -> Callable[..., dict]:
+    """``oriented_photos(folder, orientations, turned=...)``: the first ``len(orientations)``
+    images of coco_small saved as PNGs (lossless) in ``folder``, the i-th tagged with EXIF
+    orientation ``orientations[i]`` (1: no tag). Turned, their pixels are stored turned so that
+    they display as coco_small's: phone photos, which the segmentation job labels as displayed.
+    Not turned, they store coco_small's pixels and display turned. Returns their COCO dict,
+    with coco_small's sizes and coordinates."""
+    import json
+
+    from PIL import Image
+
+    # How a file stores a picture that its EXIF orientation displays upright: the inverse of
+    # what PIL's ImageOps.exif_transpose does to display it.
+    t = Image.Transpose
+    stored_turned = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE}
+    stored_turned.update({6: t.ROTATE_90, 7: t.TRANSVERSE, 8: t.ROTATE_270})
+    gt = json.loads(Path(coco_small[0]).read_text())
+
+    def save(folder: Path, orientations: list[int], *, turned: bool) -> dict:
+        chosen = gt["images"][: len(orientations)]
+        folder.mkdir(parents=True, exist_ok=True)
+        images = []
+        for img, orientation in zip(chosen, orientations):
+            picture = Image.open(Path(coco_small[1]) / img["file_name"]).convert("RGB")
+            name = f"{Path(img['file_name']).stem}-{orientation}.png"
+            if orientation == 1:
+                picture.save(folder / name)
+            else:
+                exif = Image.Exif()
+                exif[0x0112] = orientation
+                picture = picture.transpose(stored_turned[orientation]) if turned else picture
+                picture.save(folder / name, exif=exif.tobytes())
+            images.append(dict(img, file_name=name))
+        ids = {img["id"] for img in chosen}
+        annotations = [a for a in gt["annotations"] if a["image_id"] in ids]
+        return {"images": images, "annotations": annotations, "categories": gt["categories"]}
+
+    return save
 
 
 # ---------------------------------------------------------------- leaving the test process

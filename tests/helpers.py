@@ -310,13 +310,21 @@ def teacher_labels(coco_small: tuple[str, str], out: str, images: int, seed: int
     written as a segmentation output (part files and ``_categories.json``). Returns the rows."""
     import json
 
+    gt = json.loads(Path(coco_small[0]).read_text())
+    return segmentation_labels(dict(gt, images=gt["images"][:images]), coco_small[1], out, seed)
+
+
+def segmentation_labels(gt: dict, image_root: str, out: str, seed: int = 0) -> list[dict]:
+    """``gt``'s images under ``image_root`` labelled as the segmentation job labels them, by its
+    writers (rows of :func:`maskrcnn.output.row` in two part files, and ``_categories.json``):
+    each non-crowd annotation an instance with a seeded score, ``gt``'s sizes and coordinates
+    taken as the displayed picture's, as the job's are. Returns the rows."""
     from maskrcnn import masks, output
 
-    gt = json.loads(Path(coco_small[0]).read_text())
     names = {c["id"]: c["name"] for c in gt["categories"]}
     rng = np.random.default_rng(seed)
     rows = []
-    for img in gt["images"][:images]:
+    for img in gt["images"]:
         instances = [
             {
                 "category_id": ann["category_id"],
@@ -330,9 +338,7 @@ def teacher_labels(coco_small: tuple[str, str], out: str, images: int, seed: int
             for ann in gt["annotations"]
             if ann["image_id"] == img["id"] and not ann["iscrowd"]
         ]
-        rows.append(
-            output.row(f"{coco_small[1]}/{img['file_name']}", (img["height"], img["width"]), instances, "teacher")
-        )
+        rows.append(output.row(f"{image_root}/{img['file_name']}", (img["height"], img["width"]), instances, "teacher"))
     output.write_part(out, 0, rows[: len(rows) // 2])
     output.write_part(out, 1, rows[len(rows) // 2 :])
     output.write_categories(out, gt["categories"])

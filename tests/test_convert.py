@@ -73,6 +73,27 @@ def test_keypoints_and_skeleton_survive_conversion(shared_data, tmp_path):
     _same_dataset(original, converted)
 
 
+def test_converted_labels_say_their_coordinates_are_the_stored_pixels(oriented_photos, tmp_path):
+    """COCO's coordinates are the pixels as stored, whatever the EXIF orientation: the labels
+    say ``stored`` and train on exactly what the COCO file does."""
+    gt = oriented_photos(tmp_path / "images", [3, 6, 8], turned=False)
+    (tmp_path / "instances.json").write_text(json.dumps(gt))
+    _convert(tmp_path / "instances.json", tmp_path / "images", tmp_path / "labels")
+    source = labels.open_labels(str(tmp_path / "labels"))
+    assert source.orientation == output.STORED
+    rules = labels.Rules(tuple((c["id"], c["name"]) for c in source.categories))
+    converted, _, _ = labels.records(list(output.read_rows(source.source, labels.COLUMNS)), rules, source.orientation)
+    original = data.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images")).records
+    assert len(converted) == len(original) == 3
+    for a, b in zip(sorted(converted, key=lambda r: r["uri"]), sorted(original, key=lambda r: r["uri"])):
+        assert a["orientation"] == b["orientation"] == output.STORED
+        mine, theirs = data.load_example(a), data.load_example(b)
+        assert mine["error"] == theirs["error"] == ""
+        for key in ("image", "masks", "labels"):
+            np.testing.assert_array_equal(mine[key], theirs[key])
+    assert {r["orientation"] for r in labels.load_dataset(source.source, None).records} == {output.STORED}
+
+
 def test_a_file_without_categories_names_them_by_id(shared_data, tmp_path):
     source = shared_data / "coco_tv_gallery"
     _convert(source / "instances.json", source / "images", tmp_path / "labels")

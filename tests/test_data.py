@@ -38,6 +38,27 @@ def test_example_masks_and_boxes_match_the_annotations(coco_small):
     assert [ds.category_ids[label - 1] for label in row["labels"]] == [a["category_id"] for a in anns]
 
 
+def test_a_coco_file_trains_on_the_stored_pixels_whatever_their_exif_orientation(oriented_photos, coco_small, tmp_path):
+    """COCO gives sizes and coordinates in the pixels as stored: images tagged with EXIF
+    orientations 3, 6 and 8 decode as stored, and fit their annotations exactly."""
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    gt = oriented_photos(tmp_path / "images", [3, 6, 8], turned=False)
+    (tmp_path / "instances.json").write_text(json.dumps(gt))
+    ds = data.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images"))
+    coco = COCO(str(tmp_path / "instances.json"))
+    for record, img in zip(ds.records, gt["images"]):
+        row = data.load_example(record)
+        assert record["orientation"] == "stored" and row["error"] == "", img["file_name"]
+        original = Image.open(f"{coco_small[1]}/{img['file_name'].rsplit('-', 1)[0]}.jpg").convert("RGB")
+        np.testing.assert_array_equal(row["image"], np.asarray(original).transpose(2, 0, 1))
+        anns = [a for a in coco.imgToAnns[img["id"]] if not a["iscrowd"]]
+        np.testing.assert_array_equal(row["masks"], np.stack([coco.annToMask(a) for a in anns]))
+        displayed = data.load_example(dict(record, orientation="displayed"))  # what the tag would make of it
+        assert displayed["error"] == ("" if img["file_name"].endswith("-3.png") else "size_mismatch")
+
+
 def test_file_without_categories_loads(shared_data):
     root = shared_data / "coco_tv_gallery"
     ds = data.load_coco(str(root / "instances.json"), str(root / "images"))
@@ -146,7 +167,7 @@ def test_defects_no_rule_can_clean_name_the_file_and_the_id(defect, message, coc
 
 def test_missing_and_corrupt_images_become_error_rows(tmp_path, shared_data):
     storage.write_bytes(str(tmp_path / "bad.jpg"), (shared_data / "odd_images" / "corrupt.jpg").read_bytes())
-    base = {"width": 120, "height": 90, "annotations": "[]"}
+    base = {"width": 120, "height": 90, "orientation": "stored", "annotations": "[]"}
     assert data.load_example(dict(base, image_id=1, uri=str(tmp_path / "missing.jpg")))["error"] == "missing"
     assert data.load_example(dict(base, image_id=2, uri=str(tmp_path / "bad.jpg")))["error"] == "corrupt"
 

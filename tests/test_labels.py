@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maskrcnn import labels, masks, output
+from maskrcnn import data, labels, masks, output
 from maskrcnn.data import DatasetError
+from tests.helpers import segmentation_labels
 
 RULES = labels.Rules(((3, "cat"), (7, "dog")), None, min_score=0.5)
 
@@ -105,3 +108,74 @@ def test_a_reviewed_image_is_not_also_trained_from_its_pseudo_labels(tmp_path):
     rows.append(_row(str(tmp_path / "img" / "2.jpg"), [_instance(None)], model=None))  # ground truth stays
     records, _, skipped = labels.records(rows, rules)
     assert [r["uri"].rsplit("/", 1)[1] for r in records] == ["3.jpg", "2.jpg"] and skipped == {"reviewed": 2}
+
+
+EVERY_TURN = [2, 3, 4, 5, 6, 7, 8]  # every EXIF orientation but 1 (as stored)
+
+
+def _decoded(source: str) -> dict[str, tuple[dict, dict]]:
+    """A source's rows as training decodes them (its records, then :func:`data.load_example`),
+    by the photo's coco_small name; no row is skipped."""
+    opened = labels.open_labels(source)
+    rules = labels.Rules(tuple((c["id"], c["name"]) for c in opened.categories))
+    rows = list(output.read_rows(source, labels.COLUMNS))
+    records, _, skipped = labels.records(rows, rules, opened.orientation)
+    assert not skipped and len(records) == len(rows)
+    return {Path(r["uri"]).stem.rsplit("-", 1)[0]: (r, data.load_example(r)) for r in records}
+
+
+def _same_example(a: dict, b: dict) -> None:
+    for key in ("image", "masks", "boxes", "labels"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_phone_photos_train_on_the_pixels_they_were_labelled_in(oriented_photos, tmp_path):
+    """Photos stored turned, with the EXIF orientation that displays them upright, labelled by
+    the segmentation job (as displayed): every one trains, none a size_mismatch, on exactly the
+    pixels and masks of the same photos stored upright; a validation set of them decodes so too."""
+    gt = oriented_photos(tmp_path / "phone", EVERY_TURN, turned=True)
+    upright = oriented_photos(tmp_path / "upright", [1] * len(EVERY_TURN), turned=True)
+    segmentation_labels(gt, str(tmp_path / "phone"), str(tmp_path / "phone-labels"))
+    segmentation_labels(upright, str(tmp_path / "upright"), str(tmp_path / "upright-labels"))
+    assert labels.open_labels(str(tmp_path / "phone-labels")).orientation == output.DISPLAYED
+    phone, want = _decoded(str(tmp_path / "phone-labels")), _decoded(str(tmp_path / "upright-labels"))
+    assert sorted(phone) == sorted(want) and len(phone) == len(EVERY_TURN)
+    turn_of = {Path(img["file_name"]).stem.rsplit("-", 1)[0]: o for img, o in zip(gt["images"], EVERY_TURN)}
+    for name, (record, row) in phone.items():
+        assert record["orientation"] == output.DISPLAYED and row["error"] == "", name
+        assert row["masks"].shape[0] > 0, name
+        _same_example(row, want[name][1])
+        # decoded as stored, as training did before labels said their orientation: a quarter
+        # turn no longer fits the labels, and a flip or half turn puts the masks on other pixels
+        stored = data.load_example(dict(record, orientation=output.STORED))
+        if turn_of[name] in (5, 6, 7, 8):
+            assert stored["error"] == "size_mismatch", name
+        else:
+            assert stored["error"] == "" and not np.array_equal(stored["image"], row["image"]), name
+    validation = labels.load_dataset(str(tmp_path / "phone-labels"), None)
+    for record in validation.records:
+        assert record["orientation"] == output.DISPLAYED
+        name = Path(record["uri"]).stem.rsplit("-", 1)[0]
+        _same_example(data.load_example(record), phone[name][1])
+
+
+def test_labels_written_before_they_said_their_orientation_are_read_by_their_rows(tmp_path):
+    """A ``_categories.json`` without ``orientation``: the segmentation job's rows (``model``
+    set) were always displayed, jobs/coco_to_parquet.py's (ground truth) stored."""
+    rows = [_row("s3://a/1.jpg", [_instance(0.9)]), _row("s3://a/2.jpg", [_instance(None)], model=None)]
+    output.write_part(str(tmp_path), 0, rows)
+    cats = [{"id": 3, "name": "cat"}]
+    (tmp_path / output.CATEGORIES).write_text(json.dumps({"categories": cats}))
+    old = labels.open_labels(str(tmp_path))
+    assert old.orientation is None
+    records, _, _ = labels.records(rows, RULES, old.orientation)
+    by_row = [output.DISPLAYED, output.STORED]
+    assert [r["orientation"] for r in records] == by_row
+    assert [img["orientation"] for img in labels.read_coco(str(tmp_path))["images"]] == by_row
+    output.write_categories(str(tmp_path), cats, output.STORED)
+    said = labels.open_labels(str(tmp_path))
+    records, _, _ = labels.records(rows, RULES, said.orientation)
+    assert said.orientation == output.STORED and {r["orientation"] for r in records} == {output.STORED}
+    (tmp_path / output.CATEGORIES).write_text(json.dumps({"categories": cats, "orientation": "upright"}))
+    with pytest.raises(DatasetError, match="gives orientation 'upright'; it must be one of displayed, stored"):
+        labels.open_labels(str(tmp_path))

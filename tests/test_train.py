@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from maskrcnn import checkpoint, keypoints, output, storage
-from tests.helpers import REPO, add_defects, call_job, run_job, tensorboard_scalars, upload_dir
+from tests.helpers import REPO, add_defects, call_job, run_job, segmentation_labels, tensorboard_scalars, upload_dir
 
 pytestmark = pytest.mark.slow
 RAY_OVERLOADED = "during network partition or CPU being overloaded, it's safe to ignore this error"
@@ -262,6 +262,29 @@ def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkp
     assert best["classes"] == ["circle", "rectangle", "triangle"] and "val_segm_AP" in best["metrics"]
     on_s3 = _train_history(storage.read_text(f"s3://{bucket}/runs/student/metrics.jsonl"))
     assert [x["step"] for x in on_s3] == list(range(1, 11))
+
+
+def test_a_student_trains_and_validates_on_every_phone_photo_its_teacher_labelled(oriented_photos, tmp_path):
+    """Issue 33's reproduction: photos stored turned with EXIF orientation 6 or 8 (displayed
+    upright), labelled by the segmentation job as displayed, then a student trained on those
+    labels, and validated on them, for --max-steps 2: every photo is used, none skipped."""
+    gt = oriented_photos(tmp_path / "phone", [6, 8] * 4, turned=True)
+    pseudo = str(tmp_path / "labels")
+    segmentation_labels(gt, str(tmp_path / "phone"), pseudo)
+    fixed = "--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1 --max-steps 2"
+    store = tmp_path / "runs"
+    args = ["--train-annotations", pseudo, "--val-annotations", pseudo, "--storage", str(store), "--name", "student"]
+    done = run_job("train.py", *args, *fixed.split())
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "[train] 8 images, 80 classes, 2 steps/epoch" in out and "skipped label rows: none" in out, out[:3000]
+    assert [s for s, _ in _steps(out)] == [1, 2]
+    totals = re.search(r"skipped images and dropped annotations: (.*)", out)
+    assert totals and "skipped_" not in totals.group(1), out[-3000:]
+    metrics = checkpoint.load(str(store / "student" / "checkpoint_00000002" / "model.pt"))["metrics"]
+    skipped = {k: v for k, v in metrics.items() if k.startswith(("skipped_", "val_skipped_"))}
+    assert {"skipped_size_mismatch", "val_skipped_images"} <= set(skipped) and not any(skipped.values()), skipped
+    assert "val_segm_AP" in metrics
 
 
 def _train_history(text: str) -> list[dict]:
