@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # own, as on a reviewer's machine: tests/test_clients.py reads exports back with them.
 CLIENTS ?= .venv-clients
 
-.PHONY: demo demo-keypoints demo-clean test lint install clients clean
+.PHONY: demo demo-keypoints demo-clean test lint gpu-check install clients clean
 
 install: $(VENV)/.installed
 
@@ -39,11 +39,16 @@ demo-clean:
 test:
 	$(MAKE) -j2 install clients
 	$(MAKE) lint
+	$(MAKE) gpu-check
 	PYTHONFAULTHANDLER=1 MASKRCNN_CLIENTS=$(abspath $(CLIENTS)) $(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The GPU paths on this machine's GPU; without one, the same code on the CPU (make test runs it so).
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(CLIENTS) .pytest_cache

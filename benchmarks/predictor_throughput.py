@@ -35,7 +35,7 @@ from PIL import Image
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import resize_boxes
 
-from maskrcnn import masks
+from maskrcnn import devices, masks
 from maskrcnn.model import SMALL, build_model
 from maskrcnn.predictor import Predictor
 from maskrcnn.synthetic import make_image
@@ -45,7 +45,7 @@ SIZES = {"1280x960": (960, 1280), "4032x3024": (3024, 4032)}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(devices.default()))
     p.add_argument("--arch", help=f"default: maskrcnn_resnet50_fpn on CUDA, {SMALL} on CPU")
     p.add_argument("--size", type=int, default=800, help="the model's shortest side")
     p.add_argument("--batch-sizes", default="1,4,8")

@@ -14,15 +14,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchvision.transforms import v2
 
-from maskrcnn import data
+from maskrcnn import data, devices
 from maskrcnn.errors import UserError
-from maskrcnn.evaluate import EVAL_SCORE_THRESHOLD
 from maskrcnn.export import to_results
-from maskrcnn.predictor import Predictor
+from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, Predictor
 
 
 class NonFiniteLoss(UserError):
@@ -59,6 +57,13 @@ def default_lr(optimizer: str, global_batch: int) -> float:
     return 0.02 * global_batch / 16 if optimizer == "sgd" else 1e-4
 
 
+def default_warmup_steps(global_batch: int) -> int:
+    """The warm-up grows with the global batch, as the LR does: NVIDIA's Mask R-CNN reference
+    (DeepLearningExamples, PyTorch/Segmentation/MaskRCNN) warms up 625 steps at a global batch
+    of 32 or more. Here 625 x global batch / 32 steps, from 100 (the small runs' warm-up) to 625."""
+    return min(625, max(100, round(625 * global_batch / 32)))
+
+
 def make_optimizer(name: str, params: list, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD with momentum (torchvision's recipe, for fine-tuning) or AdamW, which trains a
     model from random weights several times faster at the same number of steps."""
@@ -67,12 +72,6 @@ def make_optimizer(name: str, params: list, lr: float, momentum: float, weight_d
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-
-
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
 
 
 def _blank_row(model: nn.Module) -> dict[str, Any]:
@@ -118,9 +117,8 @@ def train_step(
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values()) * weight
     names = tuple(loss_dict)  # the model's losses (loss_mask, loss_keypoint, ...), in the same order on every worker
-    parts = torch.tensor([weight * float(loss_dict[n].detach()) for n in names] + [weight, len(rows)])
-    parts = _all_reduce(parts)
-    workers_with_data = max(1.0, float(parts[-2]))
+    parts = devices.all_reduce([weight * float(loss_dict[n].detach()) for n in names] + [weight, len(rows)], device)
+    workers_with_data = max(1.0, parts[-2])
     losses = {n: float(v) / workers_with_data for n, v in zip(names, parts[:-2])}
     losses["loss"] = sum(losses.values())
     if not math.isfinite(losses["loss"]):
@@ -154,10 +152,7 @@ def predict_validation(
     training workers, between epochs, with the live model: the GPUs are theirs."""
     predictor = Predictor(model, val.classes, val.category_ids, score_threshold=EVAL_SCORE_THRESHOLD, amp=amp)
     mine = predict_records(predictor, val.records[rank::world])
-    gathered: list[Any] = [mine]
-    if dist.is_initialized():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
+    gathered = devices.gather(mine, world)
     if rank != 0:
         return None
     skipped: Counter = Counter()
@@ -167,8 +162,8 @@ def predict_validation(
 
 
 def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: int = 2) -> tuple[list[dict], Counter]:
-    """Fetch, decode and predict COCO records (no EXIF rotation: COCO sizes are the stored
-    pixels); return COCO results and the counts of images skipped, by error kind."""
+    """Fetch, decode (in each record's orientation) and predict COCO records; return COCO
+    results and the counts of images skipped, by error kind."""
     results: list[dict] = []
     skipped: Counter = Counter()
     pending: list[dict] = []

@@ -23,11 +23,10 @@ from maskrcnn.cli import arch_option, embed, keypoint_sigmas_option, model_optio
 from maskrcnn.export import to_results
 from maskrcnn.inference import InferenceOptions
 from maskrcnn.model import has_keypoints, has_masks, is_path
-from maskrcnn.predictor import check_classes
+from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
 
-EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default, what COCO AP is usually reported at
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
     "AP",

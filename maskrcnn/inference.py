@@ -8,12 +8,16 @@ and evaluation)::
 :func:`share` puts the model's bytes in Ray's object store once, and each
 :class:`InferenceActor` builds the model from there in its ``__init__`` and predicts in
 its ``__call__``. An image that cannot be read or predicted becomes a row with an
-``error``, never a lost row.
+``error``, never a lost row. A device fault is not the image's: a batch that runs out of
+GPU memory is split in halves and retried, and a lost device context ends the actor, which
+Ray Data restarts and whose batch it retries; :class:`Recoveries` counts both.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +25,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from maskrcnn import checkpoint, images, output
+from maskrcnn import checkpoint, devices, images, output
 from maskrcnn.cli import option, pool_size, resources
-from maskrcnn.predictor import INFER, PredictOptions, Predictor
-from maskrcnn.runtime import init_ray
+from maskrcnn.predictor import INFER, DeviceLost, PredictOptions, Predictor
+from maskrcnn.runtime import init_ray, on_this_node
 
-__all__ = ["INFER", "InferenceOptions", "InferenceActor", "decode", "predict", "share", "start"]
+__all__ = ["INFER", "InferenceOptions", "InferenceActor", "Recoveries", "decode", "predict", "share", "start"]
 
 
 @dataclass(kw_only=True)
@@ -125,13 +129,18 @@ def decode(
 
 
 def predict(
-    ds: ray.data.Dataset, options: InferenceOptions, model: list[ray.ObjectRef], keys: pa.Schema
+    ds: ray.data.Dataset,
+    options: InferenceOptions,
+    model: list[ray.ObjectRef],
+    keys: pa.Schema,
+    recoveries: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
     """Decoded rows -> output rows (``keys`` first, then :data:`maskrcnn.output.SCHEMA`), in
-    the actor pool that ``options`` describe; ``model`` is :func:`share`'s reference."""
+    the actor pool that ``options`` describe; ``model`` is :func:`share`'s reference, and
+    ``recoveries`` (:func:`start_recoveries`) hears of the faults the pool recovered from."""
     return ds.map_batches(
         InferenceActor,
-        fn_constructor_args=(model, options, keys),
+        fn_constructor_args=(model, options, keys, recoveries),
         batch_size=options.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=options.actors[0], max_size=options.actors[1]),
@@ -157,14 +166,42 @@ def fetch_and_decode(
     return out
 
 
+def start_recoveries() -> ray.actor.ActorHandle:
+    """A :class:`Recoveries` actor on the driver's own node (:func:`maskrcnn.runtime.on_this_node`)."""
+    return Recoveries.options(**on_this_node()).remote()
+
+
+@ray.remote(num_cpus=0)
+class Recoveries:
+    """What the actor pool recovered from, for the job's summary: ``split_batches`` (out of
+    device memory, retried in halves) and ``restarted_actors`` (a lost device context)."""
+
+    def __init__(self) -> None:
+        self.counts = {"split_batches": 0, "restarted_actors": 0}
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def get(self) -> dict[str, int]:
+        return self.counts
+
+
 class InferenceActor:
     """The Ray Data actor: builds the model once, from the bytes :func:`share` put in the
-    object store; decoded rows in, output rows out."""
+    object store, on the device it reserved; decoded rows in, output rows out."""
 
-    def __init__(self, model: list[ray.ObjectRef], options: InferenceOptions, keys: pa.Schema):
+    def __init__(
+        self,
+        model: list[ray.ObjectRef],
+        options: InferenceOptions,
+        keys: pa.Schema,
+        recoveries: ray.actor.ActorHandle | None = None,
+    ):
+        self.device = devices.for_actor(options.gpus_per_actor)
         ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
-        self.predictor = Predictor.with_options(ckpt, options)
+        self.predictor = Predictor.with_options(ckpt, options, device=self.device)
         self.keys, self.schema = keys, pa.schema([*keys, *output.SCHEMA])
+        self.recoveries = recoveries
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
@@ -183,14 +220,20 @@ class InferenceActor:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _predict_each(self, imgs: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict] | str]:
-        """Batch first; if the batch fails, one at a time so one bad image fails alone."""
+        """:meth:`Predictor.predict_each`; a lost device context ends the process, so that Ray
+        Data restarts the actor (a fresh context) and retries its batch: no row is written."""
         try:
-            return list(self.predictor.predict(imgs, sizes))
-        except Exception:
-            results: list[list[dict] | str] = []
-            for img, size in zip(imgs, sizes):
-                try:
-                    results.extend(self.predictor.predict([img], [size]))
-                except Exception as err:  # recorded in the row, never lost
-                    results.append(f"inference_failed: {type(err).__name__}: {err}")
-            return results
+            results, splits = self.predictor.predict_each(imgs, sizes)
+        except DeviceLost as err:
+            print(
+                f"[inference] actor on {socket.gethostname()} ends, to be restarted: {err}", file=sys.stderr, flush=True
+            )
+            self._count("restarted_actors")
+            os._exit(1)
+        if splits:
+            self._count("split_batches", splits)
+        return results
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if self.recoveries is not None:
+            ray.get(self.recoveries.add.remote(name, n))

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from maskrcnn import output, storage
 from maskrcnn.errors import UserError
+from maskrcnn.runtime import on_this_node
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt")
 KEYS = pa.schema([("part", pa.int64()), ("index", pa.int64()), ("part_rows", pa.int64())])
@@ -88,10 +88,8 @@ def parts(uris: Iterator[str], rows_per_file: int) -> Iterator[tuple[int, list[s
 
 
 def start_tally() -> Any:
-    """A :class:`Tally` actor on the driver's own node: a lost worker node (a spot instance)
-    must not take the job's count with it."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Tally.options(scheduling_strategy=here).remote()
+    """A :class:`Tally` actor on the driver's own node (:func:`maskrcnn.runtime.on_this_node`)."""
+    return Tally.options(**on_this_node()).remote()
 
 
 @ray.remote(num_cpus=0)

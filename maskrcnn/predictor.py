@@ -27,10 +27,11 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
-from maskrcnn import checkpoint, masks
+from maskrcnn import checkpoint, devices, masks
 from maskrcnn.cli import names, option
 
 INFER = "inference"
+EVAL_SCORE_THRESHOLD = 0.05  # what evaluation keeps: torchvision's default, what COCO AP is usually reported at
 
 
 @dataclass(kw_only=True)
@@ -55,6 +56,11 @@ class PredictOptions:
     def __post_init__(self) -> None:
         if self.max_detections < 1:
             raise ValueError(f"--max-detections must be at least 1, got {self.max_detections}")
+
+
+class DeviceLost(RuntimeError):
+    """The device's context is lost (:data:`maskrcnn.devices.LOST`): every later call in this
+    process would fail too, so the process must end; no image is to blame."""
 
 
 def check_classes(names: list[str], classes: list[str] | None) -> None:
@@ -107,7 +113,9 @@ class Predictor:
         return cls.from_checkpoint(checkpoint.load(model, arch), **kwargs)
 
     @classmethod
-    def with_options(cls, ckpt: dict[str, Any], options: PredictOptions, device: str | None = None) -> "Predictor":
+    def with_options(
+        cls, ckpt: dict[str, Any], options: PredictOptions, device: str | torch.device | None = None
+    ) -> "Predictor":
         """A predictor for a loaded checkpoint, as a job's flags say."""
         return cls.from_checkpoint(
             ckpt,
@@ -119,9 +127,11 @@ class Predictor:
         )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], *, device: str | None = None, **kwargs: Any) -> "Predictor":
+    def from_checkpoint(
+        cls, ckpt: dict[str, Any], *, device: str | torch.device | None = None, **kwargs: Any
+    ) -> "Predictor":
         """A predictor for a loaded checkpoint, on ``device`` (default: the GPU if there is one)."""
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = torch.device(device) if device else devices.default()
         model = checkpoint.build(ckpt).to(target)
         return cls(model, ckpt["classes"], ckpt["category_ids"], model_id=checkpoint.identity(ckpt), **kwargs)
 
@@ -142,6 +152,42 @@ class Predictor:
             for i, det in zip(group, self._forward([canvases[i] for i in group])):
                 detections[i] = det
         return [self._instances(det, resized, size) for det, (_, resized), size in zip(detections, canvases, sizes)]
+
+    def predict_each(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> tuple[list[list[dict[str, Any]] | str], int]:
+        """:meth:`predict`, healing device faults; returns each image's instances or error
+        (``"kind: message"``), and how many batches were split. The batch goes in one call if
+        it can; out of device memory, in halves, down to one image; after another error, one
+        image at a time, so that one bad image fails alone. Only an image that fails alone
+        becomes an error. A lost device context raises :class:`DeviceLost`."""
+        outcome = self._try(images, sizes)
+        if not isinstance(outcome, str):
+            return outcome, 0
+        devices.release(self.device)  # here, not in the except block: its traceback holds the batch
+        if len(images) == 1:
+            return [outcome], 0
+        if outcome.startswith(devices.OUT_OF_MEMORY):
+            half = (len(images) + 1) // 2
+            parts, splits = [(images[:half], sizes[:half]), (images[half:], sizes[half:])], 1
+        else:
+            parts, splits = [([im], [size]) for im, size in zip(images, sizes)], 0
+        results: list[list[dict[str, Any]] | str] = []
+        for part in parts:
+            done, more = self.predict_each(*part)
+            results += done
+            splits += more
+        return results, splits
+
+    def _try(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[dict[str, Any]]] | str:
+        """The batch's instances, or what went wrong as an error says it."""
+        try:
+            return self.predict(images, sizes)
+        except Exception as err:
+            kind = devices.fault(err)
+            if kind == devices.LOST:
+                raise DeviceLost(f"{type(err).__name__}: {err}") from None
+            return f"{kind or 'inference_failed'}: {type(err).__name__}: {err}"
 
     def _canvas(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """The image as torchvision would feed it alone: resized, normalised and padded to a

@@ -54,6 +54,15 @@ def init_ray(min_cpus: int, *, dashboard: bool = False) -> None:
     )
 
 
+def on_this_node() -> dict:
+    """Ray options that keep an actor on the driver's own node: a lost worker node (a spot
+    instance) must not take the job's counts with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 def quiet_logs() -> None:
     """Ray Data's console output at WARNING and above (its log file keeps everything).
     Runs in the driver and, as Ray's ``worker_process_setup_hook``, in every worker."""

@@ -118,9 +118,10 @@ def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any
     model = inference.share(ckpt)
     del ckpt
     tally = listing.start_tally()  # what the listing task saw, once it ends
+    recoveries = inference.start_recoveries()  # the device faults the actor pool recovered from
     progress = _progress(cfg, tally, resumed=sum(f["rows"] for f in resumed.values()))
     with without_false_alarms():
-        ds = pipeline(cfg, resumed, None if cfg.full_decode else fit, model, tally)
+        ds = pipeline(cfg, resumed, None if cfg.full_decode else fit, model, tally, recoveries)
         written = write_parts(cfg, ds, progress)
     # 3. Every part is on disk (this run's or an earlier one's): write the summary and _SUCCESS.
     listed = ray.get(tally.get.remote())
@@ -129,7 +130,8 @@ def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any
     missing = sorted(set(range(listed["part_files"])) - set(resumed) - set(written))
     if missing:
         raise RuntimeError(f"the pipeline returned no rows for parts {missing[:10]}; nothing partial was written")
-    return _finish(cfg, model_id, listed["images"], resumed, written, progress, time.perf_counter() - start)
+    faults = ray.get(recoveries.get.remote())
+    return _finish(cfg, model_id, listed["images"], resumed, written, progress, faults, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- 1. before the pool starts
@@ -205,10 +207,12 @@ def pipeline(
     fit: tuple[int, int] | None,
     model: list[ray.ObjectRef],
     tally: ray.actor.ActorHandle,
+    recoveries: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
     """Listing -> decode tasks -> actor pool (:mod:`maskrcnn.inference`), as one Ray Data
     execution. ``resumed`` holds the footers of the parts already written; ``model`` the
-    reference to the checkpoint's bytes in the object store; ``tally`` hears the listing's count."""
+    reference to the checkpoint's bytes in the object store; ``tally`` hears the listing's
+    count, and ``recoveries`` the pool's device faults."""
     place = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
     report = listing.reporter(tally)
     source = listing.Listing(cfg.input, cfg.extensions, cfg.limit, cfg.rows_per_file, cfg.output, resumed, report)
@@ -216,7 +220,7 @@ def pipeline(
     ds = inference.decode(
         ds, cfg.inference.batch_size, fit=fit, max_pixels=cfg.max_pixels, resources=cfg.decode_resources
     )
-    ds = inference.predict(ds, cfg.inference, model, KEYS)
+    ds = inference.predict(ds, cfg.inference, model, KEYS, recoveries)
     ds.context.target_max_block_size = listing.BLOCK_BYTES  # this job's datasets only
     return ds
 
@@ -259,6 +263,7 @@ def _finish(
     resumed: dict[int, dict],
     written: dict[int, dict],
     progress: Progress,
+    faults: dict[str, int],
     wall: float,
 ) -> dict:
     """The job's summary from the part files' footers: written as ``_summary.json``, then ``_SUCCESS``."""
@@ -277,6 +282,7 @@ def _finish(
         "resumed_rows": sum(f["rows"] for f in resumed.values()),
         "processed_rows": progress.done,
         "errors": dict(sorted(errors.items())),
+        **faults,  # split_batches, restarted_actors: recovered, so no error rows
         "instances": sum(f["instances"] for f in footers),
         "wall_s": round(wall, 2),
         "images_per_s": round(progress.done / wall, 3) if wall else 0.0,

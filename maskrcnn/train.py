@@ -45,9 +45,9 @@ import ray
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from maskrcnn import checkpoint, data, history, keypoints, labels, loading, storage
+from maskrcnn import checkpoint, data, devices, history, keypoints, labels, loading, storage
 from maskrcnn.model import has_keypoints
 from maskrcnn.runtime import init_ray, without_false_alarms
 from maskrcnn.train_config import TrainConfig, TrainingPlan
@@ -78,6 +78,7 @@ def run(cfg: TrainConfig) -> ray.train.Result | None:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"plan": plan},
+        torch_config=TorchConfig(backend=devices.backend(cfg.gpu)),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -267,7 +268,7 @@ def _announce(cfg: TrainConfig, train: TrainingSet, plan: TrainingPlan) -> None:
     )
     if cfg.val_annotations:
         print(f"[train] validation set: dropped annotations: {plan.val_dropped or 'none'}", flush=True)
-    if plan.warmup_steps < cfg.warmup_steps:
+    if plan.warmup_steps < plan.wanted_warmup_steps:
         total = plan.steps_per_epoch * cfg.epochs
         print(f"[train] warmup: {plan.warmup_steps} steps, a quarter of the run's {total} steps", flush=True)
     print(f"[train] configuration: {history.write_config(cfg.run_dir, dataclasses.asdict(cfg))}", flush=True)

@@ -11,12 +11,13 @@ import ray
 
 from maskrcnn import labels, storage
 from maskrcnn.cli import ints, keypoint_sigmas_option, option
-from maskrcnn.engine import OPTIMIZERS
+from maskrcnn.engine import OPTIMIZERS, default_warmup_steps
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import ARCHS, SMALL, default_sizes
 
 DATA, MODEL, RUN = "data (local paths or s3:// URIs)", "model", "run"
 OPTIM, LOGS = "optimisation", "logging and checkpoints"
+SYNC_BN = ("auto", "on", "off")
 
 
 @dataclass(kw_only=True)
@@ -63,6 +64,13 @@ class TrainConfig:
     name: str = option("run name; re-using it resumes the run: STORAGE/NAME/", group=RUN)
     num_workers: int = option("data-parallel workers", 2, group=RUN)
     gpu: bool = option("one GPU per worker (NCCL); default: CPU workers (gloo)", False, group=RUN)
+    sync_bn: str = option(
+        "synchronise batch norm across the GPU workers: auto (with --gpu, for a model whose batch norm learns), "
+        "on, off",
+        "auto",
+        group=RUN,
+        choices=SYNC_BN,
+    )
     cpus_per_worker: float = option("CPUs reserved per worker", 1.0, group=RUN)
     max_failures: int = option("restarts from the latest checkpoint after a worker dies", 3, group=RUN)
     epochs: int = option("passes over the training set", 12, group=OPTIM)
@@ -82,10 +90,11 @@ class TrainConfig:
     lr: float | None = option("base LR", None, group=OPTIM, default_text="SGD 0.02 x global batch / 16, AdamW 1e-4")
     momentum: float = option("SGD momentum", 0.9, group=OPTIM)
     weight_decay: float = option("weight decay (both optimizers)", 1e-4, group=OPTIM)
-    warmup_steps: int = option(
+    warmup_steps: int | None = option(
         "linear warmup steps, at most a quarter of the run's steps (a shorter run warms up for that quarter)",
-        100,
+        None,
         group=OPTIM,
+        default_text="625 x global batch / 32, from 100 to 625",
     )
     schedule: str = option(
         "decay after warmup: multistep (x0.1 at 2/3 and 8/9 of the steps) or cosine",
@@ -115,6 +124,10 @@ class TrainConfig:
         for name in ("num_workers", "batch_size", "epochs", "log_every", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.sync_bn == "on" and not self.gpu:
+            raise ValueError("--sync-bn on needs --gpu: batch norm synchronises across GPU workers only")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         for name in ("train_images", "val_annotations", "val_images", "storage"):
@@ -157,10 +170,16 @@ class TrainingPlan:
     val: list[ray.ObjectRef] | None = None  # the validation images and ground truth, in the object store
 
     @property
+    def wanted_warmup_steps(self) -> int:
+        """--warmup-steps, or by default the global batch's (:func:`maskrcnn.engine.default_warmup_steps`)."""
+        cfg = self.cfg
+        return default_warmup_steps(cfg.global_batch) if cfg.warmup_steps is None else cfg.warmup_steps
+
+    @property
     def warmup_steps(self) -> int:
-        """--warmup-steps, at most a quarter of the schedule's steps, so that a short run (a
+        """The wanted warm-up, at most a quarter of the schedule's steps, so that a short run (a
         quick trial, a small dataset) is not all warmup."""
-        return min(self.cfg.warmup_steps, self.steps_per_epoch * self.cfg.epochs // 4)
+        return min(self.wanted_warmup_steps, self.steps_per_epoch * self.cfg.epochs // 4)
 
     @property
     def last_step(self) -> int:

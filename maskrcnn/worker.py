@@ -17,10 +17,9 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from ray.train import Checkpoint
 
-from maskrcnn import checkpoint, data, engine, history, storage
+from maskrcnn import checkpoint, data, devices, engine, history, storage
 from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
 from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
@@ -90,6 +89,9 @@ class Worker:
         restored = self._restored()
         model = checkpoint.build(restored, skip_resize=True) if restored else self._initial_model()
         self.score = score_name(self.arch)
+        if devices.sync_batch_norm(cfg.sync_bn, model, self.device):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.log(f"batch norm synchronised across the {self.world} workers (--sync-bn {cfg.sync_bn})")
         self.model = ray.train.torch.prepare_model(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = engine.make_optimizer(
@@ -304,9 +306,7 @@ class Worker:
 
     def _skipped_totals(self) -> dict[str, float]:
         """Images skipped by kind (summed over workers) and annotations dropped, as metrics."""
-        counts = torch.tensor([float(self.skipped[k]) for k in data.IMAGE_ERRORS])
-        if dist.is_initialized():
-            dist.all_reduce(counts)
+        counts = devices.all_reduce([self.skipped[k] for k in data.IMAGE_ERRORS], self.device)
         totals = {f"skipped_{k}": float(v) for k, v in zip(data.IMAGE_ERRORS, counts)}
         totals.update({f"dropped_annotations_{k}": float(v) for k, v in self.plan.dropped.items()})
         totals.update({f"skipped_label_rows_{k}": float(v) for k, v in self.plan.skipped_rows.items()})

@@ -18,12 +18,25 @@ def test_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize("steps_per_epoch, warmup", [(300, 100), (30, 15)])
 def test_warmup_is_at_most_a_quarter_of_the_run(steps_per_epoch, warmup, tmp_path):
-    """--warmup-steps 100 (its help says so): 2 epochs of 300 steps warm up for 100, of 30 for 15."""
+    """The default at a global batch of 4 is 100 steps: 2 epochs of 300 steps warm up for 100, of 30 for 15."""
     from maskrcnn.train_config import TrainConfig, TrainingPlan
 
     cfg = TrainConfig(train_annotations="a.json", train_images="i", storage=str(tmp_path), name="r", epochs=2)
     plan = TrainingPlan(cfg, ["a"], [1], 2 * steps_per_epoch, steps_per_epoch, {}, {}, {}, None, None)
-    assert cfg.warmup_steps == 100 and plan.warmup_steps == warmup
+    assert cfg.warmup_steps is None and plan.wanted_warmup_steps == 100 and plan.warmup_steps == warmup
+
+
+@pytest.mark.parametrize("global_batch, steps", [(2, 100), (4, 100), (16, 312), (32, 625), (128, 625)])
+def test_default_warmup_grows_with_the_global_batch_up_to_nvidias(global_batch, steps):
+    assert engine.default_warmup_steps(global_batch) == steps
+
+
+def test_an_explicit_warmup_is_kept_below_a_quarter(tmp_path):
+    from maskrcnn.train_config import TrainConfig, TrainingPlan
+
+    cfg = TrainConfig(train_annotations="a.json", train_images="i", storage=str(tmp_path), name="r", warmup_steps=7)
+    plan = TrainingPlan(cfg, ["a"], [1], 200, 100, {}, {}, {}, None, None)
+    assert plan.warmup_steps == 7
 
 
 def test_default_lr_scales_sgd_with_global_batch_and_not_adamw():

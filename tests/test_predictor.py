@@ -156,3 +156,40 @@ def test_keypoints_match_torchvision_in_the_oriented_images_coordinates(arch, sh
         assert np.allclose(got[:, :2], points[:, :2].numpy(), atol=1.0)
         assert np.allclose(got[:, 2], scores.numpy(), atol=1e-3)
         assert (got[:, 0] >= 0).all() and (got[:, 0] <= w).all() and (got[:, 1] >= 0).all() and (got[:, 1] <= h).all()
+
+
+def test_out_of_memory_splits_the_batch_and_only_an_image_alone_becomes_an_error(
+    small_checkpoint, shared_data, monkeypatch
+):
+    """Out of memory above 2 images a call: a batch of 8 is split in halves (1 + 2 splits),
+    and the results equal those of each image alone. An image that fails alone is the one error."""
+    imgs = _mixed_images(shared_data, n_coco=4)[:8]
+    predictor = Predictor.load(small_checkpoint, score_threshold=0.05, max_detections=50)
+    alone = [predictor.predict([im])[0] for im in imgs]
+    real = Predictor.predict
+
+    def tight(self, batch, sizes=None):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(im is imgs[5] for im in batch):
+            raise ValueError("a broken image")
+        return real(self, batch, sizes)
+
+    monkeypatch.setattr(Predictor, "predict", tight)
+    results, splits = predictor.predict_each(imgs, [im.shape[:2] for im in imgs])
+    assert splits == 3
+    assert results[5] == "inference_failed: ValueError: a broken image"
+    assert results[:5] + results[6:] == alone[:5] + alone[6:]
+
+
+def test_a_lost_device_context_is_raised_not_recorded(small_checkpoint, shared_data, monkeypatch):
+    from maskrcnn.predictor import DeviceLost
+
+    predictor = Predictor.load(small_checkpoint)
+
+    def lost(self, batch, sizes=None):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Predictor, "predict", lost)
+    with pytest.raises(DeviceLost, match="illegal memory access"):
+        predictor.predict_each([np.zeros((64, 64, 3), np.uint8)] * 2, [(64, 64)] * 2)
