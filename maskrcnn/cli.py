@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from maskrcnn.errors import EXPECTED
+from maskrcnn.errors import EXPECTED, root_cause
 
 REQUIRED = dataclasses.MISSING
 
@@ -308,7 +308,7 @@ def run_main(main: Callable[[], None]) -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # the top of a command-line program
-        cause = _root_cause(err)
+        cause = root_cause(err)
         line, kind = _first_line(cause), type(cause).__name__
         if isinstance(cause, EXPECTED):
             print(f"error: {line or kind}", file=sys.stderr)
@@ -322,26 +322,3 @@ def run_main(main: Callable[[], None]) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else ""
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """Ray wraps worker and task errors (TrainingFailedError -> worker error -> ours,
-    RayTaskError(ours) from a Ray Data task); find ours."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        original = getattr(err, "cause", None)  # a RayTaskError carries the task's own exception
-        if isinstance(original, BaseException):
-            err = original
-            continue
-        if isinstance(err, EXPECTED):
-            return err
-        nxt = err.__cause__ or err.__context__
-        for attr in ("worker_failures", "errors"):
-            failures = getattr(err, attr, None)
-            if isinstance(failures, dict) and failures:
-                nxt = next(iter(failures.values()))
-        if nxt is None:
-            return err
-        err = nxt
-    return err

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import ray
 
-from maskrcnn.errors import EXPECTED
+from maskrcnn.errors import EXPECTED, root_cause
 
 # Lines Ray prints at ERROR level that are not errors for these jobs. Ray Data passes its
 # context to every actor-pool actor as an object-store argument, and Ray Core warns that
@@ -90,7 +90,7 @@ class _NotUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return not isinstance(err, EXPECTED)
+        return err is None or not isinstance(root_cause(err), EXPECTED)
 
 
 @contextlib.contextmanager

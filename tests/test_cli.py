@@ -213,6 +213,28 @@ def test_an_error_in_a_ray_task_is_reported_as_its_cause_is(cause, code, capsys)
         assert 'File "/w/maskrcnn/inference.py", line 9, in fetch_and_decode' in err
 
 
+@pytest.mark.parametrize("cause, code", [("devices.DeviceError", 2), ("predictor.DeviceLost", 1)])
+def test_an_error_in_an_actors_init_is_reported_as_its_cause_is(cause, code, capsys):
+    """Ray keeps only the text of an exception an actor's __init__ raised: one of ours a user
+    can fix (a GPU node that cannot start CUDA) is still one line; anything else, a report."""
+    import importlib
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    module, name = cause.split(".")
+    kind = getattr(importlib.import_module(f"maskrcnn.{module}"), name)
+    remote = f"Traceback (most recent call last):\n  File ...\nmaskrcnn.{cause}: node n: no CUDA"
+
+    def main() -> None:
+        raise ActorDiedError(RayTaskError("__init__", remote, kind("node n: no CUDA")))
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == code
+    assert (err == "error: node n: no CUDA\n") == (code == 2), err
+
+
 def test_a_jobs_defect_keeps_its_traceback(tmp_path):
     """A bug in a real job (here a KeyError from a dict lookup, patched into the conversion)
     is not reported as a user's error: its one line, then the traceback, exit status 1."""

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,37 @@ def test_device_faults_heal_every_image_once_with_no_error_row(coco_small, model
     assert summary["errors"] == {} and summary["rows_out"] == len(chosen)
     assert summary["restarted_actors"] == 1
     assert summary["split_batches"] >= 2  # each batch of 4, and again for the one retried after the restart
+
+
+@pytest.mark.slow
+def test_an_actor_whose_node_cannot_start_cuda_stops_the_job_with_one_line(coco_small, model_file, tmp_path, capsys):
+    """A node that offers a GPU (a logical one here) on which CUDA cannot start: the actor
+    that reserved it fails at start, naming the node, instead of running on a CPU."""
+    import ray
+
+    from maskrcnn import segment
+    from maskrcnn.cli import run_main
+    from maskrcnn.inference import InferenceOptions
+
+    _, images = coco_small
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text(f"{sorted(Path(images).iterdir())[0]}\n")
+    ray.init(address="local", num_cpus=3, num_gpus=1, include_dashboard=False)
+    try:
+        cfg = segment.SegmentConfig(
+            input=str(manifest),
+            output=str(tmp_path / "out"),
+            model=model_file,
+            inference=InferenceOptions(gpus_per_actor=1.0),
+        )
+        with pytest.raises(SystemExit) as stopped:
+            run_main(lambda: segment.run(cfg))
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err[-3000:]
+    assert re.search(r"^error: node \S+: the actor reserved 1 GPU but CUDA cannot start there", err, re.M), err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def device_faults(marker: str) -> Callable[[], None]:

@@ -280,7 +280,14 @@ def test_decoding_stays_in_cpu_tasks_when_actors_hold_gpus(model_file, shared_da
 
     manifest = tmp_path / "m.txt"
     manifest.write_text("".join(f"{shared_data / 'photos' / n}\n" for n in ["dog1.jpg", "dog2.jpg"]))
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+
+    def actors_on_the_cpu() -> None:  # a logical GPU, which CUDA cannot start: run on the CPU here
+        from maskrcnn import devices
+
+        devices.for_actor = lambda gpus: devices.CPU
+
+    hook = {"worker_process_setup_hook": actors_on_the_cpu}
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=hook)
     try:
         cfg = SegmentConfig(
             input=str(manifest),
