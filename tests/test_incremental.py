@@ -61,12 +61,14 @@ def _label(archive: Archive, labels: str, model: str) -> dict:
     return segment_summary(run_job("segment_bucket.py", *flags, "--incremental", "--score-threshold", "0.05"))
 
 
-def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, model_file, tmp_path):
+def test_a_growing_archive_is_labelled_once_per_image_night_after_night(archive, model_file, tmp_path):
     archive, labels = archive
     photos = archive.photos
     done = []
-    for grown in (photos[:8], photos[8:11], photos[11:]):
-        if grown is photos[11:]:
+    on_s3 = storage.is_s3(labels)  # two nights there, three here: the same paths, in less time
+    nights = (photos[:11], photos[11:]) if on_s3 else (photos[:8], photos[8:11], photos[11:])
+    for grown in nights:
+        if grown is nights[-1]:
             archive.remove(photos[3])  # gone from the archive; its row stays in the dataset
         archive.add(grown)
         runs = _label(archive, labels, model_file)["runs"]
@@ -74,8 +76,8 @@ def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, mod
         assert not others and run["processed_rows"] == len(grown) and run["resumed_rows"] == 0
         assert run["errors"] == {}
         done.append(name)
-    assert sorted(done) == done and len(set(done)) == 3
-    if not storage.is_s3(labels):  # one more night with nothing new: no run, no row
+    assert sorted(done) == done and len(set(done)) == len(nights)
+    if not on_s3:  # one more night with nothing new: no run, no row
         assert _label(archive, labels, model_file)["runs"] == {}
 
     # The dataset reads as one, each image once: the project's own reader (export.py's), DuckDB.
@@ -85,7 +87,8 @@ def test_a_growing_archive_is_labelled_once_per_image_by_three_runs(archive, mod
     # The model's categories beside the runs, for training on the dataset's root (maskrcnn.labels)
     assert output.read_categories(labels) == [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
     files = output.part_files(labels)
-    assert [f.split("/")[-2] for f in files] == [d for d, n in zip(done, (2, 1, 2)) for _ in range(n)]
+    parts = [-(-len(grown) // 4) for grown in nights]  # --rows-per-file 4
+    assert [f.split("/")[-2] for f in files] == [d for d, n in zip(done, parts) for _ in range(n)]
     exported = call_job(
         "export.py", "--predictions", labels, "--coco-dataset", str(tmp_path / "coco.json"), "--images", archive.root
     )
