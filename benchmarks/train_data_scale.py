@@ -46,7 +46,8 @@ def make_labels(seed_labels: str, rows: int, out: str) -> None:
     repeats = pa.concat_tables([table] * (ROWS_PER_FILE // table.num_rows + 1)).slice(0, ROWS_PER_FILE)
     for part in range(rows // ROWS_PER_FILE):
         pq.write_table(repeats, output.part_uri(out, part), compression="zstd")
-    output.write_categories(out, output.read_categories(seed_labels), output.read_orientation(seed_labels))
+    meta = output.read_meta(seed_labels)
+    output.write_categories(out, meta["categories"], meta.get("orientation", output.DISPLAYED))
 
 
 def first_step(labels: str, runs: str) -> tuple[float, float]:

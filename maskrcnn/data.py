@@ -89,7 +89,8 @@ def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> 
             "uri": img["file_name"] if image_root is None else labelling.image_uri(image_root, img["file_name"]),
             "width": img["width"],
             "height": img["height"],
-            "orientation": output.STORED,  # COCO's sizes and coordinates are the stored pixels
+            # COCO's sizes and coordinates are the stored pixels; Parquet labels' images say theirs
+            "orientation": img.get("orientation", output.STORED),
             "annotations": json.dumps(by_image[img["id"]]),
             **({"num_keypoints": len(spec)} if spec else {}),
         }

@@ -57,8 +57,8 @@ class Labels:
 
 def open_labels(source: str) -> Labels:
     """Check a source of Parquet labels without reading its rows."""
-    categories = output.read_categories(source)
-    if categories is None:
+    meta = output.read_meta(source)
+    if meta is None:
         raise DatasetError(
             f"{source}: no {output.CATEGORIES} beside the part files; write labels with "
             "jobs/segment_bucket.py or jobs/coco_to_parquet.py"
@@ -66,7 +66,7 @@ def open_labels(source: str) -> Labels:
     files = output.part_files(source)
     if not files:
         raise DatasetError(f"{source}: no part-NNNNNN.parquet files")
-    orientation = output.read_orientation(source)
+    categories, orientation = meta["categories"], meta.get("orientation")
     if orientation is not None and orientation not in output.ORIENTATIONS:
         raise DatasetError(
             f"{source}: {output.CATEGORIES} gives orientation {orientation!r}; "
@@ -312,10 +312,6 @@ def read_coco(source: str) -> dict[str, Any]:
 def load_dataset(source: str, image_root: str | None) -> data.CocoDataset:
     """A validation set, indexed by the training rules: a COCO file whose images are under
     ``image_root``, or Parquet labels, whose records keep their images' orientation."""
-    if not is_labels(source):
-        return data.load_coco(source, image_root)
-    gt = read_coco(source)
-    dataset = data.index_coco(gt, source, None)
-    for record, img in zip(dataset.records, gt["images"], strict=True):  # one record per image, in order
-        record["orientation"] = img["orientation"]
-    return dataset
+    if is_labels(source):
+        return data.index_coco(read_coco(source), source, None)
+    return data.load_coco(source, image_root)

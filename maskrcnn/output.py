@@ -126,18 +126,13 @@ def write_categories(output: str, categories: list[dict[str, Any]], orientation:
 
 def read_categories(output: str) -> list[dict[str, Any]] | None:
     """The categories beside an output's part files, or None where there is no ``_categories.json``."""
-    meta = _read_meta(output)
+    meta = read_meta(output)
     return None if meta is None else meta["categories"]
 
 
-def read_orientation(output: str) -> str | None:
-    """The orientation ``_categories.json`` gives the rows' coordinates, as written (unchecked);
-    None where it gives none (written before it did) or there is no ``_categories.json``."""
-    meta = _read_meta(output)
-    return None if meta is None else meta.get("orientation")
-
-
-def _read_meta(output: str) -> dict[str, Any] | None:
+def read_meta(output: str) -> dict[str, Any] | None:
+    """``_categories.json`` as written: ``categories``, and ``orientation`` (unchecked; absent
+    where it was written before it said); None where there is none."""
     uri = storage.join(output, CATEGORIES)
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 

@@ -38,8 +38,8 @@ from maskrcnn.model import SMALL, build_model
 from maskrcnn.predictor import Predictor
 from maskrcnn.synthetic import CLASSES, make_image
 
-GPU = torch.cuda.is_available()
 DEVICE = devices.default()
+GPU = DEVICE.type == "cuda"
 ARCH, SIZE, MAX_SIZE = ("maskrcnn_resnet50_fpn", 800, 1333) if GPU else (SMALL, 160, 256)
 PHOTO = (960, 1280) if GPU else (240, 320)  # 1.2 MP on a GPU; the 12 MP one is 3.15x each side
 STEPS = 20 if GPU else 2
