@@ -1,10 +1,12 @@
 """COCO instances JSON -> training records -> decoded, augmented examples.
 
 Indexing (:func:`load_coco`) runs on the driver and only reads the JSON; it cleans the
-annotations for training and evaluation alike. Fetching, decoding and resizing
+annotations for training and evaluation alike. Fetching, decoding and shrinking
 (:func:`load_example`) run in Ray Data CPU tasks for training, and in the workers for
-evaluation; the random augmentation (:func:`train_transform`) runs on each training
-worker's device (:func:`to_model_inputs`). Bad annotations are dropped and counted when
+evaluation; what crosses the object store is the image at no more than the model's size
+and its masks as RLE. Unpacking the masks, growing a smaller image and the random
+augmentation (:func:`train_transform`) run on each training worker's device
+(:func:`to_model_inputs`). Bad annotations are dropped and counted when
 indexing; bad images become rows with ``error`` set, which the training loop counts and skips.
 
 A record says the **orientation** its sizes and coordinates are in, and :func:`load_example`
@@ -243,26 +245,59 @@ def training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: ke
     return out
 
 
-def resize_transform(size: int, max_size: int) -> v2.Transform:
-    """What the CPU data tasks do: shortest side to ``size`` (the largest training scale),
-    longest side at most ``max_size``. No randomness, so the data a worker receives depends
-    only on the dataset and the seed's order."""
+def resize_transform(size: int, max_size: int, *, shrink_only: bool = False) -> v2.Transform:
+    """Shortest side to ``size`` (the largest training scale), longest side at most
+    ``max_size``: torchvision's ``RandomShortestSize`` with one size, drawing no random number.
+
+    The CPU data tasks resize with ``shrink_only``: an image smaller than the model's input
+    crosses the object store at its own size (a 640x480 COCO photo is a third of its 800 px
+    pixels), and the worker grows it on its device (:class:`Augment`): the same resize, so
+    the same pixels, as when the data task did it."""
     return v2.Compose(
         [
-            v2.RandomShortestSize(min_size=[size], max_size=max_size),
+            _Resize(size, max_size, shrink_only),
             v2.ClampBoundingBoxes(),
             v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
         ]
     )
 
 
-def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None) -> v2.Transform:
-    """What each training worker does on its device: horizontal flip and multi-scale resize;
-    boxes, masks and keypoints move with the image, and a flip swaps left and right keypoints
-    (``spec``'s names say which). It draws from torch's global generator, which the worker
-    seeds from (seed, step, rank), so a run and its resume augment alike."""
+@dataclass(frozen=True)
+class _Resize:
+    size: int
+    max_size: int
+    shrink_only: bool
+
+    def __call__(self, *sample: Any) -> Any:
+        h, w = sample[0].shape[-2:]  # (image, target)
+        scale = min(self.size / min(h, w), self.max_size / max(h, w))  # RandomShortestSize's rule
+        if self.shrink_only and scale >= 1:
+            return sample
+        return v2.Resize([int(h * scale), int(w * scale)])(*sample)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """What each training worker does to an example on its device: the resize to the largest
+    scale that the data task left undone (:func:`resize_transform`), then the random flip and
+    multi-scale resize."""
+
+    resize: v2.Transform
+    random: v2.Transform
+
+    def __call__(self, image: tv_tensors.Image, target: dict, full_size: bool) -> tuple[tv_tensors.Image, dict]:
+        if full_size:
+            image, target = self.resize(image, target)
+        return self.random(image, target)
+
+
+def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None) -> Augment:
+    """The workers' :class:`Augment`: horizontal flip and multi-scale resize; boxes, masks and
+    keypoints move with the image, and a flip swaps left and right keypoints (``spec``'s names
+    say which). It draws from torch's global generator, which the worker seeds from (seed,
+    step, rank), so a run and its resume augment alike."""
     flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
-    return v2.Compose(
+    random = v2.Compose(
         [
             flip,
             v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
@@ -270,6 +305,7 @@ def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.Keyp
             v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
         ]
     )
+    return Augment(resize_transform(max(scales), max_size), random)
 
 
 def _per_instance(sample: tuple) -> tuple[torch.Tensor, ...]:
@@ -285,10 +321,12 @@ IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")
 def _error_row(record: dict, kind: str) -> dict[str, Any]:
     row = {
         "image_id": record["image_id"],
+        "height": 0,
+        "width": 0,
         "image": np.zeros((3, 1, 1), np.uint8),
         "boxes": np.zeros((0, 4), np.float32),
         "labels": np.zeros((0,), np.int64),
-        "masks": np.zeros((0, 1, 1), np.uint8),
+        "masks": "",
         "error": kind,
     }
     if record.get("num_keypoints"):
@@ -298,7 +336,9 @@ def _error_row(record: dict, kind: str) -> dict[str, Any]:
 
 def load_example(record: dict[str, Any], transform: v2.Transform | None = None) -> dict[str, Any]:
     """Fetch, decode (in the record's ``orientation``) and (optionally) augment one record.
-    Never raises for bad input: returns a row whose ``error`` names what went wrong (``""`` when fine)."""
+    The row's ``masks`` are packed (:func:`maskrcnn.masks.pack`, the image's size): RLE, not
+    ``(N, H, W)`` arrays, crosses the object store. Never raises for bad input: returns a row
+    whose ``error`` names what went wrong (``""`` when fine)."""
     decoded, error = images.read(record["uri"], None, exif=record["orientation"] == output.DISPLAYED)
     if error:
         return _error_row(record, error.split(":", 1)[0])
@@ -327,10 +367,12 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
         image, target = transform(image, target)
     row = {
         "image_id": record["image_id"],
+        "height": h,  # the image's full size: the worker resizes it if it still has it (Augment)
+        "width": w,
         "image": image.numpy(),
         "boxes": target["boxes"].numpy().astype(np.float32),
         "labels": target["labels"].numpy(),
-        "masks": target["masks"].numpy().astype(np.uint8),
+        "masks": masks.pack(target["masks"].numpy()),
         "error": "",
     }
     if "keypoints" in target:
@@ -361,27 +403,25 @@ def _joined_keypoints(target: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def to_model_inputs(
-    rows: list[dict[str, Any]], device: torch.device, augment: v2.Transform | None = None
+    rows: list[dict[str, Any]], device: torch.device, augment: Augment | None = None
 ) -> tuple[list[torch.Tensor], list[dict]]:
     """Rows from :func:`load_example` (errors already removed) -> torchvision's inputs on
-    ``device``, augmented there when ``augment`` is given."""
+    ``device``, their masks unpacked and augmented there when ``augment`` is given."""
     imgs, targets = [], []
     for r in rows:
         image = tv_tensors.Image(_tensor(r["image"], torch.uint8, device))
+        canvas = tuple(image.shape[-2:])
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                _tensor(r["boxes"], torch.float32, device),
-                format="XYXY",
-                canvas_size=tuple(image.shape[-2:]),
+                _tensor(r["boxes"], torch.float32, device), format="XYXY", canvas_size=canvas
             ),
             "labels": _tensor(r["labels"], torch.int64, device),
-            "masks": tv_tensors.Mask(_tensor(r["masks"], torch.uint8, device)),
+            "masks": tv_tensors.Mask(_tensor(masks.unpack(r["masks"], *canvas), torch.uint8, device)),
         }
         if "keypoints" in r:
-            points = _tensor(r["keypoints"], torch.float32, device)
-            target.update(_split_keypoints(points, tuple(image.shape[-2:])))
+            target.update(_split_keypoints(_tensor(r["keypoints"], torch.float32, device), canvas))
         if augment is not None:
-            image, target = augment(image, target)
+            image, target = augment(image, target, full_size=canvas == (r.get("height"), r.get("width")))
         if "keypoints" in target:
             target = dict(target, keypoints=_joined_keypoints(target))
             del target["visibility"]

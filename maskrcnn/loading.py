@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 
 @dataclass(frozen=True)
 class LoadExample:
-    """Fetch, decode and resize one record (:func:`maskrcnn.data.load_example` with
-    :func:`maskrcnn.data.resize_transform`): the training dataset's map function."""
+    """Fetch, decode and shrink one record to the largest training scale
+    (:func:`maskrcnn.data.load_example` with :func:`maskrcnn.data.resize_transform`, which
+    leaves smaller images as they are): the training dataset's map function."""
 
     size: int
     max_size: int
@@ -36,7 +37,7 @@ class LoadExample:
 def _transform(size: int, max_size: int):
     from maskrcnn import data
 
-    return data.resize_transform(size, max_size)
+    return data.resize_transform(size, max_size, shrink_only=True)
 
 
 def shuffle_window(table: pa.Table, seed: int) -> pa.Table:

@@ -76,6 +76,22 @@ def encode(binary_masks: np.ndarray) -> list[dict]:
     return rles
 
 
+def pack(binary_masks: np.ndarray) -> str:
+    """``(N, H, W)`` 0/1 masks -> one string, their compressed RLE ``counts`` joined by spaces
+    (the alphabet has none): what a training example carries through Ray's object store,
+    tens of times fewer bytes than the masks. :func:`unpack` needs the ``(H, W)`` back."""
+    return " ".join(rle["counts"] for rle in encode(binary_masks))
+
+
+def unpack(packed: str, height: int, width: int) -> np.ndarray:
+    """The inverse of :func:`pack`: ``(N, height, width)`` uint8 masks."""
+    counts = str(packed).split()
+    if not counts:
+        return np.zeros((0, height, width), np.uint8)
+    stack = mask_utils.decode([{"size": [height, width], "counts": c.encode("ascii")} for c in counts])
+    return stack.transpose(2, 0, 1)
+
+
 def area(rle: dict) -> float:
     return float(mask_utils.area(rle))
 

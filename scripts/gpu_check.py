@@ -33,7 +33,7 @@ import torch.distributed as dist
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn import devices, engine
+from maskrcnn import devices, engine, masks
 from maskrcnn.model import SMALL, build_model
 from maskrcnn.predictor import Predictor
 from maskrcnn.synthetic import CLASSES, make_image
@@ -58,7 +58,7 @@ def pictures(n: int, size: tuple[int, int], seed: int = 0) -> list[tuple[np.ndar
 
 
 def as_row(image: np.ndarray, instances: list[tuple[int, np.ndarray]]) -> dict[str, Any]:
-    """A training row as the data pipeline gives it: CHW uint8, XYXY boxes, labels, masks."""
+    """A training row as the data pipeline gives it: CHW uint8, XYXY boxes, labels, packed masks."""
     boxes = []
     for _, mask in instances:
         ys, xs = np.nonzero(mask)
@@ -67,7 +67,7 @@ def as_row(image: np.ndarray, instances: list[tuple[int, np.ndarray]]) -> dict[s
         "image": np.ascontiguousarray(image.transpose(2, 0, 1)),
         "boxes": np.array(boxes, np.float32).reshape(-1, 4),
         "labels": np.array([c + 1 for c, _ in instances], np.int64),
-        "masks": np.stack([m for _, m in instances]).astype(np.uint8),
+        "masks": masks.pack(np.stack([m for _, m in instances])),
     }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn import data, storage
+from maskrcnn import data, masks, storage
 from maskrcnn.evaluate import evaluate
 from tests.helpers import add_defects, ground_truth_as_results
 
@@ -32,8 +32,9 @@ def test_example_masks_and_boxes_match_the_annotations(coco_small):
     row = data.load_example(record)
     assert row["error"] == ""
     anns = [a for a in coco.imgToAnns[record["image_id"]] if not a["iscrowd"]]
-    assert row["masks"].shape == (len(anns), record["height"], record["width"])
-    for mask, ann in zip(row["masks"], anns):
+    unpacked = masks.unpack(row["masks"], record["height"], record["width"])
+    assert unpacked.shape == (len(anns), record["height"], record["width"])
+    for mask, ann in zip(unpacked, anns):
         np.testing.assert_array_equal(mask, coco.annToMask(ann))
     assert [ds.category_ids[label - 1] for label in row["labels"]] == [a["category_id"] for a in anns]
 
@@ -54,7 +55,8 @@ def test_a_coco_file_trains_on_the_stored_pixels_whatever_their_exif_orientation
         original = Image.open(f"{coco_small[1]}/{img['file_name'].rsplit('-', 1)[0]}.jpg").convert("RGB")
         np.testing.assert_array_equal(row["image"], np.asarray(original).transpose(2, 0, 1))
         anns = [a for a in coco.imgToAnns[img["id"]] if not a["iscrowd"]]
-        np.testing.assert_array_equal(row["masks"], np.stack([coco.annToMask(a) for a in anns]))
+        unpacked = masks.unpack(row["masks"], *row["image"].shape[1:])
+        np.testing.assert_array_equal(unpacked, np.stack([coco.annToMask(a) for a in anns]))
         displayed = data.load_example(dict(record, orientation="displayed"))  # what the tag would make of it
         assert displayed["error"] == ("" if img["file_name"].endswith("-3.png") else "size_mismatch")
 
@@ -63,7 +65,7 @@ def test_file_without_categories_loads(shared_data):
     root = shared_data / "coco_tv_gallery"
     ds = data.load_coco(str(root / "instances.json"), str(root / "images"))
     assert ds.category_ids == [1, 18] and len(ds.records) == 2
-    assert [data.load_example(r)["masks"].shape[0] for r in ds.records] == [1, 1]
+    assert [len(data.load_example(r)["masks"].split()) for r in ds.records] == [1, 1]
 
 
 def test_bad_annotations_are_dropped_and_counted(tmp_path):
@@ -170,6 +172,50 @@ def test_missing_and_corrupt_images_become_error_rows(tmp_path, shared_data):
     base = {"width": 120, "height": 90, "orientation": "stored", "annotations": "[]"}
     assert data.load_example(dict(base, image_id=1, uri=str(tmp_path / "missing.jpg")))["error"] == "missing"
     assert data.load_example(dict(base, image_id=2, uri=str(tmp_path / "bad.jpg")))["error"] == "corrupt"
+
+
+@pytest.mark.parametrize("scales,max_size", [((160, 200), 333), ((600, 700), 1000)], ids=["shrunk", "grown"])
+def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shared_data, scales, max_size):
+    """Real COCO photos through the data task and the worker's augmentation give exactly the
+    targets of the old path, which resized every image in the data task and shipped its masks
+    as arrays; now masks cross the object store as RLE, and an image smaller than the
+    largest scale at its own size (the worker grows it), in a small fraction of the bytes."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from maskrcnn import loading
+
+    root = shared_data / "coco_small_train"
+    ds = data.load_coco(str(root / "instances_train2017.json"), str(root / "images"))
+    old_resize = v2.Compose(
+        [
+            v2.RandomShortestSize(min_size=[max(scales)], max_size=max_size),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=data._per_instance),
+        ]
+    )
+    augment = data.train_transform(scales, max_size)
+    sent = old_sent = 0
+    for seed, record in enumerate(ds.records[:6]):
+        anns = json.loads(record["annotations"])
+        h, w = record["height"], record["width"]
+        image = tv_tensors.Image(torch.from_numpy(data.images.decode(storage.read_bytes(record["uri"]), exif=False)))
+        full = np.stack([masks.decode(a["segmentation"], h, w) for a in anns])
+        boxes = tv_tensors.BoundingBoxes(torch.tensor([a["box"] for a in anns]), format="XYXY", canvas_size=(h, w))
+        target = {"boxes": boxes, "masks": tv_tensors.Mask(full), "labels": torch.tensor([a["label"] for a in anns])}
+        old_image, old_target = old_resize(image.permute(2, 0, 1), target)
+        old_sent += old_image.numel() + old_target["masks"].numel()
+        torch.manual_seed(seed)
+        want_image, want = augment.random(old_image, old_target)
+
+        row = loading.LoadExample(max(scales), max_size)(record)
+        sent += row["image"].nbytes + len(row["masks"])
+        torch.manual_seed(seed)
+        images, targets = data.to_model_inputs([row], torch.device("cpu"), augment)
+        assert torch.equal(images[0], want_image.float() / 255), record["uri"]
+        for key in ("boxes", "masks", "labels"):
+            assert torch.equal(targets[0][key], want[key].as_subclass(torch.Tensor)), (record["uri"], key)
+    assert sent * (2 if min(scales) < 480 else 8) < old_sent
 
 
 def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):

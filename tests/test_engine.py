@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskrcnn import engine
+from maskrcnn import engine, masks
 
 
 def test_schedule_warms_up_then_decays():
@@ -75,7 +75,7 @@ def _rows():
             "image": torch.zeros(3, 4, 4, dtype=torch.uint8).numpy(),
             "boxes": torch.zeros(0, 4).numpy(),
             "labels": torch.zeros(0, dtype=torch.int64).numpy(),
-            "masks": torch.zeros(0, 4, 4, dtype=torch.uint8).numpy(),
+            "masks": "",
         }
     ]
 
@@ -117,7 +117,7 @@ def test_real_model_trains_on_images_with_and_without_annotations():
         "image": torch.randint(0, 255, (3, 48, 64), dtype=torch.uint8).numpy(),
         "boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]).numpy(),
         "labels": torch.tensor([2]).numpy(),
-        "masks": mask.numpy(),
+        "masks": masks.pack(mask.numpy()),
     }
     result = _step(model, [empty, full])
     assert result.images == 2 and math.isfinite(result.losses["loss"]) and result.losses["loss_mask"] > 0
