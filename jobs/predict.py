@@ -30,7 +30,7 @@ from maskrcnn import checkpoint, draw, export, images, output, storage
 from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
 from maskrcnn.draw import PictureOptions
 from maskrcnn.model import inference_size
-from maskrcnn.predictor import PredictOptions, Predictor
+from maskrcnn.predictor import PredictOptions, Predictor, model_input
 from maskrcnn.progress import Progress
 
 IO, MODEL = "input and output (local paths or s3:// URIs)", "model"
@@ -96,11 +96,11 @@ def _listed(spec: str) -> list[tuple[str, str]]:
 
 
 def _predict(predictor: Predictor, uri: str, fit: tuple[int, int]) -> tuple[dict, object]:
-    """One image -> an output row (as jobs/segment_bucket.py writes it) and its pixels."""
+    """One image -> an output row (as jobs/segment_bucket.py writes it, from the same input) and its pixels."""
     decoded, error = images.read(uri, fit)
-    size = (decoded.height, decoded.width)
-    result = error or predictor.predict([decoded.pixels], [size])[0]
-    return output.row(uri, size, result, predictor.model_id), decoded.pixels
+    size, pixels = (decoded.height, decoded.width), decoded.pixels if error else model_input(decoded.pixels, fit)
+    result = error or predictor.predict([pixels], [size])[0]
+    return output.row(uri, size, result, predictor.model_id), pixels
 
 
 def _write(cfg: PredictConfig, row: dict, rgb: object, name: str, skeleton: tuple) -> str:

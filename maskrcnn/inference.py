@@ -27,7 +27,7 @@ import ray
 
 from maskrcnn import checkpoint, devices, images, output
 from maskrcnn.cli import option, pool_size, resources
-from maskrcnn.predictor import INFER, DeviceLost, PredictOptions, Predictor
+from maskrcnn.predictor import INFER, DeviceLost, PredictOptions, Predictor, model_input
 from maskrcnn.runtime import init_ray, on_this_node
 
 __all__ = ["INFER", "InferenceOptions", "InferenceActor", "Recoveries", "decode", "predict", "share", "start"]
@@ -153,13 +153,15 @@ def predict(
 def fetch_and_decode(
     batch: dict[str, np.ndarray], max_pixels: int, fit: tuple[int, int] | None, exif: bool = True
 ) -> dict[str, Any]:
-    """CPU task: bytes -> RGB arrays (EXIF-oriented with ``exif``; large JPEGs reduced to
-    ``fit``) and each image's full size; failures become ``error`` strings. Other columns pass through."""
+    """CPU task: bytes -> RGB arrays (EXIF-oriented with ``exif``; with ``fit``, large JPEGs
+    decoded reduced and every image shrunk to the model's input size,
+    :func:`maskrcnn.predictor.model_input`) and each image's full size; failures become
+    ``error`` strings. Other columns pass through."""
     out: dict[str, list] = {k: [v.item() for v in batch[k]] for k in batch if k != "uri"}
     out.update(uri=[str(u) for u in batch["uri"]], image=[], height=[], width=[], error=[])
     for uri in out["uri"]:
         decoded, error = images.read(uri, fit, max_pixels, exif=exif)
-        out["image"].append(decoded.pixels)
+        out["image"].append(model_input(decoded.pixels, fit) if fit and not error else decoded.pixels)
         out["height"].append(decoded.height)
         out["width"].append(decoded.width)
         out["error"].append(error)

@@ -17,6 +17,7 @@ carry their keypoints, K ``[x, y, score]`` in the same coordinates as the boxes.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.transform import resize_boxes, resize_keypoints
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes, resize_keypoints
 
 from maskrcnn import checkpoint, devices, masks
 from maskrcnn.cli import names, option
@@ -246,6 +247,24 @@ class Predictor:
                 boxes.tolist(), det["labels"].tolist(), det["scores"].float().tolist(), rles, points
             )
         ]
+
+
+def model_input(image: np.ndarray, fit: tuple[int, int]) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image shrunk as the model's transform would resize it (``fit``:
+    its shortest side and longest-side cap), rounded back to uint8; an image the model would
+    enlarge, as it is. What the decode tasks hand the actors: the bytes the model uses, not
+    more. torchvision's transform then resizes it by a scale of 1, which leaves it as it is,
+    so the actor's rows are those of torchvision's forward pass of this image."""
+    h, w = image.shape[:2]
+    if min(fit[0] / min(h, w), fit[1] / max(h, w)) >= 1:
+        return image
+    resized = _resizer(fit).resize(torch.from_numpy(image).permute(2, 0, 1).float(), None)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _resizer(fit: tuple[int, int]) -> GeneralizedRCNNTransform:
+    return GeneralizedRCNNTransform(fit[0], fit[1], image_mean=[0.0] * 3, image_std=[1.0] * 3).eval()
 
 
 def _keypoint_triples(det: dict[str, torch.Tensor]) -> list[list[list[float]]]:

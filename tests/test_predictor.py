@@ -136,6 +136,31 @@ def test_a_reduced_decode_feeds_the_model_nearly_what_a_full_decode_does(size, s
         assert ((a - b).abs()[0] * std).mean() < 2.0
 
 
+def test_the_decode_task_hands_the_actor_what_the_model_sees_in_uint8(shared_data, tmp_path):
+    """A 12 MP JPEG leaves the decode task at the model's input size (a 640x480 photo, which
+    the model enlarges, as it is): the canvas the actor builds from it is the reduced decode's
+    within uint8 rounding, and torchvision's own resize leaves it as it is, so the actor's rows
+    are torchvision's forward pass of exactly what crossed the object store."""
+    from maskrcnn import inference
+
+    fit = (800, 1333)
+    predictor = Predictor.load(small_model_file(tmp_path / "m.pt", min_size=fit[0], max_size=fit[1]))
+    std = torch.tensor(predictor.model.transform.image_std)[:, None, None] * 255
+    (tmp_path / "big.jpg").write_bytes(large_jpeg(shared_data, 4032, 3024, orientation=6))
+    (tmp_path / "small.jpg").write_bytes(large_jpeg(shared_data, 640, 480))
+    uris = np.array([str(tmp_path / "big.jpg"), str(tmp_path / "small.jpg")], dtype=object)
+    out = inference.fetch_and_decode({"uri": uris}, max_pixels=10**8, fit=fit)
+    assert [(h, w) for h, w in zip(out["height"], out["width"])] == [(4032, 3024), (480, 640)]
+    big, small = out["image"]
+    assert big.shape == (1066, 800, 3) and small.shape == (480, 640, 3) and big.dtype == np.uint8
+    reduced = images.decode_to_fit((tmp_path / "big.jpg").read_bytes(), fit).pixels
+    assert big.nbytes * 3.5 < reduced.nbytes
+    (a, a_size), (b, b_size) = predictor._canvas(reduced), predictor._canvas(big)
+    assert a_size == b_size and ((a - b).abs() * std).max() <= 0.5 + 1e-3
+    pixels = torch.from_numpy(big).permute(2, 0, 1).float()
+    assert torch.equal(predictor.model.transform.resize(pixels, None)[0], pixels)
+
+
 @pytest.mark.parametrize("arch", ["keypointrcnn_resnet18_fpn_small", "maskrcnn_keypoint_resnet18_fpn_small"])
 def test_keypoints_match_torchvision_in_the_oriented_images_coordinates(arch, shared_data, tmp_path):
     """On a real person photo stored sideways (EXIF orientation 6): K [x, y, score] per
