@@ -1,13 +1,12 @@
-"""COCO instances JSON -> training records -> decoded, augmented examples.
+"""COCO instances JSON -> training records -> decoded examples.
 
 Indexing (:func:`load_coco`) runs on the driver and only reads the JSON; it cleans the
 annotations for training and evaluation alike. Fetching, decoding and shrinking
 (:func:`load_example`) run in Ray Data CPU tasks for training, and in the workers for
 evaluation; what crosses the object store is the image at no more than the model's size
-and its masks as RLE. Unpacking the masks, growing a smaller image and the random
-augmentation (:func:`train_transform`) run on each training worker's device
-(:func:`to_model_inputs`). Bad annotations are dropped and counted when
-indexing; bad images become rows with ``error`` set, which the training loop counts and skips.
+and its masks as RLE. What each training worker then does is in :mod:`maskrcnn.transforms`.
+Bad annotations are dropped and counted when indexing; bad images become rows with
+``error`` set, which the training loop counts and skips.
 
 A record says the **orientation** its sizes and coordinates are in, and :func:`load_example`
 decodes its image so: ``stored``, the pixels as the file stores them (a COCO file's, as COCO
@@ -28,7 +27,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from maskrcnn import images, keypoints, labelling, masks, output, storage
+from maskrcnn import images, keypoints, labelling, masks, output, storage, transforms
 from maskrcnn.errors import UserError
 
 
@@ -245,75 +244,6 @@ def training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: ke
     return out
 
 
-def resize_transform(size: int, max_size: int, *, shrink_only: bool = False) -> v2.Transform:
-    """Shortest side to ``size`` (the largest training scale), longest side at most
-    ``max_size``: torchvision's ``RandomShortestSize`` with one size, drawing no random number.
-
-    The CPU data tasks resize with ``shrink_only``: an image smaller than the model's input
-    crosses the object store at its own size (a 640x480 COCO photo is a third of its 800 px
-    pixels), and the worker grows it on its device (:class:`Augment`): the same resize, so
-    the same pixels, as when the data task did it."""
-    return v2.Compose(
-        [
-            _Resize(size, max_size, shrink_only),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
-        ]
-    )
-
-
-@dataclass(frozen=True)
-class _Resize:
-    size: int
-    max_size: int
-    shrink_only: bool
-
-    def __call__(self, *sample: Any) -> Any:
-        h, w = sample[0].shape[-2:]  # (image, target)
-        scale = min(self.size / min(h, w), self.max_size / max(h, w))  # RandomShortestSize's rule
-        if self.shrink_only and scale >= 1:
-            return sample
-        return v2.Resize([int(h * scale), int(w * scale)])(*sample)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """What each training worker does to an example on its device: the resize to the largest
-    scale that the data task left undone (:func:`resize_transform`), then the random flip and
-    multi-scale resize."""
-
-    resize: v2.Transform
-    random: v2.Transform
-
-    def __call__(self, image: tv_tensors.Image, target: dict, full_size: bool) -> tuple[tv_tensors.Image, dict]:
-        if full_size:
-            image, target = self.resize(image, target)
-        return self.random(image, target)
-
-
-def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None) -> Augment:
-    """The workers' :class:`Augment`: horizontal flip and multi-scale resize; boxes, masks and
-    keypoints move with the image, and a flip swaps left and right keypoints (``spec``'s names
-    say which). It draws from torch's global generator, which the worker seeds from (seed,
-    step, rank), so a run and its resume augment alike."""
-    flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
-    random = v2.Compose(
-        [
-            flip,
-            v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
-        ]
-    )
-    return Augment(resize_transform(max(scales), max_size), random)
-
-
-def _per_instance(sample: tuple) -> tuple[torch.Tensor, ...]:
-    """What a dropped box takes with it besides its mask: its label, and its keypoints."""
-    target = sample[1]
-    return tuple(target[k] for k in ("labels", "visibility", "keypoints") if k in target)
-
-
 # size_mismatch: the image, decoded in the record's orientation, is not the size the annotations give
 IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")
 
@@ -362,7 +292,7 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
     }
     if record.get("num_keypoints"):
         points = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32)
-        target.update(_split_keypoints(points.reshape(len(anns), record["num_keypoints"], 3), (h, w)))
+        target.update(transforms.split_keypoints(points.reshape(len(anns), record["num_keypoints"], 3), (h, w)))
     if transform is not None:
         image, target = transform(image, target)
     row = {
@@ -376,61 +306,5 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
         "error": "",
     }
     if "keypoints" in target:
-        row["keypoints"] = _joined_keypoints(target).numpy()
+        row["keypoints"] = transforms.joined_keypoints(target).numpy()
     return row
-
-
-def _tensor(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``. A writable array on the CPU is shared, not copied; a read-only
-    one (Ray Data's batches are views of Arrow buffers) is copied, which ``torch.as_tensor``
-    would instead warn about: torch has no read-only tensors."""
-    array = np.asarray(array)
-    if array.flags.writeable:
-        return torch.as_tensor(array, dtype=dtype).to(device, non_blocking=True)
-    return torch.tensor(array, dtype=dtype, device=device)
-
-
-def _split_keypoints(points: torch.Tensor, canvas: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """COCO's ``(N, K, 3)`` ``[x, y, v]`` -> transforms.v2 ``KeyPoints`` (which move with the
-    image) and the visibility beside them."""
-    return {"keypoints": tv_tensors.KeyPoints(points[..., :2], canvas_size=canvas), "visibility": points[..., 2]}
-
-
-def _joined_keypoints(target: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The inverse of :func:`_split_keypoints`: ``(N, K, 3)``, what torchvision trains on."""
-    xy = target["keypoints"].as_subclass(torch.Tensor)
-    return torch.cat([xy, target["visibility"].to(xy.dtype).unsqueeze(-1)], dim=-1)
-
-
-def to_model_inputs(
-    rows: list[dict[str, Any]], device: torch.device, augment: Augment | None = None
-) -> tuple[list[torch.Tensor], list[dict]]:
-    """Rows from :func:`load_example` (errors already removed) -> torchvision's inputs on
-    ``device``, their masks unpacked and augmented there when ``augment`` is given."""
-    imgs, targets = [], []
-    for r in rows:
-        image = tv_tensors.Image(_tensor(r["image"], torch.uint8, device))
-        canvas = tuple(image.shape[-2:])
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                _tensor(r["boxes"], torch.float32, device), format="XYXY", canvas_size=canvas
-            ),
-            "labels": _tensor(r["labels"], torch.int64, device),
-            "masks": tv_tensors.Mask(_tensor(masks.unpack(r["masks"], *canvas), torch.uint8, device)),
-        }
-        if "keypoints" in r:
-            target.update(_split_keypoints(_tensor(r["keypoints"], torch.float32, device), canvas))
-        if augment is not None:
-            image, target = augment(image, target, full_size=canvas == (r.get("height"), r.get("width")))
-        if "keypoints" in target:
-            target = dict(target, keypoints=_joined_keypoints(target))
-            del target["visibility"]
-        imgs.append(image.as_subclass(torch.Tensor).float().div_(255))
-        targets.append({k: v.as_subclass(torch.Tensor) for k, v in target.items()})
-    return imgs, targets
-
-
-def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """A Ray Data numpy batch (dict of columns) -> a list of row dicts."""
-    n = len(batch["image_id"])
-    return [{k: batch[k][i] for k in batch} for i in range(n)]

@@ -15,9 +15,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
-from maskrcnn import data, devices
+from maskrcnn import data, devices, transforms
 from maskrcnn.errors import UserError
 from maskrcnn.export import to_results
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, Predictor
@@ -107,13 +106,13 @@ def train_step(
     clip_norm: float | None,
     amp: bool,
     step: int,
-    augment: v2.Transform | None = None,
+    augment: transforms.Augment | None = None,
 ) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
     weight = 1.0 if rows else 0.0
     with torch.autocast(device.type, enabled=amp):
-        images, targets = data.to_model_inputs(rows or [_blank_row(model)], device, augment)
+        images, targets = transforms.to_model_inputs(rows or [_blank_row(model)], device, augment)
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values()) * weight
     names = tuple(loss_dict)  # the model's losses (loss_mask, loss_keypoint, ...), in the same order on every worker
@@ -136,7 +135,7 @@ def train_step(
 def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]:
     """Drop (and count by kind) the rows whose image could not be loaded."""
     rows = []
-    for row in data.rows_of(batch):
+    for row in transforms.rows_of(batch):
         if row["error"]:
             skipped[str(row["error"])] += 1
         else:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 @dataclass(frozen=True)
 class LoadExample:
     """Fetch, decode and shrink one record to the largest training scale
-    (:func:`maskrcnn.data.load_example` with :func:`maskrcnn.data.resize_transform`, which
+    (:func:`maskrcnn.data.load_example` with :func:`maskrcnn.transforms.resize_transform`, which
     leaves smaller images as they are): the training dataset's map function."""
 
     size: int
@@ -35,9 +35,9 @@ class LoadExample:
 
 @functools.lru_cache(maxsize=4)
 def _transform(size: int, max_size: int):
-    from maskrcnn import data
+    from maskrcnn import transforms
 
-    return data.resize_transform(size, max_size, shrink_only=True)
+    return transforms.resize_transform(size, max_size, shrink_only=True)
 
 
 def shuffle_window(table: pa.Table, seed: int) -> pa.Table:

@@ -19,7 +19,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint
 
-from maskrcnn import checkpoint, data, devices, engine, history, storage
+from maskrcnn import checkpoint, data, devices, engine, history, storage, transforms
 from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
 from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
@@ -77,7 +77,7 @@ class Worker:
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
         self.keypoints = plan.keypoints
-        self.augment = data.train_transform(cfg.scales, cfg.max_size, self.keypoints)
+        self.augment = transforms.train_transform(cfg.scales, cfg.max_size, self.keypoints)
         self.val: data.CocoDataset | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),

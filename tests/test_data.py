@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn import data, masks, storage
+from maskrcnn import data, masks, storage, transforms
 from maskrcnn.evaluate import evaluate
 from tests.helpers import add_defects, ground_truth_as_results
 
@@ -191,10 +191,10 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
         [
             v2.RandomShortestSize(min_size=[max(scales)], max_size=max_size),
             v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=data._per_instance),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=transforms._per_instance),
         ]
     )
-    augment = data.train_transform(scales, max_size)
+    augment = transforms.train_transform(scales, max_size)
     sent = old_sent = 0
     for seed, record in enumerate(ds.records[:6]):
         anns = json.loads(record["annotations"])
@@ -211,7 +211,7 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
         row = loading.LoadExample(max(scales), max_size)(record)
         sent += row["image"].nbytes + len(row["masks"])
         torch.manual_seed(seed)
-        images, targets = data.to_model_inputs([row], torch.device("cpu"), augment)
+        images, targets = transforms.to_model_inputs([row], torch.device("cpu"), augment)
         assert torch.equal(images[0], want_image.float() / 255), record["uri"]
         for key in ("boxes", "masks", "labels"):
             assert torch.equal(targets[0][key], want[key].as_subclass(torch.Tensor)), (record["uri"], key)
@@ -221,10 +221,10 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
 def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
     """The data tasks resize to the largest scale; the worker flips and rescales on its device."""
     ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
-    rows = [data.load_example(r, data.resize_transform(96, 128)) for r in ds.records[:8]]
+    rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:8]]
     assert all(min(r["image"].shape[1:]) == 96 or max(r["image"].shape[1:]) == 128 for r in rows)
     torch.manual_seed(0)
-    images, targets = data.to_model_inputs(rows, torch.device("cpu"), data.train_transform((64, 96), 128))
+    images, targets = transforms.to_model_inputs(rows, torch.device("cpu"), transforms.train_transform((64, 96), 128))
     for image, target in zip(images, targets):
         _, h, w = image.shape
         assert min(abs(min(h, w) - s) for s in (64, 96)) <= 1 or max(h, w) <= 128
@@ -244,19 +244,19 @@ def test_model_inputs_copy_only_read_only_arrays():
     cpu, writable = torch.device("cpu"), np.ones((1, 8, 8), np.uint8)
     frozen = writable.copy()
     frozen.setflags(write=False)
-    assert np.shares_memory(data._tensor(writable, torch.uint8, cpu).numpy(), writable)
-    copied = data._tensor(frozen, torch.uint8, cpu)
+    assert np.shares_memory(transforms._tensor(writable, torch.uint8, cpu).numpy(), writable)
+    copied = transforms._tensor(frozen, torch.uint8, cpu)
     assert not np.shares_memory(copied.numpy(), frozen) and torch.equal(copied, torch.from_numpy(writable))
 
 
 def test_augmentation_repeats_under_the_same_seed(shapes):
     ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
-    rows = [data.load_example(r, data.resize_transform(96, 128)) for r in ds.records[:6]]
-    augment = data.train_transform((64, 80, 96), 128)
+    rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:6]]
+    augment = transforms.train_transform((64, 80, 96), 128)
 
     def run(seed: int) -> list:
         torch.manual_seed(seed)
-        images, targets = data.to_model_inputs(rows, torch.device("cpu"), augment)
+        images, targets = transforms.to_model_inputs(rows, torch.device("cpu"), augment)
         return [(tuple(i.shape), t["boxes"].tolist()) for i, t in zip(images, targets)]
 
     assert run(5) == run(5)

@@ -129,12 +129,12 @@ def test_keypoint_models_learn_from_real_person_keypoints(arch, shared_data):
     the loss falls, and the keypoint loss is part of it."""
     import json
 
-    from maskrcnn import data
+    from maskrcnn import data, transforms
     from maskrcnn.model import build_model
 
     folder = shared_data / "coco_keypoints" / "mmpose"
     dataset = data.load_coco(str(folder / "test_coco.json"), str(folder / "images"))
-    resize = data.resize_transform(160, 240)
+    resize = transforms.resize_transform(160, 240)
     rows = [data.load_example(r, resize) for r in dataset.records if json.loads(r["annotations"])]
     torch.manual_seed(0)
     model = build_model(arch, num_classes=2, num_keypoints=17, min_size=160, max_size=240, skip_resize=True).train()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from maskrcnn import data, evaluate, keypoints, storage
+from maskrcnn import data, evaluate, keypoints, storage, transforms
 from maskrcnn.keypoints import KeypointError
 from tests.helpers import call_job, run_job, small_model_file
 
@@ -63,14 +63,14 @@ def test_a_flip_moves_an_asymmetric_pose_and_swaps_its_sides():
     target = {
         "boxes": tv_tensors.BoundingBoxes(torch.tensor([[5.0, 5.0, 95.0, 70.0]]), format="XYXY", canvas_size=(80, 100)),
         "labels": torch.tensor([1]),
-        **data._split_keypoints(points, (80, 100)),
+        **transforms.split_keypoints(points, (80, 100)),
     }
     _, flipped = keypoints.RandomHorizontalFlip(1.0, spec.flip_permutation())(image, target)
-    result = data._joined_keypoints(flipped)[0]
+    result = transforms.joined_keypoints(flipped)[0]
     # the new left wrist is the old right wrist, mirrored, with its own visibility
     assert result.tolist() == [[49.0, 10.0, 2.0], [9.0, 60.0, 1.0], [89.0, 40.0, 2.0]]
     _, same = keypoints.RandomHorizontalFlip(0.0, spec.flip_permutation())(image, target)
-    assert torch.equal(data._joined_keypoints(same), points)
+    assert torch.equal(transforms.joined_keypoints(same), points)
 
 
 def test_keypoint_annotations_load_clean_and_count(shared_data, tmp_path):
@@ -92,14 +92,14 @@ def test_keypoints_are_scaled_with_the_image_and_go_with_a_dropped_box(shared_da
     dataset = data.load_coco(*_coco(shared_data, MMPOSE))
     record = max(dataset.records, key=lambda r: len(json.loads(r["annotations"])))
     original = np.array([a["keypoints"] for a in json.loads(record["annotations"])], np.float32).reshape(-1, 17, 3)
-    row = data.load_example(record, data.resize_transform(200, 400))
+    row = data.load_example(record, transforms.resize_transform(200, 400))
     scale = row["image"].shape[1] / record["height"]
     assert row["keypoints"].shape == original.shape and row["keypoints"].dtype == np.float32
     seen = original[..., 2] > 0
     assert np.array_equal(row["keypoints"][..., 2], original[..., 2])
     assert np.allclose(row["keypoints"][seen][:, :2], original[seen][:, :2] * scale, atol=1.0)
-    images, targets = data.to_model_inputs(
-        [row], torch.device("cpu"), data.train_transform((100,), 200, dataset.keypoints)
+    images, targets = transforms.to_model_inputs(
+        [row], torch.device("cpu"), transforms.train_transform((100,), 200, dataset.keypoints)
     )
     assert targets[0]["keypoints"].shape == (len(targets[0]["boxes"]), 17, 3)
     # a box too small to keep takes its keypoints (and visibility) with it
@@ -110,17 +110,17 @@ def test_keypoints_are_scaled_with_the_image_and_go_with_a_dropped_box(shared_da
                 torch.tensor([[1.0, 1.0, 20.0, 20.0], [5.0, 5.0, 5.2, 9.0]]), format="XYXY", canvas_size=(50, 50)
             ),
             "labels": torch.tensor([1, 1]),
-            **data._split_keypoints(torch.rand(2, 17, 3) * 40, (50, 50)),
+            **transforms.split_keypoints(torch.rand(2, 17, 3) * 40, (50, 50)),
         },
     )
-    kept = data.resize_transform(50, 100)(*sample)[1]
-    assert data._joined_keypoints(kept).shape == (1, 17, 3) and torch.equal(kept["labels"], torch.tensor([1]))
+    kept = transforms.resize_transform(50, 100)(*sample)[1]
+    assert transforms.joined_keypoints(kept).shape == (1, 17, 3) and torch.equal(kept["labels"], torch.tensor([1]))
 
 
 def test_datasets_without_keypoints_load_as_before(coco_small):
     dataset = data.load_coco(*coco_small)
     assert dataset.keypoints is None and "num_keypoints" not in dataset.records[0]
-    row = data.load_example(dataset.records[0], data.resize_transform(128, 192))
+    row = data.load_example(dataset.records[0], transforms.resize_transform(128, 192))
     assert "keypoints" not in row
 
 
