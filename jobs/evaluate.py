@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import storage
 from maskrcnn.cli import add_options, job_parser, parse_config, run_main
-from maskrcnn.evaluate import EvaluateConfig, as_json, evaluate_model, format_table
+from maskrcnn.evaluate import EvaluateConfig, evaluate_model
+from maskrcnn.metric import as_json, format_table
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,5 @@
 """What one training worker does, independent of Ray: the LR schedule, the optimizer, one
-step (:func:`train_step`) and predicting its share of the validation set
-(:func:`predict_validation`).
+step (:func:`train_step`) and validation (:func:`validate`).
 
 The LR schedule is a pure function of the step, so resuming needs only the step count.
 """
@@ -8,15 +7,17 @@ The LR schedule is a pure function of the step, so resuming needs only the step 
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from torch import nn
 
-from maskrcnn import data, devices, transforms
+from maskrcnn import data, devices, metric, transforms
 from maskrcnn.errors import UserError
 from maskrcnn.export import to_results
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, Predictor
@@ -132,10 +133,10 @@ def train_step(
     return StepResult(losses=losses, images=int(parts[-1]))
 
 
-def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]:
+def usable_rows(batch: list[dict[str, Any]], skipped: Counter) -> list[dict[str, Any]]:
     """Drop (and count by kind) the rows whose image could not be loaded."""
     rows = []
-    for row in transforms.rows_of(batch):
+    for row in batch:
         if row["error"]:
             skipped[str(row["error"])] += 1
         else:
@@ -143,21 +144,33 @@ def usable_rows(batch: dict[str, Any], skipped: Counter) -> list[dict[str, Any]]
     return rows
 
 
-def predict_validation(
-    model: nn.Module, val: data.CocoDataset, rank: int, world: int, amp: bool
-) -> tuple[list[dict], Counter] | None:
-    """Each worker predicts every ``world``-th validation image from ``rank``; rank 0 gets
-    everyone's COCO results and skipped-image counts, the others None. This runs on the
-    training workers, between epochs, with the live model: the GPUs are theirs."""
+def validate(
+    model: nn.Module,
+    val: data.CocoDataset,
+    api: COCO,
+    rank: int,
+    world: int,
+    *,
+    amp: bool,
+    iou_types: tuple[str, ...],
+    sigmas: list[float] | None = None,
+) -> tuple[metric.Scores, Counter] | None:
+    """COCO AP of the live model on the validation set (``api``: its ground truth, indexed).
+    Each worker predicts every ``world``-th image from ``rank`` and matches its own
+    predictions (:func:`maskrcnn.metric.evaluate_part`); rank 0 merges everyone's matches and
+    summarises them, and returns the scores with the images skipped, by error kind. The
+    others return None. It runs on the training workers, between epochs: the GPUs are theirs."""
     predictor = Predictor(model, val.classes, val.category_ids, score_threshold=EVAL_SCORE_THRESHOLD, amp=amp)
-    mine = predict_records(predictor, val.records[rank::world])
-    gathered = devices.gather(mine, world)
+    records = val.records[rank::world]
+    results, skipped = predict_records(predictor, records)
+    part = metric.evaluate_part(api, results, [r["image_id"] for r in records], iou_types, sigmas)
+    gathered = devices.gather((part, skipped), world)
     if rank != 0:
         return None
-    skipped: Counter = Counter()
+    total: Counter = Counter()
     for _, counts in gathered:
-        skipped.update(counts)
-    return [r for results, _ in gathered for r in results], skipped
+        total.update(counts)
+    return metric.summarize(api, [p for p, _ in gathered], sigmas), total
 
 
 def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: int = 2) -> tuple[list[dict], Counter]:
@@ -173,8 +186,7 @@ def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: i
             results.extend(to_results(instances, row["image_id"]))
         pending.clear()
 
-    for record in records:
-        row = data.load_example(record)
+    for row in _loaded(records):
         if row["error"]:
             skipped[row["error"]] += 1
             continue
@@ -184,3 +196,16 @@ def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: i
     if pending:
         flush()
     return results, skipped
+
+
+def _loaded(records: Iterable[dict], ahead: int = 4) -> Iterator[dict]:
+    """:func:`maskrcnn.data.load_example` of each record, in order, fetched and decoded in a
+    thread ``ahead`` images in advance, so the device predicts while the next images decode."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for record in records:
+            pending.append(pool.submit(data.load_example, record))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -1,13 +1,8 @@
-"""COCO box, mask and keypoint AP (overall and per category) with pycocotools, and scoring a
-model on a COCO set through the inference actor pool (:func:`evaluate_model`)."""
+"""The evaluate job: scoring a model on a COCO set through the inference actor pool
+(:func:`evaluate_model`), with the COCO metric of :mod:`maskrcnn.metric`."""
 
 from __future__ import annotations
 
-import builtins
-import contextlib
-import copy
-import io
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -15,176 +10,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from maskrcnn import checkpoint, data, inference, keypoints, output, storage
 from maskrcnn.cli import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.export import to_results
 from maskrcnn.inference import InferenceOptions
-from maskrcnn.model import has_keypoints, has_masks, is_path
+from maskrcnn.metric import evaluate, iou_types
+from maskrcnn.model import is_path
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
-
-IOU_TYPES = ("bbox", "segm")
-STAT_NAMES = (
-    "AP",
-    "AP50",
-    "AP75",
-    "AP_small",
-    "AP_medium",
-    "AP_large",
-    "AR1",
-    "AR10",
-    "AR100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-)
-_STAT_LABELS = (
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
-    "Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
-    "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
-)
-# COCOeval's keypoint summary has its own 10 values (OKS instead of IoU, 20 detections).
-KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "AP_medium", "AP_large", "AR", "AR50", "AR75", "AR_medium", "AR_large")
-_KEYPOINT_STAT_LABELS = tuple(
-    f"Average {kind} @[ OKS={oks} | area={area} | maxDets= 20 ]"
-    for kind, oks, area in zip(
-        ["Precision  (AP)"] * 5 + ["Recall     (AR)"] * 5,
-        ["0.50:0.95", "0.50     ", "0.75     ", "0.50:0.95", "0.50:0.95"] * 2,
-        ["   all", "   all", "   all", "medium", " large"] * 2,
-    )
-)
-
-
-def stat_names(iou_type: str) -> tuple[str, ...]:
-    return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
-
-
-def iou_types(arch: str) -> tuple[str, ...]:
-    """What a model of ``arch`` is scored on: boxes, then masks and keypoints where it has them."""
-    return ("bbox",) + (("segm",) if has_masks(arch) else ()) + (("keypoints",) if has_keypoints(arch) else ())
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence pycocotools' progress prints. Ray Train routes ``print`` to its logger in
-    workers, so redirecting stdout is not enough: swap ``print`` itself meanwhile."""
-    saved = builtins.print
-    builtins.print = lambda *args, **kwargs: None
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        builtins.print = saved
-
-
-def coco_api(gt: dict[str, Any]) -> COCO:
-    """A pycocotools COCO object from an in-memory dataset dict, without its chatter."""
-    api = COCO()
-    api.dataset = copy.deepcopy(gt)
-    api.dataset.setdefault("info", {})  # loadRes copies it; some files have none
-    with _quiet():
-        api.createIndex()
-    return api
-
-
-@dataclass
-class Scores:
-    """What pycocotools computes: the 12 summary stats and the AP of each category, per
-    IoU type. A category with no ground truth has AP ``nan``, as in detectron2's table."""
-
-    stats: dict[str, list[float]]  # iou type -> its values of stat_names(iou type)
-    per_class: dict[str, dict[str, float]]  # iou type -> {category name: AP}
-
-
-def evaluate(
-    gt: dict[str, Any] | COCO,
-    results: list[dict],
-    image_ids: list[int] | None = None,
-    iou_types: tuple[str, ...] = IOU_TYPES,
-    sigmas: np.ndarray | None = None,
-) -> Scores:
-    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`),
-    for each of ``iou_types`` (``bbox``, ``segm``, ``keypoints``; ``sigmas``: see :func:`maskrcnn.keypoints.sigmas`).
-
-    With no detections at all every stat is 0.0 (pycocotools cannot load an empty result).
-    """
-    api = gt if isinstance(gt, COCO) else coco_api(gt)
-    names = {c["id"]: c["name"] for c in api.dataset.get("categories", [])}
-    if not results:
-        return Scores(
-            {t: [0.0] * len(stat_names(t)) for t in iou_types},
-            {t: dict.fromkeys(names.values(), 0.0) for t in iou_types},
-        )
-    scores = Scores({}, {})
-    with _quiet():
-        detections = api.loadRes(copy.deepcopy(results))
-        for iou_type in iou_types:
-            ev = COCOeval(api, detections, iou_type)
-            if image_ids is not None:
-                ev.params.imgIds = sorted(image_ids)
-            if iou_type == "keypoints" and sigmas is not None:
-                ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=float)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-            scores.stats[iou_type] = [float(x) for x in ev.stats]
-            scores.per_class[iou_type] = _per_class(ev, names)
-    return scores
-
-
-def _per_class(ev: COCOeval, names: dict[int, str]) -> dict[str, float]:
-    """AP at IoU 0.50:0.95, all areas, 100 detections, for each category (detectron2's way)."""
-    precision = ev.eval["precision"]  # [IoU threshold, recall, category, area range, max dets]
-    per_class = {}
-    for k, category_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_class[names.get(category_id, str(category_id))] = float(p.mean()) if p.size else float("nan")
-    return per_class
-
-
-def as_metrics(scores: Scores) -> dict[str, float]:
-    """Flatten to ``{"bbox_AP": .., "segm_AP50": .., ...}`` for reporting."""
-    return {f"{t}_{name}": float(v) for t, values in scores.stats.items() for name, v in zip(stat_names(t), values)}
-
-
-def as_json(scores: Scores) -> dict[str, Any]:
-    """``{"bbox": {"AP": ..}, "segm": {..}, "per_class_AP": {"segm": {name: AP or null}}}``."""
-    report: dict[str, Any] = {t: dict(zip(stat_names(t), values)) for t, values in scores.stats.items()}
-    report["per_class_AP"] = {
-        t: {name: (None if math.isnan(ap) else ap) for name, ap in aps.items()} for t, aps in scores.per_class.items()
-    }
-    return report
-
-
-def format_table(scores: Scores, columns: int = 3) -> str:
-    """The standard 12-line COCO summary, then a per-category AP table, for each IoU type."""
-    lines = []
-    for iou_type, values in scores.stats.items():
-        lines.append(f"IoU metric: {iou_type}")
-        labels = _KEYPOINT_STAT_LABELS if iou_type == "keypoints" else _STAT_LABELS
-        lines += [f" {label} = {value:0.3f}" for label, value in zip(labels, values)]
-        cells = [f"{name[:18]:<18} {100 * ap:6.2f}" for name, ap in scores.per_class.get(iou_type, {}).items()]
-        if cells:
-            lines.append(f"Per-category {iou_type} AP (%):")
-            lines += ["  " + " | ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- a model on a COCO set
 
 DATA, MODEL = "data (local paths or s3:// URIs)", "model"
 IMAGE_ID = pa.schema([("image_id", pa.int64())])  # the key the inference rows carry back
@@ -267,7 +102,7 @@ def _predict(
 def _scored(
     ckpt: dict[str, Any], dataset: data.CocoDataset, annotations: str, given: tuple[float, ...] | None
 ) -> tuple[tuple[str, ...], np.ndarray | None]:
-    """What to score a model on (:func:`iou_types`), and the OKS sigmas of its keypoints. A
+    """What to score a model on (:func:`maskrcnn.metric.iou_types`), and the OKS sigmas of its keypoints. A
     keypoint model needs ground truth with the same keypoints; without any, it is scored on boxes."""
     types, spec = iou_types(ckpt["arch"]), checkpoint.keypoint_spec(ckpt)
     if spec is None:

@@ -15,6 +15,7 @@ Ray Data restarts and whose batch it retries; :class:`Recoveries` counts both.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -30,6 +31,8 @@ from maskrcnn.cli import option, pool_size, resources
 from maskrcnn.predictor import INFER, DeviceLost, PredictOptions, Predictor, model_input
 from maskrcnn.runtime import init_ray, on_this_node
 
+WINDOW = 4  # a GPU actor's call: this many forward passes' worth of images, grouped by canvas
+
 __all__ = ["INFER", "InferenceOptions", "InferenceActor", "Recoveries", "decode", "predict", "share", "start"]
 
 
@@ -38,7 +41,10 @@ class InferenceOptions(PredictOptions):
     """The actor pool, and what it keeps of its predictions; jobs embed these as their flags."""
 
     batch_size: int = option(
-        "images per actor call; on GPU, those with the same canvas share a forward pass", 4, group=INFER
+        "images per forward pass: on GPU, up to this many with the same canvas, gathered from a "
+        "window of 4x as many; on CPU each image runs alone",
+        4,
+        group=INFER,
     )
     actors: tuple[int, int] = option(
         "inference actors, N or MIN,MAX (autoscaling)",
@@ -52,7 +58,8 @@ class InferenceOptions(PredictOptions):
         "GPUs per inference actor; 0 runs on CPU", 0.0, group=INFER, was={"--num-gpus-per-actor": None, "--gpu": 1.0}
     )
     cpus_per_actor: float = option(
-        "CPUs reserved per actor; on CPU actors also torch's thread count (Ray sets OMP_NUM_THREADS)",
+        "CPUs reserved per actor; on CPU actors also torch's thread count (Ray sets OMP_NUM_THREADS), "
+        "on GPU actors the calls that paste and encode masks beside the forward pass",
         1.0,
         group=INFER,
         was={"--cpus-per-worker": None},
@@ -74,6 +81,20 @@ class InferenceOptions(PredictOptions):
             raise ValueError(f"--gpus-per-actor must be at least 0, got {self.gpus_per_actor}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"--cpus-per-actor must be above 0, got {self.cpus_per_actor}")
+
+    @property
+    def window(self) -> int:
+        """Images per actor call: on GPU a window in which same-canvas images find each other;
+        on CPU, where each image runs alone, ``batch_size``."""
+        return self.batch_size * (WINDOW if self.gpus_per_actor else 1)
+
+    @property
+    def calls_per_actor(self) -> int:
+        """Actor calls at once, in threads: on GPU one more than the actor's CPUs, so that one
+        call's forward pass runs while the others' masks are pasted and encoded, one a CPU
+        (docs/benchmarks.md measures that host work); on CPU one, whose forward pass has the
+        actor's CPUs to itself."""
+        return 1 + math.ceil(self.cpus_per_actor) if self.gpus_per_actor else 1
 
     @property
     def cpus(self) -> int:
@@ -141,9 +162,14 @@ def predict(
     return ds.map_batches(
         InferenceActor,
         fn_constructor_args=(model, options, keys, recoveries),
-        batch_size=options.batch_size,
+        batch_size=options.window,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=options.actors[0], max_size=options.actors[1]),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=options.actors[0],
+            max_size=options.actors[1],
+            max_concurrent_calls_per_actor=options.calls_per_actor,
+            enable_true_multi_threading=True,
+        ),
         num_gpus=options.gpus_per_actor or None,
         num_cpus=options.cpus_per_actor,
         resources=options.actor_resources or None,
@@ -190,7 +216,9 @@ class Recoveries:
 
 class InferenceActor:
     """The Ray Data actor: builds the model once, from the bytes :func:`share` put in the
-    object store, on the device it reserved; decoded rows in, output rows out."""
+    object store, on the device it reserved; decoded rows in, output rows out. A GPU actor
+    takes :attr:`InferenceOptions.calls_per_actor` calls at once, in threads that share the
+    model: nothing here changes after ``__init__``."""
 
     def __init__(
         self,
@@ -201,7 +229,7 @@ class InferenceActor:
     ):
         self.device = devices.for_actor(options.gpus_per_actor)
         ckpt = checkpoint.from_bytes(ray.get(model[0]), "the job's model")
-        self.predictor = Predictor.with_options(ckpt, options, device=self.device)
+        self.predictor = Predictor.with_options(ckpt, options, device=self.device, group_size=options.batch_size)
         self.keys, self.schema = keys, pa.schema([*keys, *output.SCHEMA])
         self.recoveries = recoveries
 

@@ -77,7 +77,8 @@ class Predictor:
     Built from a checkpoint (:meth:`from_checkpoint`) by the inference actors and
     ``jobs/predict.py``, and around the live model by validation in training, so all share
     one inference and post-processing path. ``amp``: fp16 autocast, on CUDA only.
-    ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only).
+    ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only),
+    at most ``group_size`` of them (default: all of a call's).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class Predictor:
         keep_classes: list[str] | None = None,
         amp: bool = True,
         batch_images: bool | None = None,
+        group_size: int | None = None,
     ):
         check_classes(classes, keep_classes)
         self.model, self.names, self.category_ids, self.model_id = model, classes, category_ids, model_id
@@ -107,6 +109,7 @@ class Predictor:
         self.max_detections = max_detections
         self.amp = amp and self.device.type == "cuda"
         self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
+        self.group_size = group_size
 
     @classmethod
     def load(cls, model: str, *, arch: str | None = None, **kwargs: Any) -> "Predictor":
@@ -115,7 +118,11 @@ class Predictor:
 
     @classmethod
     def with_options(
-        cls, ckpt: dict[str, Any], options: PredictOptions, device: str | torch.device | None = None
+        cls,
+        ckpt: dict[str, Any],
+        options: PredictOptions,
+        device: str | torch.device | None = None,
+        group_size: int | None = None,
     ) -> "Predictor":
         """A predictor for a loaded checkpoint, as a job's flags say."""
         return cls.from_checkpoint(
@@ -125,6 +132,7 @@ class Predictor:
             max_detections=options.max_detections,
             keep_classes=options.classes,
             amp=options.amp,
+            group_size=group_size,
         )
 
     @classmethod
@@ -207,7 +215,8 @@ class Predictor:
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (canvas, _) in enumerate(canvases):
             groups[tuple(canvas.shape)].append(i)
-        return list(groups.values())
+        size = self.group_size or len(canvases)
+        return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
     def _forward(self, canvases: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[dict[str, torch.Tensor]]:
         """torchvision's stages after the transform, on images of one canvas shape."""

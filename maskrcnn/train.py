@@ -161,7 +161,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
 
 def _shared_validation(train: TrainingSet) -> list[ray.ObjectRef] | None:
     """The validation set in Ray's object store, once: the images every worker predicts its
-    share of, and the ground truth rank 0 scores against. (A list, so Ray passes the references.)"""
+    share of, and the ground truth each scores its share against. (A list, so Ray passes the references.)"""
     if train.val is None:
         return None
     images = [dict(r, annotations="[]") for r in train.val.records]  # what prediction reads

@@ -8,8 +8,9 @@ if the data task left it smaller, and augments it on its device (:class:`Augment
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,36 +51,62 @@ class _Resize:
         return v2.Resize([int(h * scale), int(w * scale)])(*sample)
 
 
-@dataclass(frozen=True)
 class Augment:
     """What each training worker does to an example on its device: the resize to the largest
-    scale that the data task left undone (:func:`resize_transform`), then the random flip and
-    multi-scale resize."""
+    scale that the data task left undone (:func:`resize_transform`), then a random flip and
+    the batch's scale (:meth:`batch_scale`); boxes, masks and keypoints move with the image,
+    and a flip swaps left and right keypoints (``spec``'s names say which). The flip draws
+    from torch's global generator, which the worker seeds from (seed, step, rank), so a run
+    and its resume augment alike."""
 
-    resize: v2.Transform
-    random: v2.Transform
+    def __init__(self, scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None):
+        self.scales = tuple(scales)
+        self.resize = resize_transform(max(scales), max_size)
+        flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
+        self.random = {
+            scale: v2.Compose(
+                [
+                    flip,
+                    v2.RandomShortestSize(min_size=[scale], max_size=max_size),
+                    v2.ClampBoundingBoxes(),
+                    v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
+                ]
+            )
+            for scale in self.scales
+        }
 
-    def __call__(self, image: tv_tensors.Image, target: dict, full_size: bool) -> tuple[tv_tensors.Image, dict]:
+    def batch_scale(self) -> int:
+        """One of the scales for every image of a batch, so that they pad to little more than
+        themselves (torchvision draws one per image). It comes from the seed torch's generator
+        was given, (seed, step, rank) in training, without drawing from the generator."""
+        return random.Random(torch.initial_seed()).choice(self.scales)
+
+    def __call__(
+        self, image: tv_tensors.Image, target: dict, full_size: bool, scale: int
+    ) -> tuple[tv_tensors.Image, dict]:
         if full_size:
             image, target = self.resize(image, target)
-        return self.random(image, target)
+        return self.random[scale](image, target)
 
 
-def train_transform(scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None) -> Augment:
-    """The workers' :class:`Augment`: horizontal flip and multi-scale resize; boxes, masks and
-    keypoints move with the image, and a flip swaps left and right keypoints (``spec``'s names
-    say which). It draws from torch's global generator, which the worker seeds from (seed,
-    step, rank), so a run and its resume augment alike."""
-    flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
-    random = v2.Compose(
-        [
-            flip,
-            v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_instance),
-        ]
-    )
-    return Augment(resize_transform(max(scales), max_size), random)
+def batches(stream: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Ray Data's numpy batches -> batches of ``batch_size`` rows whose images share an
+    orientation, landscape or portrait, so that they pad to little more than themselves (as
+    torchvision's reference groups by aspect ratio). Each orientation keeps its order; at the
+    end of the stream what is left of both makes mixed batches, and a last partial one is
+    dropped. A stream of one orientation comes out in the batches it went in."""
+    groups: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for batch in stream:
+        for row in rows_of(batch):
+            height, width = np.shape(row["image"])[-2:]
+            group = groups[width >= height]
+            group.append(row)
+            if len(group) == batch_size:
+                yield group[:]
+                group.clear()
+    rest = groups[True] + groups[False]
+    for start in range(0, len(rest) - batch_size + 1, batch_size):
+        yield rest[start : start + batch_size]
 
 
 def _per_instance(sample: tuple) -> tuple[torch.Tensor, ...]:
@@ -114,8 +141,10 @@ def to_model_inputs(
     rows: list[dict[str, Any]], device: torch.device, augment: Augment | None = None
 ) -> tuple[list[torch.Tensor], list[dict]]:
     """Rows from :func:`maskrcnn.data.load_example` (errors already removed) -> torchvision's inputs on
-    ``device``, their masks unpacked and augmented there when ``augment`` is given."""
+    ``device``, their masks unpacked and augmented there when ``augment`` is given, all at
+    one scale."""
     imgs, targets = [], []
+    scale = augment.batch_scale() if augment is not None else 0
     for r in rows:
         image = tv_tensors.Image(_tensor(r["image"], torch.uint8, device))
         canvas = tuple(image.shape[-2:])
@@ -129,7 +158,8 @@ def to_model_inputs(
         if "keypoints" in r:
             target.update(split_keypoints(_tensor(r["keypoints"], torch.float32, device), canvas))
         if augment is not None:
-            image, target = augment(image, target, full_size=canvas == (r.get("height"), r.get("width")))
+            full_size = canvas == (r.get("height"), r.get("width"))
+            image, target = augment(image, target, full_size, scale)
         if "keypoints" in target:
             target = dict(target, keypoints=joined_keypoints(target))
             del target["visibility"]

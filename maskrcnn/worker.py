@@ -17,10 +17,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from pycocotools.coco import COCO
 from ray.train import Checkpoint
 
 from maskrcnn import checkpoint, data, devices, engine, history, storage, transforms
-from maskrcnn.evaluate import as_metrics, evaluate, format_table, iou_types
+from maskrcnn.metric import as_metrics, coco_api, format_table, iou_types
 from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
 from maskrcnn.train_config import TrainingPlan
@@ -77,8 +78,9 @@ class Worker:
         self.skipped: Counter = Counter()
         self.step, self.epoch, self.best = 0, 0, float("-inf")
         self.keypoints = plan.keypoints
-        self.augment = transforms.train_transform(cfg.scales, cfg.max_size, self.keypoints)
+        self.augment = transforms.Augment(cfg.scales, cfg.max_size, self.keypoints)
         self.val: data.CocoDataset | None = None
+        self.val_api: COCO | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
             total_steps=plan.steps_per_epoch * cfg.epochs,
@@ -149,13 +151,13 @@ class Worker:
         """Train until the epoch's step count; return the epoch's global images/s."""
         cfg, spe = self.cfg, self.plan.steps_per_epoch
         start = self.step - self.epoch * spe  # > 0 when resuming mid-epoch
-        batches = shard.iter_batches(
+        stream = shard.iter_batches(
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            drop_last=True,
             local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=cfg.seed + self.epoch,
         )
+        batches = transforms.batches(stream, cfg.batch_size)  # landscape with landscape, portrait with portrait
         window_images, window_start = 0, time.perf_counter()
         epoch_images, epoch_start = 0, window_start
         self.model.train()
@@ -192,7 +194,7 @@ class Worker:
         )
         return {"train_images_per_s": rate}
 
-    def _step(self, batch: dict[str, Any]) -> tuple[engine.StepResult, float]:
+    def _step(self, batch: list[dict[str, Any]]) -> tuple[engine.StepResult, float]:
         """One optimizer step on this worker's batch, its randomness seeded by (seed, step, rank)."""
         lr = self.schedule.lr(self.step)
         torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))
@@ -213,43 +215,50 @@ class Worker:
         return result, lr
 
     def validate(self) -> dict[str, float]:
-        """COCO AP on the validation set: each worker predicts its share, rank 0 scores.
-        The ground truth is cleaned by the training rules (:func:`maskrcnn.data.load_coco`)."""
+        """COCO AP on the validation set (:func:`maskrcnn.engine.validate`): every worker predicts
+        and matches its share, rank 0 merges and scores. The ground truth is cleaned by the
+        training rules (:func:`maskrcnn.data.load_coco`)."""
         if not self.plan.val:
             return {}
         if self.val is None:
-            self.val = self._validation_set()
+            self.val, self.val_api = self._validation_set()
+        start = time.perf_counter()
         model = getattr(self.model, "module", self.model)
-        gathered = engine.predict_validation(model, self.val, self.rank, self.world, self.amp)
-        self.model.train()
-        if gathered is None:
-            return {}
-        results, skipped = gathered
-        scores = evaluate(
-            self.val.gt,
-            results,
-            image_ids=[r["image_id"] for r in self.val.records],
+        scored = engine.validate(
+            model,
+            self.val,
+            self.val_api,
+            self.rank,
+            self.world,
+            amp=self.amp,
             iou_types=iou_types(self.arch),
             sigmas=self.plan.sigmas,
         )
-        self.log(f"validation after epoch {self.epoch}:\n{format_table(scores)}")
+        self.model.train()
+        if scored is None:
+            return {}
+        scores, skipped = scored
+        seconds = time.perf_counter() - start
+        self.log(f"validation after epoch {self.epoch} ({seconds:.1f} s):\n{format_table(scores)}")
         metrics = {f"val_{k}": v for k, v in as_metrics(scores).items()}
         metrics["val_skipped_images"] = float(sum(skipped.values()))
+        metrics["val_seconds"] = seconds
         metrics.update({f"val_dropped_annotations_{k}": float(v) for k, v in self.val.dropped.items()})
         self.record("val", metrics)
         return metrics
 
-    def _validation_set(self) -> data.CocoDataset:
-        """The driver's validation set: every worker reads the images it predicts, and rank 0
-        alone the ground truth it scores against."""
+    def _validation_set(self) -> tuple[data.CocoDataset, COCO]:
+        """The driver's validation set, and its ground truth indexed for scoring: every
+        worker matches the images it predicts."""
         images, gt = self.plan.val
-        return data.CocoDataset(
-            gt=ray.get(gt) if self.rank == 0 else {},
+        val = data.CocoDataset(
+            gt=ray.get(gt),
             classes=self.plan.classes,
             category_ids=self.plan.category_ids,
             records=ray.get(images),
             dropped=Counter(self.plan.val_dropped),
         )
+        return val, coco_api(val.gt)
 
     def keep_best(self, metrics: dict[str, float]) -> None:
         """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the score (:func:`score_name`) improves."""

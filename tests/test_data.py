@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskrcnn import data, masks, storage, transforms
-from maskrcnn.evaluate import evaluate
+from maskrcnn.metric import evaluate
 from tests.helpers import add_defects, ground_truth_as_results
 
 
@@ -194,7 +194,7 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
             v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=transforms._per_instance),
         ]
     )
-    augment = transforms.train_transform(scales, max_size)
+    augment = transforms.Augment(scales, max_size)
     sent = old_sent = 0
     for seed, record in enumerate(ds.records[:6]):
         anns = json.loads(record["annotations"])
@@ -206,7 +206,7 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
         old_image, old_target = old_resize(image.permute(2, 0, 1), target)
         old_sent += old_image.numel() + old_target["masks"].numel()
         torch.manual_seed(seed)
-        want_image, want = augment.random(old_image, old_target)
+        want_image, want = augment.random[augment.batch_scale()](old_image, old_target)
 
         row = loading.LoadExample(max(scales), max_size)(record)
         sent += row["image"].nbytes + len(row["masks"])
@@ -219,12 +219,12 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
 
 
 def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
-    """The data tasks resize to the largest scale; the worker flips and rescales on its device."""
+    """The data tasks shrink to the largest scale; the worker flips and rescales on its device."""
     ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:8]]
     assert all(min(r["image"].shape[1:]) == 96 or max(r["image"].shape[1:]) == 128 for r in rows)
     torch.manual_seed(0)
-    images, targets = transforms.to_model_inputs(rows, torch.device("cpu"), transforms.train_transform((64, 96), 128))
+    images, targets = transforms.to_model_inputs(rows, torch.device("cpu"), transforms.Augment((64, 96), 128))
     for image, target in zip(images, targets):
         _, h, w = image.shape
         assert min(abs(min(h, w) - s) for s in (64, 96)) <= 1 or max(h, w) <= 128
@@ -236,6 +236,38 @@ def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
             # the box still surrounds its mask after two resizes and a flip (within resampling slack)
             assert abs(xs.min() - x0) <= 2.5 and abs(xs.max() + 1 - x1) <= 2.5
             assert abs(ys.min() - y0) <= 2.5 and abs(ys.max() + 1 - y1) <= 2.5
+
+
+def _stream(shapes: list[tuple[int, int]], per_batch: int):
+    """Ray Data-like numpy batches of rows whose images have these (height, width)."""
+    rows = [{"image_id": i, "image": np.zeros((3, h, w), np.uint8)} for i, (h, w) in enumerate(shapes)]
+    for start in range(0, len(rows), per_batch):
+        part = rows[start : start + per_batch]
+        yield {"image_id": np.array([r["image_id"] for r in part]), "image": [r["image"] for r in part]}
+
+
+def test_batches_group_landscape_with_landscape_and_portrait_with_portrait():
+    L, P = (30, 40), (40, 30)
+    shapes = [L, P, L, L, P, P, L, P, L, L, P]
+    got = [[r["image_id"] for r in b] for b in transforms.batches(_stream(shapes, 3), 2)]
+    assert got == [[0, 2], [1, 4], [3, 6], [5, 7], [8, 9]]  # 10 was left alone: dropped, as drop_last would
+    # what is left of both orientations at the end makes mixed batches
+    assert [[r["image_id"] for r in b] for b in transforms.batches(_stream([L, P, L, P], 4), 4)] == [[0, 2, 1, 3]]
+    # one orientation: the batches it came in
+    assert [[r["image_id"] for r in b] for b in transforms.batches(_stream([L] * 7, 2), 2)] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_every_image_of_a_batch_takes_the_batchs_scale(shapes):
+    ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
+    rows = [data.load_example(r, transforms.resize_transform(96, 1000)) for r in ds.records[:4]]
+    augment, seen = transforms.Augment((64, 80, 96), 1000), set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        images, _ = transforms.to_model_inputs(rows, torch.device("cpu"), augment)
+        sides = {min(i.shape[-2:]) for i in images}
+        assert len(sides) == 1, sides
+        seen |= sides
+    assert seen == {64, 80, 96}
 
 
 def test_model_inputs_copy_only_read_only_arrays():
@@ -252,7 +284,7 @@ def test_model_inputs_copy_only_read_only_arrays():
 def test_augmentation_repeats_under_the_same_seed(shapes):
     ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:6]]
-    augment = transforms.train_transform((64, 80, 96), 128)
+    augment = transforms.Augment((64, 80, 96), 128)
 
     def run(seed: int) -> list:
         torch.manual_seed(seed)

@@ -1,60 +1,11 @@
 import json
-import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from maskrcnn import masks
-from maskrcnn.evaluate import STAT_NAMES, as_json, as_metrics, evaluate, format_table
 from maskrcnn.export import to_results
-from tests.helpers import ground_truth_as_results, run_job, small_model_file
-
-
-def _gt(coco_small):
-    with open(coco_small[0]) as f:
-        return json.load(f)
-
-
-def test_ground_truth_as_predictions_scores_ap_one(coco_small):
-    gt = _gt(coco_small)
-    scores = evaluate(gt, ground_truth_as_results(gt))
-    assert scores.stats["bbox"][0] == pytest.approx(1.0) and scores.stats["segm"][0] == pytest.approx(1.0)
-    assert scores.stats["segm"][1] == pytest.approx(1.0)  # AP50
-    with_gt = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
-    per_class = scores.per_class["segm"]
-    assert list(per_class) == [c["name"] for c in gt["categories"]]  # every category, in file order
-    assert {n for n, ap in per_class.items() if not math.isnan(ap)} == with_gt
-    assert all(per_class[n] == pytest.approx(1.0) for n in with_gt)
-    report = as_json(scores)
-    assert report["segm"]["AP"] == pytest.approx(1.0)
-    assert json.loads(json.dumps(report, allow_nan=False))["per_class_AP"]["segm"] == {
-        n: (None if math.isnan(ap) else ap) for n, ap in per_class.items()
-    }  # categories without ground truth are null, so the file is strict JSON
-
-
-def test_shuffled_labels_score_low(coco_small):
-    gt = _gt(coco_small)
-    ids = [c["id"] for c in gt["categories"]]
-    rng = np.random.default_rng(0)
-
-    def wrong(ann):
-        return int(rng.choice([c for c in ids if c != ann["category_id"]]))
-
-    scores = evaluate(gt, ground_truth_as_results(gt, wrong))
-    assert scores.stats["bbox"][0] < 0.05 and scores.stats["segm"][0] < 0.05
-    assert max(ap for ap in scores.per_class["segm"].values() if not math.isnan(ap)) < 0.2
-
-
-def test_no_detections_and_formatting():
-    gt = {"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": [{"id": 3, "name": "cat"}]}
-    scores = evaluate(gt, [])
-    assert scores.stats == {"bbox": [0.0] * 12, "segm": [0.0] * 12}
-    assert scores.per_class == {"bbox": {"cat": 0.0}, "segm": {"cat": 0.0}}
-    table = format_table(scores).splitlines()
-    assert len(table) == 30 and table[0] == "IoU metric: bbox" and "maxDets=100 ] = 0.000" in table[1]
-    assert table[13] == "Per-category bbox AP (%):" and table[14].split() == ["cat", "0.00"]
-    assert set(as_metrics(scores)) == {f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
+from tests.helpers import run_job, small_model_file
 
 
 def test_instances_become_coco_results():
@@ -108,34 +59,13 @@ def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, co
     assert "does not know category ids" not in result.stdout  # the model knows all 80 COCO ids
 
 
-def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
-    from maskrcnn import data, keypoints
-    from maskrcnn.evaluate import KEYPOINT_STAT_NAMES
-
-    folder = shared_data / "coco_keypoints" / "super_gradients_train2017"
-    dataset = data.load_coco(str(folder / "person_keypoints_train2017.json"), str(folder / "images"))
-    sigmas, warning = keypoints.sigmas(dataset.keypoints.names)
-    assert warning is None and sigmas.shape == (17,)
-    # people with no labelled keypoint are not scored by COCOeval (it ignores them), so not predicted
-    labelled = dict(dataset.gt, annotations=[a for a in dataset.gt["annotations"] if a["num_keypoints"] > 0])
-    scores = evaluate(dataset.gt, ground_truth_as_results(labelled), iou_types=("keypoints",), sigmas=sigmas)
-    assert scores.stats["keypoints"][0] == pytest.approx(1.0) and len(scores.stats["keypoints"]) == 10
-    assert set(as_metrics(scores)) == {f"keypoints_{n}" for n in KEYPOINT_STAT_NAMES}
-    assert "Average Precision  (AP) @[ OKS=0.50:0.95 | area=   all | maxDets= 20 ] = 1.000" in format_table(scores)
-    wrong = [
-        dict(r, keypoints=[v + 25 * (i % 3 != 2) for i, v in enumerate(r["keypoints"])])
-        for r in ground_truth_as_results(labelled)
-    ]
-    assert evaluate(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
-
-
 def test_evaluation_runs_on_the_actor_pool_and_skips_unreadable_images_by_kind(coco_small, tmp_path):
     """The segmentation job's pipeline: decode tasks, then the actor pool; an image that
     cannot be read, or is not the size its annotations give, is counted and scores nothing.
     The old name of --actors still works, with a warning."""
     from PIL import Image
 
-    gt = _gt(coco_small)
+    gt = json.loads(Path(coco_small[0]).read_text())
     gt["images"] = gt["images"][:4]
     kept = {i["id"] for i in gt["images"]}
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from maskrcnn import data, evaluate, keypoints, storage, transforms
+from maskrcnn import data, keypoints, metric, storage, transforms
 from maskrcnn.keypoints import KeypointError
 from tests.helpers import call_job, run_job, small_model_file
 
@@ -99,7 +99,7 @@ def test_keypoints_are_scaled_with_the_image_and_go_with_a_dropped_box(shared_da
     assert np.array_equal(row["keypoints"][..., 2], original[..., 2])
     assert np.allclose(row["keypoints"][seen][:, :2], original[seen][:, :2] * scale, atol=1.0)
     images, targets = transforms.to_model_inputs(
-        [row], torch.device("cpu"), transforms.train_transform((100,), 200, dataset.keypoints)
+        [row], torch.device("cpu"), transforms.Augment((100,), 200, dataset.keypoints)
     )
     assert targets[0]["keypoints"].shape == (len(targets[0]["boxes"]), 17, 3)
     # a box too small to keep takes its keypoints (and visibility) with it
@@ -197,10 +197,8 @@ def test_export_writes_coco_keypoint_results_and_draws_skeletons(keypoint_labels
     found = json.loads(results.read_text())
     assert {r["image_id"] for r in found} == {785, 40083, 196141, 197388}  # the PNG copies are not in the gt
     assert all(len(r["keypoints"]) == 51 and set(r["keypoints"][2::3]) == {1} for r in found)
-    api = evaluate.coco_api(json.loads(gt.read_text()))
-    scores = evaluate.evaluate(
-        api, found, iou_types=("keypoints",), sigmas=keypoints.sigmas(keypoints.COCO_KEYPOINTS)[0]
-    )
+    api = metric.coco_api(json.loads(gt.read_text()))
+    scores = metric.evaluate(api, found, iou_types=("keypoints",), sigmas=keypoints.sigmas(keypoints.COCO_KEYPOINTS)[0])
     assert len(scores.stats["keypoints"]) == 10  # loadRes took them and COCOeval scored them
     coco = json.loads(dataset.read_text())
     assert coco["categories"] == [{"id": 1, "name": "person", **keypoints.COCO_PERSON.as_dict()}]

@@ -99,13 +99,16 @@ def test_rows_are_identical_at_any_batch_size(small_checkpoint, shared_data):
 def test_same_canvas_batches_match_torchvision_on_each_image_alone(small_checkpoint, shared_data, monkeypatch):
     """With batching on (as on a GPU), images share a forward pass only with images of their
     own canvas, so each still matches torchvision's forward of that image alone; torchvision's
-    own batching, which pads to the largest image, does not."""
+    own batching, which pads to the largest image, does not. A pass takes at most
+    ``group_size`` images (the actor's --batch-size)."""
     imgs = _mixed_images(shared_data, n_coco=14)
-    predictor = Predictor.load(small_checkpoint, score_threshold=0.05, max_detections=50, batch_images=True)
+    predictor = Predictor.load(
+        small_checkpoint, score_threshold=0.05, max_detections=50, batch_images=True, group_size=3
+    )
     forward, passes = predictor._forward, []
     monkeypatch.setattr(predictor, "_forward", lambda canvases: passes.append(len(canvases)) or forward(canvases))
     ours = predictor.predict(imgs)
-    assert len(passes) < len(imgs) - 4  # several images really shared a forward pass
+    assert len(passes) < len(imgs) - 4 and max(passes) == 3  # several images really shared a forward pass
     for inst, ref, im in zip(ours, _torchvision_alone(small_checkpoint, imgs), imgs):
         _assert_matches(inst, ref, *im.shape[:2])
 

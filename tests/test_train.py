@@ -236,7 +236,7 @@ def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkp
         "--min-score", "0.25",
         "--val-annotations", f"{shapes}/val/annotations.json", "--val-images", f"{shapes}/val/images",
         *"--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1".split(),
-        *"--epochs 1 --checkpoint-every 3".split(), "--storage", f"s3://{bucket}/runs", "--name", "student",
+        *"--epochs 1 --checkpoint-every 5".split(), "--storage", f"s3://{bucket}/runs", "--name", "student",
     ]  # fmt: skip
     stopped = run_job("train.py", *args, "--max-steps", "5")
     out = stopped.stdout + stopped.stderr
