@@ -91,9 +91,9 @@ class InferenceOptions(PredictOptions):
     @property
     def calls_per_actor(self) -> int:
         """Actor calls at once, in threads: on GPU one more than the actor's CPUs, so that one
-        call's forward pass runs while the others' masks are pasted and encoded, one a CPU
-        (docs/benchmarks.md measures that host work); on CPU one, whose forward pass has the
-        actor's CPUs to itself."""
+        call is on the device (one at a time: :class:`maskrcnn.predictor.Predictor`) while
+        the others' masks are pasted and encoded, one a CPU (docs/benchmarks.md measures that
+        host work); on CPU one, whose forward pass has the actor's CPUs to itself."""
         return 1 + math.ceil(self.cpus_per_actor) if self.gpus_per_actor else 1
 
     @property

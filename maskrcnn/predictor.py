@@ -18,6 +18,7 @@ carry their keypoints, K ``[x, y, score]`` in the same coordinates as the boxes.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,8 @@ class Predictor:
     ``jobs/predict.py``, and around the live model by validation in training, so all share
     one inference and post-processing path. ``amp``: fp16 autocast, on CUDA only.
     ``batch_images`` lets same-canvas images share a forward pass (default: on CUDA only),
-    at most ``group_size`` of them (default: all of a call's).
+    at most ``group_size`` of them (default: all of a call's). Calls from several threads
+    take turns on the device and paste and encode their masks side by side.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Predictor:
         self.amp = amp and self.device.type == "cuda"
         self.batch_images = self.device.type == "cuda" if batch_images is None else batch_images
         self.group_size = group_size
+        self.forward_lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str, *, arch: str | None = None, **kwargs: Any) -> "Predictor":
@@ -155,11 +158,12 @@ class Predictor:
         """
         sizes = sizes or [im.shape[:2] for im in images]
         self.model.eval()
-        canvases = [self._canvas(im) for im in images]
         detections: list[dict[str, torch.Tensor]] = [{}] * len(images)
-        for group in self._groups(canvases):
-            for i, det in zip(group, self._forward([canvases[i] for i in group])):
-                detections[i] = det
+        with self.forward_lock:  # one call's images on the device at a time; the others post-process
+            canvases = [self._canvas(im) for im in images]
+            for group in self._groups(canvases):
+                for i, det in zip(group, self._forward([canvases[i] for i in group])):
+                    detections[i] = det
         return [self._instances(det, resized, size) for det, (_, resized), size in zip(detections, canvases, sizes)]
 
     def predict_each(

@@ -252,13 +252,13 @@ class Worker:
         worker matches the images it predicts."""
         images, gt = self.plan.val
         val = data.CocoDataset(
-            gt=ray.get(gt),
+            gt={},  # kept once, indexed
             classes=self.plan.classes,
             category_ids=self.plan.category_ids,
             records=ray.get(images),
             dropped=Counter(self.plan.val_dropped),
         )
-        return val, coco_api(val.gt)
+        return val, coco_api(ray.get(gt))
 
     def keep_best(self, metrics: dict[str, float]) -> None:
         """Rank 0 writes ``STORAGE/NAME/best.pt`` whenever the score (:func:`score_name`) improves."""
