@@ -19,6 +19,17 @@ from tests.helpers import REPO, TOOTHBRUSH
 DATA_ENV = "MASKRCNN_TEST_DATA"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_head_after_s3(s3_server):
+    """The Ray head that jobs share (:func:`tests.ray_head.ray_head`) starts, on first use,
+    after the S3 endpoint, whose variables its workers inherit as a cluster's nodes hold
+    their AWS configuration; it stops with the session."""
+    yield
+    from tests.ray_head import stop_ray_head
+
+    stop_ray_head()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or $MASKRCNN_TEST_DATA): real data nobody on this project wrote."""

@@ -30,6 +30,7 @@ from maskrcnn.cli import load_parser
 from maskrcnn.keypoints import COCO_PERSON
 from maskrcnn.local_s3 import free_port  # noqa: F401 - tests pick ports with it
 from maskrcnn.model import SMALL, build_model, has_keypoints
+from tests.ray_head import MARKER, kill_marked, ray_head  # noqa: F401 - MARKER and kill_marked: test_multinode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,14 +147,16 @@ def run_job(
     script: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``jobs/<script>`` as a user would, capturing its output; ``env`` adds variables.
-    No library warning may reach the user's terminal: it tells them nothing they can act on."""
+    It joins the session's Ray head (:func:`ray_head`); ``env={"RAY_ADDRESS": ""}`` gives it
+    a local Ray of its own. No library warning may reach the user's terminal: it tells them
+    nothing they can act on."""
     done = subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **ray_head(), **(env or {})},
     )
     assert_no_library_warnings(done.stdout + done.stderr)
     return done
@@ -194,7 +197,6 @@ def call_job(script: str, *args: str) -> subprocess.CompletedProcess:
     """``jobs/<script>`` run in this process, for a job that ends before Ray starts (bad
     input, --help, export): the same exit status and output as :func:`run_job`, without
     paying for a new interpreter that imports torch and Ray."""
-    import contextlib
     import io
 
     from maskrcnn.cli import run_main
@@ -343,28 +345,6 @@ def segmentation_labels(gt: dict, image_root: str, out: str, seed: int = 0) -> l
     output.write_part(out, 1, rows[len(rows) // 2 :])
     output.write_categories(out, gt["categories"])
     return rows
-
-
-MARKER = "MASKRCNN_TEST_MARKER"
-
-
-def kill_marked(marker: str) -> None:
-    """Kill every process whose environment holds ``MASKRCNN_TEST_MARKER=marker``, and their
-    children: whatever a job or a ``ray start`` run with that marker started, and no other
-    test's Ray. (The children, because a process that setproctitle renamed, as Ray's agents,
-    dashboard modules and actors are, no longer shows its environment.)"""
-    import psutil
-
-    doomed: list[psutil.Process] = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(MARKER) == marker:
-                doomed += [proc, *proc.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    for proc in doomed:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
 
 
 def start_job(script: str, *args: str) -> tuple[subprocess.Popen, str]:

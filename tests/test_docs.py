@@ -15,7 +15,7 @@ import pytest
 
 from maskrcnn import synthetic
 from maskrcnn.cli import load_parser
-from tests.helpers import REPO, assert_no_library_warnings, check_command, load_script
+from tests.helpers import REPO, assert_no_library_warnings, check_command, load_script, ray_head
 
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 MARKDOWN = [*DOCS, *sorted((REPO / "docs").glob("*.md"))]  # every document whose links must resolve
@@ -125,7 +125,9 @@ def test_the_demo_runs_every_step_with_no_library_warning(tmp_path, monkeypatch,
         train=demo.SHAPES.train.replace("--epochs 4", "--epochs 1").replace("--eval-every 4", "--eval-every 1"),
     )
     monkeypatch.setattr(demo, "RECIPE", tiny)
-    monkeypatch.setattr(demo, "EPOCHS", "1")  # the summary does not hold a one-epoch run to the promise
+    monkeypatch.setattr(demo, "EPOCHS", "1")
+    for name, value in ray_head().items():  # its jobs join the session's Ray, as run_job's do
+        monkeypatch.setenv(name, value)  # the summary does not hold a one-epoch run to the promise
     demo.report(demo.demo(str(tmp_path), tmp_path), 60.0)
     out = capfd.readouterr()
     assert_no_library_warnings(out.out + out.err)

@@ -5,7 +5,7 @@ import numpy as np
 
 from maskrcnn import masks
 from maskrcnn.export import to_results
-from tests.helpers import run_job, small_model_file
+from tests.helpers import call_job, run_job, small_model_file
 
 
 def test_instances_become_coco_results():
@@ -18,7 +18,7 @@ def test_instances_become_coco_results():
 
 def test_gpu_evaluation_without_a_gpu_stops_with_one_line(coco_small, tmp_path):
     model = small_model_file(tmp_path / "m.pt")
-    result = run_job(
+    result = call_job(
         "evaluate.py",
         "--model",
         model,
