@@ -13,17 +13,19 @@ Each stage's CPU time is measured in the process that runs it, with the thread's
 around the library function that does it:
 
   decode task   read (storage.read_bytes), decode (images.decode_to_fit: reduced JPEG
-                decoding), resize (predictor.model_input); other: the rest of the task
-                process's CPU while it worked (Ray Data's blocks, the put into the object store)
-  actor         canvas (Predictor._canvas; the GPU's work on a GPU node), paste (the part of
-                masks.paste_and_encode that runs on the masks' device), encode (run lengths on
-                the host and pycocotools' RLE: the host's work on any node); other: the rest
-                (the batch out of the object store, instance dicts, rows, Arrow)
-  driver        write (output.write_part: Parquet); other (collecting rows, progress)
+                decoding), resize (predictor.model_input)
+  actor         canvas (Predictor._canvas), paste (the part of masks.paste_and_encode that runs
+                on the masks' device): both the GPU's work on a GPU node; encode (run lengths
+                on the host and pycocotools' RLE: the host's work on any node)
+  driver        write (output.write_part: Parquet), progress
 
-Per image: each stage's CPU seconds over the images the run labelled. "other" covers each
-process from the start of its first timed stage to the end of its last, so Ray's start-up
-is left out. Prints a table per ``--instances`` value and the cores a GPU needs at 100 images/s.
+and in each: "other", the rest of the CPU time of the threads that ran those stages (a
+task's or a call's thread: the batch into and out of the object store, Ray Data's blocks,
+instance dicts, rows, Arrow; the driver's rows), and "Ray's threads", the rest of the
+process's (Ray's own threads: the driver's streaming executor, gRPC). Each counts from a
+thread's or process's first timed call to the end of its last, so Ray's start-up is left
+out. Per image: CPU seconds over the images labelled. Prints a table for each
+``--instances`` value, and the cores a GPU needs at 100 images/s.
 """
 
 from __future__ import annotations
@@ -71,21 +73,26 @@ def instrument(ledgers: str, forward_s: float, instances: int, stages: tuple[str
 
     from maskrcnn import devices, predictor
 
-    ledger = {"stages": defaultdict(float), "first": None, "last": 0.0}
+    # CPU seconds: each stage's; the process's and each working thread's, from its first
+    # timed call to the end of its last (the threads' are [first, last] by thread id)
+    ledger = {"stages": defaultdict(float), "first": None, "last": 0.0, "threads": {}}
     lock = threading.Lock()
     path = Path(ledgers) / f"{os.getpid()}.json"
 
     def timed(stage, fn):
         def wrapper(*args, **kwargs):
+            start = time.thread_time()
             with lock:
                 if ledger["first"] is None:
                     ledger["first"] = time.process_time()
-            start = time.thread_time()
+                ledger["threads"].setdefault(threading.get_ident(), [start, start])
             try:
                 return fn(*args, **kwargs)
             finally:
+                end = time.thread_time()
                 with lock:
-                    ledger["stages"][stage] += time.thread_time() - start
+                    ledger["stages"][stage] += end - start
+                    ledger["threads"][threading.get_ident()][1] = end
                     ledger["last"] = time.process_time()
                     path.write_text(json.dumps(ledger))
 
@@ -229,16 +236,19 @@ def _costs(ledgers: Path) -> dict[tuple[str, str], float]:
         if nested:
             stages["paste"] -= nested
             stages["encode"] = nested
+        working = sum(last - first for first, last in ledger["threads"].values())
         for stage, seconds in stages.items():
             costs[(roles[0], stage)] += seconds
-        costs[(roles[0], "other")] += ledger["last"] - ledger["first"] - sum(stages.values())
+        costs[(roles[0], "other")] += working - sum(stages.values())
+        costs[(roles[0], "Ray's threads")] += ledger["last"] - ledger["first"] - working
     return costs
 
 
 ROWS = [
     ("decode task", "read"), ("decode task", "decode"), ("decode task", "resize"), ("decode task", "other"),
-    ("actor", "canvas"), ("actor", "paste"), ("actor", "encode"), ("actor", "other"),
-    ("driver", "write"), ("driver", "progress"), ("driver", "other"),
+    ("decode task", "Ray's threads"),
+    ("actor", "canvas"), ("actor", "paste"), ("actor", "encode"), ("actor", "other"), ("actor", "Ray's threads"),
+    ("driver", "write"), ("driver", "progress"), ("driver", "other"), ("driver", "Ray's threads"),
 ]  # fmt: skip
 ON_GPU = {("actor", "canvas"), ("actor", "paste")}  # the device's work on a GPU node
 
@@ -246,10 +256,10 @@ ON_GPU = {("actor", "canvas"), ("actor", "paste")}  # the device's work on a GPU
 def report(costs: dict[int, dict[tuple[str, str], float]], images: int) -> None:
     ms = {n: {k: 1000 * v / images for k, v in c.items()} for n, c in costs.items()}
     print("\nCPU ms per 12 MP photo, by stage (masks an image: " + ", ".join(map(str, ms)) + ")")
-    print(f"{'stage':<24}" + "".join(f"{n:>10}" for n in ms))
+    print(f"{'stage':<28}" + "".join(f"{n:>10}" for n in ms))
     for role, stage in ROWS:
         note = " *" if (role, stage) in ON_GPU else ""
-        print(f"{role + ' ' + stage + note:<24}" + "".join(f"{m.get((role, stage), 0.0):10.1f}" for m in ms.values()))
+        print(f"{role + ' ' + stage + note:<28}" + "".join(f"{m.get((role, stage), 0.0):10.1f}" for m in ms.values()))
     print("* the GPU's work on a GPU node (here the stub runs it on the CPU)")
     for n, m in ms.items():
         decode = sum(v for (role, _), v in m.items() if role == "decode task")

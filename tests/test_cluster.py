@@ -28,6 +28,7 @@ GiB = 2**30
 INSTANCE_TYPES = {
     "m6i.2xlarge": (8, 32, 0),
     "c6i.4xlarge": (16, 32, 0),
+    "c6i.16xlarge": (64, 128, 0),
     "g5.2xlarge": (8, 32, 1),
     "g5.12xlarge": (48, 192, 4),
     "g5.24xlarge": (96, 384, 4),
