@@ -106,8 +106,8 @@ def _load(weights: str):
     from maskrcnn.model import build_model
 
     ckpt = checkpoint.load(weights)
-    model = build_model(ckpt["arch"], len(ckpt["classes"]) + 1, **ckpt["arch_kwargs"])
-    model.load_state_dict(ckpt["model"])
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
     model.roi_heads.detections_per_img = SEGMENT["masks"]  # torchvision's box_detections_per_img
     return model.eval(), torch
 
@@ -160,7 +160,7 @@ def plain_loop(folder: str, weights: str, output: str) -> None:
     paths, rows = sorted(str(p) for p in Path(folder).iterdir()), []
     for i in range(0, len(paths), SEGMENT["batch"]):
         batch = paths[i : i + SEGMENT["batch"]]
-        images = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))) for p in batch]
+        images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in batch]
         with torch.inference_mode():
             outs = model([im.permute(2, 0, 1).float() / 255 for im in images])
         rows += [{"path": p, "instances": _instances(o, torch)} for p, o in zip(batch, outs)]
