@@ -99,17 +99,14 @@ def hand_train(annotations: str, images: str, steps: int) -> None:
 
 
 def _load(weights: str):
-    """The model as a user's script loads it: its architecture, then the weights."""
+    """The model as a user's script loads it, with torchvision's cap on detections."""
     import torch
 
     from maskrcnn import checkpoint
-    from maskrcnn.model import build_model
 
-    ckpt = checkpoint.load(weights)
-    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
+    model = checkpoint.build(checkpoint.load(weights))
     model.roi_heads.detections_per_img = SEGMENT["masks"]  # torchvision's box_detections_per_img
-    return model.eval(), torch
+    return model, torch
 
 
 def _instances(out: dict, torch) -> str:

@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline_cost.py [--images 96] [--instances 10,30] [--s3]
 
-Runs the real ``jobs/segment_bucket.py`` (its ``main``, in this process) on 4032x3024 JPEGs
+Runs the real ``jobs/segment_bucket.py`` (its parser and ``segment.run``, in this process) on 4032x3024 JPEGs
 (real photos scaled up), with one change: the model's forward pass is a stub that sleeps
 ``--forward-ms`` per image (a GPU's time; the GIL is released, as in a CUDA sync) and
 returns ``--instances`` detections an image. The actors ask for a logical GPU, so the
@@ -46,13 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch
-from PIL import Image
+from segment_throughput import large_jpegs, make_checkpoint  # benchmarks/: this script's folder
 
-from maskrcnn import checkpoint, local_s3, runtime, storage
-from maskrcnn.model import SMALL, build_model
+from maskrcnn import local_s3, runtime, segment, storage
+from maskrcnn.cli import load_parser, parse_config
+from maskrcnn.model import SMALL
+from maskrcnn.segment import SegmentConfig
 
-SHARED = REPO.parent / "shared" / "data"
-PHOTOS = ("person1.jpg", "dog1.jpg", "astronaut.jpg", "dog2.jpg")
 STAGES = {  # stage -> (module, attribute) of the function timed
     "read": ("maskrcnn.storage", "read_bytes"),
     "decode": ("maskrcnn.images", "decode_to_fit"),
@@ -157,14 +157,9 @@ def worker_hook(ledgers: str, forward_s: float, instances: int):
 
 
 def photos(folder: Path, count: int, s3: bool) -> str:
-    """``count`` 4032x3024 JPEGs (quality 92) in ``folder``, or uploaded to loopback S3."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = []
-    for name in PHOTOS:
-        photo = Image.open(SHARED / "photos" / name).convert("RGB").resize((4032, 3024), Image.BICUBIC)
-        photo.save(folder / "one.jpg", "JPEG", quality=92)
-        data.append((folder / "one.jpg").read_bytes())
-    (folder / "one.jpg").unlink()
+    """``count`` 4032x3024 JPEGs (:func:`segment_throughput.large_jpegs`) in ``folder``, or
+    uploaded to loopback S3."""
+    data = large_jpegs()
     root = "s3://pipeline-cost/photos" if s3 else str(folder)
     if s3:
         import boto3
@@ -173,17 +168,6 @@ def photos(folder: Path, count: int, s3: bool) -> str:
     for i in range(count):
         storage.write_bytes(f"{root}/{i:05d}.jpg", data[i % len(data)])
     return root
-
-
-def model(path: Path) -> str:
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 4, "min_size": 800, "max_size": 1333}
-    ckpt = checkpoint.make(
-        build_model(SMALL, **kwargs), arch=SMALL, arch_kwargs=kwargs,
-        classes=["a", "b", "c"], category_ids=[1, 2, 3], step=0, epoch=0,
-    )  # fmt: skip
-    checkpoint.save(str(path), ckpt)
-    return str(path)
 
 
 def run(args: argparse.Namespace, images: str, weights: str, out: str, instances: int, tmp: Path) -> dict:
@@ -200,23 +184,14 @@ def run(args: argparse.Namespace, images: str, weights: str, out: str, instances
         runtime_env={"worker_process_setup_hook": worker_hook(str(ledgers), forward_s, instances)},
     )
     undo = instrument(str(ledgers), forward_s, instances, stages=("write", "progress"))  # the driver's
-    job = _load_job()
     flags = f"--batch-size {args.batch_size} --gpus-per-actor 1 --cpus-per-actor {args.cpus_per_actor}"
     argv = ["--input", images, "--output", out, "--model", weights, "--score-threshold", "0.1", *flags.split()]
+    cfg = parse_config(load_parser(str(REPO / "jobs" / "segment_bucket.py")), SegmentConfig, argv)
     with contextlib.redirect_stdout(sys.stderr):
-        job.main(argv)
+        segment.run(cfg)  # what the job's main runs
     undo()
     ray.shutdown()
     return _costs(ledgers)
-
-
-def _load_job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("segment_bucket", REPO / "jobs" / "segment_bucket.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
 
 
 ROLES = (("decode task", "decode"), ("actor", "canvas"), ("driver", "progress"))  # a role, a stage it times
@@ -284,7 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_s3.serve() if args.s3 else contextlib.nullcontext():
         root = Path(tmp)
         images = photos(root / "photos", args.images, args.s3)
-        weights = model(root / "model.pt")
+        weights = make_checkpoint(str(root / "model.pt"), SMALL, 800)
         costs = {}
         for n in map(int, args.instances.split(",")):
             costs[n] = run(args, images, weights, str(root / f"out-{n}"), n, root)

@@ -228,7 +228,7 @@ def _peak_memory(job) -> tuple[float, float]:
     return driver[0], store[0]
 
 
-def _large_jpegs() -> list[bytes]:
+def large_jpegs() -> list[bytes]:
     """Real photos scaled up to 4032x3024 JPEGs."""
     out = []
     for name in ("person1.jpg", "dog1.jpg", "astronaut.jpg", "dog2.jpg"):
@@ -241,7 +241,7 @@ def _large_jpegs() -> list[bytes]:
 
 
 def decode_times() -> None:
-    data = _large_jpegs()
+    data = large_jpegs()
     times = {}
     for label, fit in (("full", None), ("reduced", (800, 1333))):
         start = time.perf_counter()
