@@ -110,6 +110,19 @@ def parse_config(parser: argparse.ArgumentParser, config: type, argv: list[str] 
         parser.error(str(err))
 
 
+def parse_loosely(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags given, none of them required: for a job's modes that need only some
+    (``jobs/segment_bucket.py --status``). The job's own checks still come from :func:`parse_config`."""
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        return parser.parse_known_args(argv)[0]
+    finally:
+        for action in required:
+            action.required = True
+
+
 def _build(config: type, args: argparse.Namespace) -> Any:
     values = {}
     for field in dataclasses.fields(config):
@@ -299,7 +312,9 @@ def load_parser(path: str) -> argparse.ArgumentParser:
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a job's ``main`` as a command-line program. An error the user can fix
-    (:data:`~maskrcnn.errors.EXPECTED`) is one line naming it, exit status 2. Anything else
+    (:data:`~maskrcnn.errors.EXPECTED`) is one line naming it, exit status 2 (or the error's
+    own ``exit_status``: 3 for a run over its error budget, 75 for a dataset another run
+    holds, which a scheduler retries). Anything else
     is a defect: its one line, then the traceback (also in the job's log, which under ``ray
     job submit`` is this stderr), exit status 1."""
     try:
@@ -312,7 +327,7 @@ def run_main(main: Callable[[], None]) -> None:
         line, kind = _first_line(cause), type(cause).__name__
         if isinstance(cause, EXPECTED):
             print(f"error: {line or kind}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(cause, "exit_status", 2))
         print(f"error: {kind}: {line}" if line else f"error: {kind}", file=sys.stderr)
         # The whole chain: Ray's wrappers carry the remote traceback of a task or worker.
         traceback.print_exception(err, file=sys.stderr)

@@ -24,13 +24,17 @@ import dataclasses
 import itertools
 import json
 import time
+from collections import Counter
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 
 from maskrcnn import checkpoint, inference, listing, output, segment, storage
 from maskrcnn.keypoints import KeypointSpec
+from maskrcnn.lease import Lease
 from maskrcnn.predictor import check_classes
 from maskrcnn.segment import SegmentConfig, SegmentError
 
@@ -39,35 +43,51 @@ PARTS_PER_JOIN_PARTITION = 50  # part files (of --rows-per-file rows) per partit
 
 
 def run(cfg: SegmentConfig) -> dict[str, Any]:
-    """Finish the dataset's interrupted runs, then label what is new as a run of its own;
-    return the dataset's summary, with each run's summary by name."""
+    """Take the dataset's lease (:mod:`maskrcnn.lease`); finish its interrupted runs, then
+    label what is new, and what failed for a passing reason, as a run of its own; return the
+    dataset's summary, with each run's summary by name."""
+    with Lease(cfg.output, cfg.lease_ttl, cfg.lease_wait) as held:
+        return _run(cfg, held)
+
+
+def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
     # 1. The model, and the dataset's record of its own: one model's labels per dataset.
     ckpt = checkpoint.load(cfg.model, cfg.arch)
     check_classes(ckpt["classes"], cfg.inference.classes)
     model_id = checkpoint.identity(ckpt)
     claim(cfg, model_id, checkpoint.keypoint_spec(ckpt))
     output.write_categories(cfg.output, checkpoint.categories(ckpt))  # for training on the whole dataset
+    if listing.is_empty(cfg.input, cfg.extensions):
+        raise SegmentError(f"no images found in {cfg.input}: a moved or mistyped input prefix? nothing was labelled")
     inference.start(cfg.inference, min_cpus=2)
+    lease = {"lease": held.summary()}
     # 2. An interrupted run resumes with its own manifest; a run killed before its manifest
-    #    was whole is started again under its name.
+    #    was whole is started again under its name. A run with a summary is complete.
     done, fresh, earlier = {}, None, runs(cfg.output)
     for name, files in earlier.items():
-        if "_SUCCESS" in files:
+        if "_summary.json" in files:
             continue
         if INPUTS not in files:
             fresh = name
             continue
         print(f"[segment] resuming {name}, an interrupted run", flush=True)
-        done[name] = label(cfg, name, ckpt)
-    # 3. What no run holds yet, as a new run.
+        done[name] = label(cfg, name, ckpt, held, lease | {"resumed_run": True})
+    # 3. What no run holds yet, and what failed for a passing reason, as a new run.
     name = fresh or new_name(set(earlier))
-    new = write_manifest(new_inputs(cfg, output.part_files(cfg.output)), run_uri(cfg, name, INPUTS))
+    parts = output.part_files(cfg.output)
+    retry = retries(cfg.output, parts, cfg.max_attempts)
+    if retry:
+        write_uris(sorted(retry), run_uri(cfg.output, name, output.RETRIED))
+    tally = listing.start_tally()
+    new, retried = write_manifest(new_inputs(cfg, parts, retry, tally), run_uri(cfg.output, name, INPUTS), retry)
+    listed = ray.get(tally.get.remote())["images"]
     if new:
-        print(f"[segment] {name}: new inputs: {new}", flush=True)
-        done[name] = label(cfg, name, ckpt)
+        print(f"[segment] {name}: {new} inputs, {retried} of them failed before", flush=True)
+        facts = {"listed": listed, "new": new - retried, "retried": retried}
+        done[name] = label(cfg, name, ckpt, held, lease | facts)
     else:
         print(f"[segment] nothing new: every input of {cfg.input} has a row in {cfg.output}", flush=True)
-    return {"input": cfg.input, "output": cfg.output, "model": model_id, "runs": done}
+    return {"input": cfg.input, "output": cfg.output, "model": model_id, "listed": listed, **lease, "runs": done}
 
 
 def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> None:
@@ -100,39 +120,68 @@ def new_name(taken: set[str]) -> str:
     return name
 
 
-def run_uri(cfg: SegmentConfig, name: str, *parts: str) -> str:
-    return storage.join(cfg.output, name, *parts)
+def run_uri(dataset: str, name: str, *parts: str) -> str:
+    return storage.join(dataset, name, *parts)
 
 
-def label(cfg: SegmentConfig, name: str, ckpt: dict[str, Any]) -> dict[str, Any]:
+def label(cfg: SegmentConfig, name: str, ckpt: dict[str, Any], held: Lease, facts: dict) -> dict[str, Any]:
     """One run: segmentation of the run's manifest into the run's folder."""
-    inputs, folder = run_uri(cfg, name, INPUTS), run_uri(cfg, name)
-    summary = segment.run(dataclasses.replace(cfg, input=inputs, output=folder, limit=None, incremental=False), ckpt)
+    inputs, folder = run_uri(cfg.output, name, INPUTS), run_uri(cfg.output, name)
+    run_cfg = dataclasses.replace(cfg, input=inputs, output=folder, limit=None, incremental=False)
+    summary = segment.run(run_cfg, ckpt, lease=held, extra=facts)
     summary.pop("config")
     return summary
 
 
-def new_inputs(cfg: SegmentConfig, earlier: list[str]) -> ray.data.Dataset:
-    """The input's URIs that no part file in ``earlier`` holds, sorted (at most ``--limit``)."""
-    listed = ray.data.read_datasource(listing.Uris(cfg.input, cfg.extensions), override_num_blocks=1)
+def retries(dataset: str, parts: list[str], max_attempts: int) -> set[str]:
+    """The images to label again: those whose newest row failed for a passing reason
+    (:data:`maskrcnn.output.TRANSIENT_ERRORS`) and that have fewer than ``max_attempts`` rows.
+    Read on the driver from the part files whose footers count such errors and the runs that
+    retried images before: memory grows with the failures, not with the dataset."""
+    again = set(output.retry_parts(dataset))
+    failed = [p for p in parts if p in again or set(output.read_footer(p)["errors"]) & set(output.TRANSIENT_ERRORS)]
+    newest: dict[str, str] = {}  # image -> its newest row's error kind ("" when labelled)
+    attempts: Counter = Counter()
+    for part in failed:  # in the dataset's order: earlier runs first
+        for uri, error in output.read_columns(part, ["uri", "error"]):
+            if uri in newest or output.error_kind(error) in output.TRANSIENT_ERRORS:
+                newest[uri] = output.error_kind(error) or ""
+                attempts[uri] += 1
+    return {u for u, kind in newest.items() if kind in output.TRANSIENT_ERRORS and attempts[u] < max_attempts}
+
+
+def new_inputs(cfg: SegmentConfig, earlier: list[str], retry: set[str], tally: Any) -> ray.data.Dataset:
+    """The input's URIs that no part file in ``earlier`` holds, or whose row is to be
+    retried (``retry``), sorted (at most ``--limit``); the listing's count goes to ``tally``."""
+    source = listing.Uris(cfg.input, cfg.extensions, listing.reporter(tally))
+    listed = ray.data.read_datasource(source, override_num_blocks=1)
     if earlier:
         held = output.read_parts(earlier, ["uri"])
+        if retry:
+            held = held.filter(expr=col("uri").not_in(sorted(retry)))
         partitions = 1 + len(earlier) // PARTS_PER_JOIN_PARTITION
         listed = listed.join(held, join_type="left_anti", num_partitions=partitions, on=("uri",))
     listed = listed.sort("uri")
     return listed.limit(cfg.limit) if cfg.limit else listed
 
 
-def write_manifest(uris: ray.data.Dataset, uri: str) -> int:
+def write_manifest(uris: ray.data.Dataset, uri: str, retry: set[str]) -> tuple[int, int]:
     """Stream ``uris`` into the Parquet manifest at ``uri``, atomically; return its row
-    count. Nothing is written when there are none."""
+    count, and how many of them are in ``retry``. Nothing is written when there are none."""
     batches = (b for b in uris.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows)
     first = next(batches, None)
     if first is None:
-        return 0
-    rows = 0
+        return 0, 0
+    rows = retried = 0
     with storage.staged(uri) as tmp, pq.ParquetWriter(tmp, first.schema) as writer:
         for batch in itertools.chain([first], batches):
             writer.write_table(batch)
             rows += batch.num_rows
-    return rows
+            retried += sum(u in retry for u in batch.column("uri").to_pylist()) if retry else 0
+    return rows, retried
+
+
+def write_uris(uris: list[str], uri: str) -> None:
+    """A Parquet file of one ``uri`` column, atomically."""
+    with storage.staged(uri) as tmp:
+        pq.write_table(pa.table({"uri": uris}), tmp)

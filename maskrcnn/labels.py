@@ -53,6 +53,7 @@ class Labels:
     categories: list[dict[str, Any]]
     files: list[str]
     orientation: str | None = None
+    newest: dict[str, str] = field(default_factory=dict)  # images labelled again: see output.newest_rows
 
 
 def open_labels(source: str) -> Labels:
@@ -72,7 +73,8 @@ def open_labels(source: str) -> Labels:
             f"{source}: {output.CATEGORIES} gives orientation {orientation!r}; "
             f"it must be one of {', '.join(output.ORIENTATIONS)}"
         )
-    return Labels(source, data.categories({"categories": categories}, source), files, orientation)
+    cats = data.categories({"categories": categories}, source)
+    return Labels(source, cats, files, orientation, output.newest_rows(source))
 
 
 def row_orientation(row: dict[str, Any], orientation: str | None) -> str:
@@ -248,7 +250,7 @@ class Cleaned:
 
 def read(labels: Labels) -> ray.data.Dataset:
     """One source's rows, in part-file order."""
-    return output.read_parts(labels.files, COLUMNS)
+    return output.read_parts(labels.files, COLUMNS, labels.newest)
 
 
 def clean(sources: list[Labels], rules: Rules, coco_records: list[dict[str, Any]]) -> Cleaned:

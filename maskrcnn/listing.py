@@ -121,9 +121,11 @@ class Uris(Datasource):
     """The input's URIs as a Ray Data source of ``uri`` rows, from one read task that lists
     it (what :mod:`maskrcnn.incremental` joins against the labels already written)."""
 
-    def __init__(self, input: str, extensions: tuple[str, ...] | None):
+    def __init__(
+        self, input: str, extensions: tuple[str, ...] | None, report: Callable[[int, int], None] | None = None
+    ):
         super().__init__()
-        self.input, self.extensions = input, extensions
+        self.input, self.extensions, self.report = input, extensions, report
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -136,9 +138,12 @@ class Uris(Datasource):
         ]
 
     def _blocks(self) -> Iterator[pa.Table]:
-        uris = input_uris(self.input, self.extensions, None)
+        uris, listed = input_uris(self.input, self.extensions, None), 0
         while chunk := list(itertools.islice(uris, 16 * BLOCK_ROWS)):
+            listed += len(chunk)
             yield pa.table({"uri": chunk})
+        if self.report is not None:
+            self.report(listed, 0)
 
 
 class Listing(Uris):
@@ -158,8 +163,8 @@ class Listing(Uris):
         written: dict[int, dict],
         report: Callable[[int, int], None],
     ):
-        super().__init__(input, extensions)
-        self.limit, self.rows_per_file, self.output, self.report = limit, rows_per_file, output, report
+        super().__init__(input, extensions, report)
+        self.limit, self.rows_per_file, self.output = limit, rows_per_file, output
         self.written = {k: (f["rows"], f["first_uri"], f["last_uri"]) for k, f in written.items()}
 
     def _blocks(self) -> Iterator[pa.Table]:

@@ -64,6 +64,10 @@ DISPLAYED, STORED = "displayed", "stored"  # a source's orientation (see the mod
 ORIENTATIONS = (DISPLAYED, STORED)
 _PART = re.compile(r"part-(\d{6})\.parquet")
 RUN = re.compile(r"run-\d{8}T\d{6}Z")  # an incremental run's folder, named by its UTC start
+RETRIED = "_retried.parquet"  # in a run's folder: the URIs it labels again (their earlier rows failed)
+# Error kinds that a later incremental run retries (up to --max-attempts rows an image):
+# the bytes may be fine next time. Every other kind (corrupt, not_an_image, too_large, ...) is permanent.
+TRANSIENT_ERRORS = ("missing", "read_failed", "inference_failed", "out_of_memory")
 FOOTER_KEY = b"maskrcnn.stats"  # named before the word "footer" was; kept so existing outputs resume
 
 
@@ -93,11 +97,17 @@ def footer(table: pa.Table) -> dict[str, Any]:
     """What a part file's footer records: counts for the summary, and the part's first and
     last URI, so that a resumed run can tell whether its listing still cuts the input the same way."""
     uris = table.column("uri")
-    errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
+    errors: Counter = Counter()
+    examples: dict[str, str] = {}  # the first URI of each error kind, for the error budget's message
+    for uri, error in zip(uris.to_pylist(), table.column("error").to_pylist()):
+        if error:
+            errors[error_kind(error)] += 1
+            examples.setdefault(error_kind(error), uri)
     instances = sum(len(v) for v in table.column("instances").to_pylist())
     return {
         "rows": table.num_rows,
         "errors": dict(errors),
+        "error_examples": examples,
         "instances": instances,
         "first_uri": uris[0].as_py(),
         "last_uri": uris[-1].as_py(),
@@ -149,13 +159,66 @@ def part_files(output: str) -> list[str]:
     return [parts[key] for key in sorted(parts)]
 
 
-def read_parts(files: list[str], columns: list[str]) -> Any:
-    """``columns`` of part files (of one filesystem) as a Ray Data dataset, in file order."""
+def read_parts(files: list[str], columns: list[str], newest: dict[str, str] | None = None) -> Any:
+    """``columns`` of part files (of one filesystem) as a Ray Data dataset, in file order;
+    without the rows that ``newest`` (:func:`newest_rows`) says a later row supersedes."""
     import ray.data
 
     fs, _ = storage.filesystem(files[0])
     paths = [storage.filesystem(uri)[1] for uri in files]
-    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+    if not newest:
+        return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+    by_path = {uri: storage.filesystem(part)[1] for uri, part in newest.items()}
+
+    def newest_only(batch: pa.Table) -> pa.Table:
+        uris, where = batch.column("uri").to_pylist(), batch.column("path").to_pylist()
+        return batch.filter(pa.array([by_path.get(u, p) == p for u, p in zip(uris, where)], pa.bool_()))
+
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+    return ds.map_batches(newest_only, batch_format="pyarrow").select_columns(columns)
+
+
+def retry_parts(output: str) -> list[str]:
+    """The part files of the incremental runs that labelled images again (with a :data:`RETRIED` list)."""
+    found: dict[str, list[str]] = {}
+    retried = set()
+    for uri, folder, name in files(output):
+        if RUN.fullmatch(folder):
+            if name == RETRIED:
+                retried.add(folder)
+            elif part_of(name) is not None:
+                found.setdefault(folder, []).append(uri)
+    return [uri for folder in sorted(retried) for uri in sorted(found.get(folder, []))]
+
+
+def read_columns(uri: str, columns: list[str]) -> Iterator[tuple]:
+    """Rows of a Parquet file as tuples of ``columns``, a batch at a time."""
+    with _open(uri) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns):
+            yield from zip(*(batch.column(c).to_pylist() for c in columns))
+
+
+def newest_rows(output: str) -> dict[str, str]:
+    """The part file that holds the newest row of each image an incremental run labelled
+    again (its earlier row failed for a passing reason, :data:`TRANSIENT_ERRORS`); a reader
+    keeps only that row of it. Every other image has one row. Reads the runs' :data:`RETRIED`
+    lists and, of the runs that have one, the part files' ``uri`` column: memory grows with
+    the images retried, not with the dataset."""
+    newest: dict[str, str] = {}
+    retried: dict[str, set[str]] = {}  # a run's folder -> its RETRIED list
+    for part in retry_parts(output):
+        folder = part[: part.rindex("/" if storage.is_s3(part) else os.sep)]
+        if folder not in retried:
+            retried[folder] = {uri for (uri,) in read_columns(storage.join(folder, RETRIED), ["uri"])}
+        for (uri,) in read_columns(part, ["uri"]):
+            if uri in retried[folder]:
+                newest[uri] = part
+    return newest
+
+
+def _open(uri: str) -> Any:
+    fs, path = storage.filesystem(uri)
+    return fs.open_input_file(path)
 
 
 def files(output: str) -> Iterator[tuple[str, str, str]]:
@@ -169,12 +232,20 @@ def files(output: str) -> Iterator[tuple[str, str, str]]:
 
 def read_rows(output: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Stream the rows of a segmentation output, part file by part file, a batch at a time:
-    memory depends on the size of a part file, never on how many there are."""
+    memory depends on the size of a part file, never on how many there are. An image
+    labelled again by a later incremental run yields only its newest row (:func:`newest_rows`)."""
+    newest = newest_rows(output)
+    extra = bool(newest) and columns is not None and "uri" not in columns  # read to filter, then dropped
     for uri in part_files(output):
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
-                yield from batch.to_pylist()
+        with _open(uri) as f:
+            wanted = [*columns, "uri"] if extra else columns
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=wanted):
+                for row in batch.to_pylist():
+                    if newest and newest.get(row["uri"], uri) != uri:
+                        continue
+                    if extra:
+                        del row["uri"]
+                    yield row
 
 
 def as_coco_annotation(inst: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +288,6 @@ def part_of(name: str) -> int | None:
 
 def read_footer(uri: str) -> dict[str, Any]:
     """A part file's :func:`footer`, read without its rows."""
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as f:
+    with _open(uri) as f:
         meta = pq.read_schema(f).metadata or {}
     return json.loads(meta[FOOTER_KEY])

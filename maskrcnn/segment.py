@@ -32,6 +32,7 @@ from maskrcnn.inference import InferenceOptions
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.listing import KEYS
 from maskrcnn.model import inference_size, is_path
+from maskrcnn.output import TRANSIENT_ERRORS
 from maskrcnn.predictor import check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
@@ -42,6 +43,14 @@ class SegmentError(UserError):
 
 
 IO, MODEL, DECODE, PROGRESS = "input and output (local paths or s3:// URIs)", "model", "decoding", "progress"
+NIGHTLY = "unattended runs"
+INCREMENTAL_MAX_ERROR_RATE = 0.05
+
+
+class ErrorBudgetExceeded(UserError):
+    """More of a run's rows are errors than --max-error-rate allows (exit status 3)."""
+
+    exit_status = 3
 
 
 @dataclass(kw_only=True)
@@ -85,6 +94,34 @@ class SegmentConfig:
         group=DECODE,
     )
     log_every: float = option("seconds between progress lines", 30.0, group=PROGRESS)
+    max_error_rate: float | None = option(
+        "a run whose share of error rows exceeds this still writes its rows and _summary.json, "
+        "but not _SUCCESS, and exits 3",
+        None,
+        group=NIGHTLY,
+        default_text=f"{INCREMENTAL_MAX_ERROR_RATE} with --incremental, else none",
+        metavar="R",
+    )
+    max_attempts: int = option(
+        "with --incremental: an image whose newest row failed for a passing reason ("
+        + ", ".join(TRANSIENT_ERRORS)
+        + ") is labelled again by the next run, until it has this many rows",
+        3,
+        group=NIGHTLY,
+    )
+    lease_ttl: float = option(
+        "with --incremental: seconds the run's lease on --output lasts unless renewed (every third of it); "
+        "a killed run's lease is taken over once it expires",
+        600.0,
+        group=NIGHTLY,
+        metavar="SECONDS",
+    )
+    lease_wait: float = option(
+        "with --incremental: seconds to wait while another run holds --output, before exiting 75",
+        0.0,
+        group=NIGHTLY,
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         """Checks that name a flag (the job turns them into usage errors), then absolute paths."""
@@ -95,13 +132,26 @@ class SegmentConfig:
             raise ValueError("--incremental adds to a labels dataset; --overwrite would delete it: pass one of them")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_error_rate is None and self.incremental:
+            self.max_error_rate = INCREMENTAL_MAX_ERROR_RATE
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise ValueError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+        if self.max_attempts < 1:
+            raise ValueError(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if self.lease_ttl <= 0 or self.lease_wait < 0:
+            raise ValueError(
+                f"--lease-ttl must be above 0 and --lease-wait at least 0, got {self.lease_ttl}, {self.lease_wait}"
+            )
         self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
         self.model = storage.absolute(self.model) if is_path(self.model) else self.model
 
 
-def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    cfg: SegmentConfig, ckpt: dict[str, Any] | None = None, lease: Any = None, extra: dict | None = None
+) -> dict[str, Any]:
     """Segment every input image; return (and write as _summary.json) the summary.
-    ``ckpt`` is the loaded model where the caller has it already (:mod:`maskrcnn.incremental`)."""
+    :mod:`maskrcnn.incremental` passes the model it loaded already (``ckpt``), the lease it
+    holds (checked before each file is written) and more facts for the summary (``extra``)."""
     start = time.perf_counter()
     # 1. Fail fast, before any actor starts: the model (fetched once, here), its classes,
     #    the input, the output.
@@ -122,7 +172,7 @@ def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any
     progress = _progress(cfg, tally, resumed=sum(f["rows"] for f in resumed.values()))
     with without_false_alarms():
         ds = pipeline(cfg, resumed, None if cfg.full_decode else fit, model, tally, recoveries)
-        written = write_parts(cfg, ds, progress)
+        written = write_parts(cfg, ds, progress, lease)
     # 3. Every part is on disk (this run's or an earlier one's): write the summary and _SUCCESS.
     listed = ray.get(tally.get.remote())
     if listed is None:
@@ -131,7 +181,8 @@ def run(cfg: SegmentConfig, ckpt: dict[str, Any] | None = None) -> dict[str, Any
     if missing:
         raise RuntimeError(f"the pipeline returned no rows for parts {missing[:10]}; nothing partial was written")
     faults = ray.get(recoveries.get.remote())
-    return _finish(cfg, model_id, listed["images"], resumed, written, progress, faults, time.perf_counter() - start)
+    summary = _summary(cfg, model_id, listed["images"], resumed, written, progress, faults, time.perf_counter() - start)
+    return _finish(cfg, summary | (extra or {}), lease)
 
 
 # ---------------------------------------------------------------- 1. before the pool starts
@@ -228,7 +279,7 @@ def pipeline(
 # ---------------------------------------------------------------- 3. the driver: part files, then the summary
 
 
-def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) -> dict[int, dict]:
+def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress, lease: Any = None) -> dict[int, dict]:
     """Collect the pipeline's rows by part; write each part file once the part is whole.
 
     Rows are keyed by (part, index), so a retried task cannot duplicate one, and rows of a
@@ -247,6 +298,8 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) ->
             rows[row["index"]] = row
             if len(rows) == row["part_rows"]:
                 ordered = [{f: rows[i][f] for f in output.SCHEMA.names} for i in range(len(rows))]
+                if lease is not None:
+                    lease.check()
                 written[k] = output.write_part(cfg.output, k, ordered)
                 del pending[k]
     progress.finish(f"{errors} errors")
@@ -256,7 +309,7 @@ def write_parts(cfg: SegmentConfig, ds: ray.data.Dataset, progress: Progress) ->
     return written
 
 
-def _finish(
+def _summary(
     cfg: SegmentConfig,
     model_id: str,
     images_in: int,
@@ -266,28 +319,63 @@ def _finish(
     faults: dict[str, int],
     wall: float,
 ) -> dict:
-    """The job's summary from the part files' footers: written as ``_summary.json``, then ``_SUCCESS``."""
+    """The job's summary, from the part files' footers."""
     footers = [*resumed.values(), *written.values()]
     errors: Counter = Counter()
+    examples: dict[str, str] = {}
     for f in footers:
         errors.update(f["errors"])
-    summary = {
+        for kind, uri in f.get("error_examples", {}).items():  # footers of older versions have none
+            examples.setdefault(kind, uri)
+    rows = sum(f["rows"] for f in footers)
+    transient = sum(n for kind, n in errors.items() if kind in output.TRANSIENT_ERRORS)
+    rate = sum(errors.values()) / rows if rows else 0.0
+    return {
         "input": cfg.input,
         "output": cfg.output,
         "model": model_id,
         "schema_version": output.SCHEMA_VERSION,
         "images_in": images_in,
-        "rows_out": sum(f["rows"] for f in footers),
+        "rows_out": rows,
+        "labelled": rows - sum(errors.values()),
         "part_files": len(footers),
         "resumed_rows": sum(f["rows"] for f in resumed.values()),
         "processed_rows": progress.done,
         "errors": dict(sorted(errors.items())),
+        "errors_transient": transient,
+        "errors_permanent": sum(errors.values()) - transient,
+        "error_examples": dict(sorted(examples.items())),
+        "error_rate": round(rate, 4),
+        "max_error_rate": cfg.max_error_rate,
+        "status": "over_error_budget" if cfg.max_error_rate is not None and rate > cfg.max_error_rate else "ok",
         **faults,  # split_batches, restarted_actors: recovered, so no error rows
         "instances": sum(f["instances"] for f in footers),
         "wall_s": round(wall, 2),
         "images_per_s": round(progress.done / wall, 3) if wall else 0.0,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "model")},
     }
+
+
+def _finish(cfg: SegmentConfig, summary: dict, lease: Any) -> dict:
+    """Write ``_summary.json``, then ``_SUCCESS`` unless the run is over its error budget."""
+    if lease is not None:
+        lease.check()
     storage.write_text(storage.join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))
-    storage.write_text(storage.join(cfg.output, "_SUCCESS"), "")
+    if summary["status"] == "ok":
+        storage.write_text(storage.join(cfg.output, "_SUCCESS"), "")
     return summary
+
+
+def budget_error(summary: dict) -> ErrorBudgetExceeded:
+    """The one line for a run over its error budget: the share, the top error kinds, an example URI of each."""
+    kinds = sorted(summary["errors"].items(), key=lambda kv: -kv[1])[:3]
+    named = "; ".join(
+        f"{kind} {n} ({'transient' if kind in output.TRANSIENT_ERRORS else 'permanent'})"
+        + (f", e.g. {summary['error_examples'][kind]}" if kind in summary["error_examples"] else "")
+        for kind, n in kinds
+    )
+    errors = summary["rows_out"] - summary["labelled"]
+    return ErrorBudgetExceeded(
+        f"{errors} of {summary['rows_out']} rows in {summary['output']} are errors ({summary['error_rate']:.1%}), "
+        f"over --max-error-rate {summary['max_error_rate']}: {named}; rows and _summary.json written, _SUCCESS not"
+    )

@@ -59,10 +59,7 @@ def _s3() -> pafs.S3FileSystem:
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if region:
-        kwargs["region"] = region
-    if endpoint:
-        kwargs["endpoint_override"] = endpoint
+    kwargs.update({k: v for k, v in (("region", region), ("endpoint_override", endpoint)) if v})
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -218,6 +215,36 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def create_new(uri: str, data: bytes) -> bool:
+    """Write a whole file that is not there yet; False, writing nothing, if it is. Of racing
+    writers exactly one gets True: on S3 by a conditional PUT (``If-None-Match: *``; 412 or
+    409 when another has it), locally by a hard link, which fails where the name exists."""
+    if is_s3(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            _boto3_s3().put_object(**dict(zip(("Bucket", "Key"), _bucket_key(uri))), Body=data, IfNoneMatch="*")
+            return True
+        except (BotoCoreError, ClientError) as err:
+            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise _fail("create", uri, err) from err
+    path = local_path(uri)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", prefix=".create-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            os.link(tmp.name, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise _fail("create", uri, err) from err
+
+
 @contextlib.contextmanager
 def staged(uri: str) -> Iterator[str]:
     """A local file path to write ``uri``'s content into, for output too large to hold in
@@ -304,12 +331,9 @@ def _walk_s3(prefix: str, page_size: int) -> Iterator[str]:
 
 
 def iter_files(prefix: str, extensions: tuple[str, ...] | None = None, page_size: int = 1000) -> Iterator[str]:
-    """Yield the URIs of the files under ``prefix``, recursively and in a stable order,
-    optionally keeping only case-insensitive ``extensions`` such as ``(".jpg", ".png")``.
-
-    It streams: S3 is listed a page (``page_size`` keys) at a time and a local tree a
-    directory at a time, so millions of files never sit in memory together.
-    """
+    """The URIs of the files under ``prefix``, recursively, in a stable order; with
+    ``extensions`` (``(".jpg", ".png")``), only those, case-insensitive. It streams: S3 a page
+    (``page_size`` keys) at a time, a local tree a folder at a time."""
     exts = tuple(e.lower() for e in extensions) if extensions else None
     try:
         walk = _walk_s3(prefix, page_size) if is_s3(prefix) else _walk_local(local_path(prefix))
@@ -368,10 +392,9 @@ def check_readable_dir(uri: str) -> None:
         raise _fail("reach", uri, err) from err
     if info.type == pafs.FileType.NotFound and not is_s3(uri):
         raise StorageError(f"cannot reach {uri}: no such directory")
-    if is_s3(uri):
-        bucket = path.split("/", 1)[0]
-        try:
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise StorageError(f"cannot reach {uri}: bucket {bucket!r} does not exist")
-        except (OSError, ValueError) as err:
-            raise _fail("reach", uri, err) from err
+    bucket = path.split("/", 1)[0]
+    try:
+        if is_s3(uri) and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"cannot reach {uri}: bucket {bucket!r} does not exist")
+    except (OSError, ValueError) as err:
+        raise _fail("reach", uri, err) from err

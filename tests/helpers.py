@@ -190,7 +190,7 @@ def read_back(*args: str, env: dict | None = None) -> dict:
 def segment_summary(result: subprocess.CompletedProcess) -> dict:
     """The summary that a successful ``jobs/segment_bucket.py`` prints last."""
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return json.loads(result.stdout.split("[segment] summary:\n", 1)[1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def call_job(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -3,14 +3,17 @@ a run at a time, each image once, on local disk and on S3."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import boto3
 import duckdb
 import pytest
 
+from maskrcnn import labels as parquet_labels
 from maskrcnn import output, storage
 from tests.helpers import (
     call_job,
@@ -108,14 +111,28 @@ def test_a_killed_run_resumes_exactly_once_and_the_next_labels_only_what_is_new(
     # Big rows (score threshold 0) in parts of 1: the run's parts appear one by one.
     flags = ["--input", archive.root, "--output", labels, "--model", model_file, "--incremental"]
     flags += ["--rows-per-file", "1", "--score-threshold", "0"]
-    job = start_job("segment_bucket.py", *flags)
-    kill_job_when(job, lambda: os.path.isdir(labels) and bool(output.part_files(labels)))
+    job = start_job("segment_bucket.py", *flags, "--lease-ttl", "8")
+    overlapping: list[subprocess.CompletedProcess] = []
+
+    def labelling() -> bool:
+        """Once the run has written a part, a second run overlaps it: it is told who holds the dataset."""
+        if not (os.path.isdir(labels) and output.part_files(labels)):
+            return False
+        overlapping.append(call_job("segment_bucket.py", *flags))
+        return True
+
+    kill_job_when(job, labelling)
+    (second,) = overlapping
+    assert second.returncode == 75 and "is being labelled by another run (host " in second.stderr, second.stderr
+    assert f"pid {job[0].pid} since " in second.stderr
     before = {p: os.stat(p).st_mtime_ns for p in output.part_files(labels)}
     (killed,) = {p.split("/")[-2] for p in before}
     assert 0 < len(before) < 12 and not os.path.exists(os.path.join(labels, killed, "_SUCCESS"))
 
-    archive.add(photos[12:])  # the archive grew meanwhile: the killed run keeps its own input
-    runs = segment_summary(run_job("segment_bucket.py", *flags))["runs"]
+    # The archive grew meanwhile: the killed run keeps its own input. Its lease (8 s) has not
+    # expired yet: the next run waits for it, takes the dataset over and finishes that run first.
+    archive.add(photos[12:])
+    runs = segment_summary(run_job("segment_bucket.py", *flags, "--lease-wait", "120"))["runs"]
     (first, resumed), (second, new) = runs.items()
     assert first == killed and resumed["resumed_rows"] == len(before) and resumed["processed_rows"] == 12 - len(before)
     assert second > first and new["processed_rows"] == 3 and new["resumed_rows"] == 0
@@ -138,3 +155,65 @@ def test_another_model_or_a_plain_run_is_refused_before_ray_starts(model_file, s
     assert "is a labels dataset of incremental runs; pass --incremental" in result.stderr
     result = call_job("segment_bucket.py", *flags, "--incremental", "--overwrite")
     assert result.returncode == 2 and "--incremental adds to a labels dataset" in result.stderr
+
+
+# The view that docs give DuckDB users: the newest row of each image (runs sort after the
+# dataset's own parts, and by their UTC names).
+NEWEST_VIEW = """
+SELECT * EXCLUDE (filename) FROM read_parquet('{glob}', filename = true)
+QUALIFY row_number() OVER (PARTITION BY uri ORDER BY filename DESC) = 1
+"""
+
+
+def test_a_bad_night_exits_3_and_the_next_labels_its_passing_failures_again(shared_data, model_file, tmp_path):
+    """A manifest of 8 images, 4 not yet in place: night 1 writes 4 ``missing`` rows, is over
+    the error budget (exit 3, no _SUCCESS); night 2, once they are there, labels them again
+    (and only them), and every reader sees one row per image."""
+    photos = sorted((shared_data / "coco_small" / "images").iterdir())[:8]
+    archive, labels = Archive(photos, str(tmp_path / "archive")), str(tmp_path / "labels")
+    archive.add(photos[:4])
+    manifest = tmp_path / "tonight.txt"
+    manifest.write_text("".join(archive.uri(p) + "\n" for p in photos))
+    flags = ["--input", str(manifest), "--output", labels, "--model", model_file, "--incremental"]
+    flags += ["--rows-per-file", "4", "--score-threshold", "0.05"]
+
+    night = run_job("segment_bucket.py", *flags)
+    assert night.returncode == 3, night.stderr[-3000:]
+    (line,) = [x for x in night.stderr.splitlines() if x.startswith("error:")]
+    missing = sorted(archive.uri(p) for p in photos[4:])
+    assert (
+        f"4 of 8 rows in {labels}/run-" in line and "(50.0%), over --max-error-rate 0.05: missing 4 (transient)" in line
+    )
+    assert f"e.g. {missing[0]}; rows and _summary.json written, _SUCCESS not" in line
+    (first, run), *_ = json.loads(night.stdout.splitlines()[-1])["runs"].items()
+    assert run["status"] == "over_error_budget" and run["errors"] == {"missing": 4} and run["new"] == 8
+    assert os.path.exists(os.path.join(labels, first, "_summary.json"))
+    assert not os.path.exists(os.path.join(labels, first, "_SUCCESS"))
+
+    archive.add(photos[4:])
+    runs = segment_summary(run_job("segment_bucket.py", *flags))["runs"]
+    (second, run), *others = runs.items()  # night 1's run is complete, if over budget: not resumed
+    assert not others and second > first and run["status"] == "ok"
+    assert (run["new"], run["retried"], run["processed_rows"], run["errors"]) == (0, 4, 4, {})
+
+    # Every reader sees each image once, labelled: the project's reader, training's, DuckDB's view.
+    rows = list(output.read_rows(labels, columns=["uri", "error"]))
+    assert sorted(r["uri"] for r in rows) == sorted(archive.uri(p) for p in photos)
+    assert not any(r["error"] for r in rows)
+    source = parquet_labels.open_labels(labels)
+    assert sorted(source.newest) == missing and all(f"/{second}/" in f for f in source.newest.values())
+    glob = os.path.join(labels, "**", "part-*.parquet")
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall() == [(12,)]
+    view = duckdb.sql(f"SELECT uri, error FROM ({NEWEST_VIEW.format(glob=glob)})").fetchall()
+    assert sorted(view) == [(archive.uri(p), None) for p in sorted(photos)]
+    exported = call_job("export.py", "--predictions", labels, "--coco-dataset", str(tmp_path / "c.json"))
+    assert exported.returncode == 0 and "[export] 8 images, " in exported.stdout, exported.stderr
+
+    # A third night has nothing to do; --status shows the nights without starting Ray.
+    assert segment_summary(run_job("segment_bucket.py", *flags))["runs"] == {}
+    status = call_job("segment_bucket.py", "--status", labels)
+    assert status.returncode == 0, status.stderr
+    text, report = status.stdout.splitlines()[:-1], json.loads(status.stdout.splitlines()[-1])
+    assert text[0] == f"{labels}: 2 runs, 12 rows, 8 labelled; lease free"
+    assert [r["state"] for r in report["runs"]] == ["over_error_budget", "complete"]
+    assert report["images_with_newer_rows"] == 4
