@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import ijson
 
-from maskrcnn import data, keypoints, masks, output, storage
+from maskrcnn import data, keypoints, labelling, masks, output, storage
 from maskrcnn.cli import option
 from maskrcnn.data import DatasetError
 from maskrcnn.progress import Progress
@@ -234,12 +234,19 @@ def _rows(cfg: ConvertConfig, images: _Images, instances: dict[int, list[dict]],
     first = part * cfg.rows_per_file
     return [
         {
-            "uri": storage.join(cfg.images, images.file_names[p]),
+            **_where(cfg.images, images.file_names[p]),
             "width": images.widths[p],
             "height": images.heights[p],
             "instances": instances.get(p, []),
             "model": None,
-            "error": None,
         }
         for p in range(first, min(first + cfg.rows_per_file, len(images)))
     ]
+
+
+def _where(root: str, file_name: str) -> dict[str, Any]:
+    """A row's ``uri``, or an ``outside_root`` error row's where the name leaves ``--images``: never read."""
+    uri = labelling.image_uri(root, file_name)
+    if uri:
+        return {"uri": uri, "error": None}
+    return {"uri": file_name, "error": f"{data.OUTSIDE_ROOT}: {file_name!r} is not under {root}"}

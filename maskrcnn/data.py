@@ -87,7 +87,7 @@ def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> 
     records = [
         {
             "image_id": img["id"],
-            "uri": img["file_name"] if image_root is None else labelling.image_uri(image_root, img["file_name"]),
+            **_where(img["file_name"], image_root),
             "width": img["width"],
             "height": img["height"],
             # COCO's sizes and coordinates are the stored pixels; Parquet labels' images say theirs
@@ -105,6 +105,14 @@ def index_coco(gt: dict[str, Any], annotations: str, image_root: str | None) -> 
         dropped=dropped,
         keypoints=spec,
     )
+
+
+def _where(file_name: str, image_root: str | None) -> dict[str, str]:
+    """A record's ``uri``; and ``error`` where ``file_name`` leaves the image root, an image never read."""
+    if image_root is None:
+        return {"uri": file_name}
+    uri = labelling.image_uri(image_root, file_name)
+    return {"uri": uri} if uri else {"uri": file_name, "error": OUTSIDE_ROOT}
 
 
 def _read(annotations: str) -> dict[str, Any]:
@@ -245,7 +253,8 @@ def training_annotation(ann: dict, img: dict, label_of: dict[int, int], spec: ke
 
 
 # size_mismatch: the image, decoded in the record's orientation, is not the size the annotations give
-IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch")
+OUTSIDE_ROOT = "outside_root"  # a file_name with ".." past the image root, or absolute
+IMAGE_ERRORS = (*images.ERROR_KINDS, "size_mismatch", OUTSIDE_ROOT)
 
 
 def _error_row(record: dict, kind: str) -> dict[str, Any]:
@@ -269,6 +278,8 @@ def load_example(record: dict[str, Any], transform: v2.Transform | None = None) 
     The row's ``masks`` are packed (:func:`maskrcnn.masks.pack`, the image's size): RLE, not
     ``(N, H, W)`` arrays, crosses the object store. Never raises for bad input: returns a row
     whose ``error`` names what went wrong (``""`` when fine)."""
+    if record.get("error"):  # known before any read: the name leaves the image root
+        return _error_row(record, record["error"])
     decoded, error = images.read(record["uri"], None, exif=record["orientation"] == output.DISPLAYED)
     if error:
         return _error_row(record, error.split(":", 1)[0])

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from maskrcnn import checkpoint, data, inference, keypoints, output, storage
+from maskrcnn import checkpoint, data, inference, keypoints, labels, output, storage
 from maskrcnn.cli import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.export import to_results
 from maskrcnn.inference import InferenceOptions
@@ -31,15 +31,24 @@ class EvaluateConfig:
 
     model: str = model_option(MODEL)
     arch: str | None = arch_option(MODEL)
-    annotations: str = option("COCO instances JSON with the ground truth", group=DATA)
-    images: str = option("directory holding the images' file_names", group=DATA)
+    annotations: str = option(
+        "the ground truth: a COCO instances JSON, or Parquet labels (jobs/coco_to_parquet.py's, "
+        "or a reviewed segmentation output)",
+        group=DATA,
+    )
+    images: str | None = option(
+        "directory or prefix holding the COCO file's file_names (Parquet labels hold full URIs)", None, group=DATA
+    )
     output: str | None = option("write the AP tables as JSON here", None, group=DATA)
     keypoint_sigmas: tuple[float, ...] | None = keypoint_sigmas_option(DATA)
     # COCO AP is reported at torchvision's low threshold: a high one would cut the recall curve.
     inference: InferenceOptions = embed(InferenceOptions, score_threshold=EVAL_SCORE_THRESHOLD)
 
     def __post_init__(self) -> None:
-        self.annotations, self.images = storage.absolute(self.annotations), storage.absolute(self.images)
+        if self.images is None and not labels.is_labels(self.annotations):
+            raise ValueError(f"--images is needed with a COCO file ({self.annotations}): where its file_names are")
+        self.annotations = storage.absolute(self.annotations)
+        self.images = storage.absolute(self.images) if self.images else None
         self.model = storage.absolute(self.model) if is_path(self.model) else self.model
 
 
@@ -50,7 +59,7 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, Any]:
     ckpt = checkpoint.load(cfg.model, cfg.arch)  # fail fast (and fetch once), before any actor starts
     check_classes(ckpt["classes"], cfg.inference.classes)
     model_id, known = checkpoint.identity(ckpt), set(ckpt["category_ids"])
-    dataset = data.load_coco(cfg.annotations, cfg.images)
+    dataset = labels.load_dataset(cfg.annotations, cfg.images)
     types, sigmas = _scored(ckpt, dataset, cfg.annotations, cfg.keypoint_sigmas)
     unknown = sorted(set(dataset.category_ids) - known)
     if unknown and dataset.gt["annotations"]:
@@ -78,14 +87,18 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, Any]:
 def _predict(
     options: InferenceOptions, dataset: data.CocoDataset, model: list[ray.ObjectRef]
 ) -> tuple[list[dict], Counter]:
-    """The records through decode tasks and the actor pool, as stored (no EXIF rotation: COCO
-    sizes are the stored pixels); return COCO results and the images skipped, by error kind."""
+    """The records through decode tasks and the actor pool, in their orientation (a COCO
+    file's sizes are the stored pixels; a segmentation output's, the displayed picture's);
+    return COCO results and the images skipped, by error kind (a name outside the image
+    root is skipped unread)."""
     sizes = {r["image_id"]: (r["height"], r["width"]) for r in dataset.records}
-    ds = ray.data.from_items([{"image_id": r["image_id"], "uri": r["uri"]} for r in dataset.records])
-    ds = inference.predict(inference.decode(ds, options.batch_size, fit=None, exif=False), options, model, IMAGE_ID)
-    progress = Progress("evaluate", len(dataset.records))
+    ready = [r for r in dataset.records if not r.get("error")]
+    skipped: Counter = Counter(r["error"] for r in dataset.records if r.get("error"))
+    exif = bool(ready) and ready[0]["orientation"] == output.DISPLAYED  # one source: one orientation
+    ds = ray.data.from_items([{"image_id": r["image_id"], "uri": r["uri"]} for r in ready])
+    ds = inference.predict(inference.decode(ds, options.batch_size, fit=None, exif=exif), options, model, IMAGE_ID)
+    progress = Progress("evaluate", len(ready))
     results: list[dict] = []
-    skipped: Counter = Counter()
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in table.to_pylist():
             if row["error"]:

@@ -14,6 +14,7 @@ What comes back from the tools is read by :mod:`maskrcnn.data` with the quirks u
 from __future__ import annotations
 
 import contextlib
+import os
 import urllib.parse
 from typing import Any, Callable
 from xml.sax.saxutils import quoteattr
@@ -148,16 +149,22 @@ def labelling_config(classes: list[str]) -> str:
 LOCAL_FILES = "/data/local-files/?d="  # how Label Studio's local storage names a file under its document root
 
 
-def image_uri(root: str, file_name: str) -> str:
-    """Where a COCO file's image is: ``file_name`` under ``root``. Files written by labelling
-    tools are read as they come: an ``s3://`` URI (Label Studio's S3 storage) is the image
-    itself, and Label Studio's local-storage URL ``/data/local-files/?d=PATH`` names PATH
-    (percent-decoded) under ``root``, which is then Label Studio's document root."""
+def image_uri(root: str, file_name: str) -> str | None:
+    """Where a COCO file's image is: ``file_name`` under ``root``; None where the name leaves
+    ``root`` (``..`` past it, or an absolute path), an image that is then never read. Files
+    written by labelling tools are read as they come: an ``s3://`` URI (Label Studio's S3
+    storage) is the image itself, and Label Studio's local-storage URL
+    ``/data/local-files/?d=PATH`` names PATH (percent-decoded) under ``root``, which is then
+    Label Studio's document root."""
     if storage.is_s3(file_name):
         return file_name
     if file_name.startswith(LOCAL_FILES):
         file_name = urllib.parse.unquote(file_name[len(LOCAL_FILES) :])
-    return storage.join(root, file_name)
+    if storage.is_s3(root) or root.startswith("file://"):
+        return None if file_name.startswith("/") or ".." in file_name.split("/") else storage.join(root, file_name)
+    base = os.path.normpath(root)
+    inside = os.path.normpath(os.path.join(base, file_name)).startswith(base.rstrip(os.sep) + os.sep)
+    return storage.join(root, file_name) if inside else None
 
 
 def from_labelling_tools(gt: dict[str, Any]) -> dict[str, Any]:

@@ -151,3 +151,14 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--annotations", "--images", "--output", "--rows-per-file", "--overwrite"):
         assert flag in result.stdout
+
+
+def test_a_file_name_that_leaves_the_images_folder_becomes_an_error_row(coco_small, tmp_path):
+    annotations, images = coco_small
+    gt = json.loads(Path(annotations).read_text())
+    gt["images"][0]["file_name"] = "../../../etc/hostname"
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    _convert(tmp_path / "gt.json", images, tmp_path / "out")
+    rows = {r["uri"]: r for r in output.read_rows(str(tmp_path / "out"), columns=["uri", "error"])}
+    assert rows["../../../etc/hostname"]["error"] == f"outside_root: '../../../etc/hostname' is not under {images}"
+    assert sum(1 for r in rows.values() if r["error"]) == 1 and len(rows) == len(gt["images"])

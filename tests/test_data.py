@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn import data, masks, storage, transforms
+from maskrcnn import data, images, masks, storage, transforms
 from maskrcnn.metric import evaluate
 from tests.helpers import add_defects, ground_truth_as_results
 
@@ -293,3 +294,20 @@ def test_augmentation_repeats_under_the_same_seed(shapes):
 
     assert run(5) == run(5)
     assert run(5) != run(6)  # 6 images, 3 scales and a flip: another seed differs somewhere
+
+
+def test_a_file_name_that_leaves_the_image_root_is_never_read(coco_small, tmp_path, monkeypatch):
+    """``..`` past --train-images, or an absolute path: an ``outside_root`` error row, counted as a
+    skipped image by kind; no read is even tried. A ``..`` that stays inside is an ordinary name."""
+    annotations, root = coco_small
+    gt = json.loads(Path(annotations).read_text())
+    names = [f"../{Path(root).name}/{gt['images'][0]['file_name']}", "/etc/hostname", "../../secret.jpg"]
+    for img, name in zip(gt["images"], names):
+        img["file_name"] = name
+    ds = data.index_coco(gt, annotations, root)
+    first, *outside = ds.records[:3]
+    assert os.path.exists(first["uri"]) and "error" not in first  # "../images/x.jpg" under images/ stays inside
+    assert [r["error"] for r in outside] == [data.OUTSIDE_ROOT] * 2 and [r["uri"] for r in outside] == names[1:]
+    monkeypatch.setattr(images, "read", lambda *a, **k: pytest.fail("an image outside the root was read"))
+    assert [data.load_example(r)["error"] for r in outside] == [data.OUTSIDE_ROOT] * 2
+    assert data.OUTSIDE_ROOT in data.IMAGE_ERRORS  # what training counts skipped images by

@@ -41,16 +41,14 @@ def test_a_torchvision_state_dict_is_evaluated_with_coco_ids(torchvision_pth, co
     image = next(i for i in gt["images"] if any(a["image_id"] == i["id"] for a in gt["annotations"]))
     subset = dict(gt, images=[image], annotations=[a for a in gt["annotations"] if a["image_id"] == image["id"]])
     (tmp_path / "one.json").write_text(json.dumps(subset))
+    # The ground truth as Parquet labels, which take full URIs: no --images.
+    labels = str(tmp_path / "labels")
+    converted = call_job(
+        "coco_to_parquet.py", "--annotations", str(tmp_path / "one.json"), "--images", coco_small[1], "--output", labels
+    )
+    assert converted.returncode == 0, converted.stderr
     result = run_job(
-        "evaluate.py",
-        "--model",
-        torchvision_pth,
-        "--annotations",
-        str(tmp_path / "one.json"),
-        "--images",
-        coco_small[1],
-        "--output",
-        str(tmp_path / "eval.json"),
+        "evaluate.py", "--model", torchvision_pth, "--annotations", labels, "--output", str(tmp_path / "eval.json")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
@@ -66,13 +64,14 @@ def test_evaluation_runs_on_the_actor_pool_and_skips_unreadable_images_by_kind(c
     from PIL import Image
 
     gt = json.loads(Path(coco_small[0]).read_text())
-    gt["images"] = gt["images"][:4]
+    gt["images"] = gt["images"][:5]
     kept = {i["id"] for i in gt["images"]}
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]
     images = tmp_path / "images"
     images.mkdir()
-    for image in gt["images"]:
+    for image in gt["images"][:4]:
         (images / image["file_name"]).write_bytes((Path(coco_small[1]) / image["file_name"]).read_bytes())
+    gt["images"][4]["file_name"] = "../gt.json"  # outside --images: never read
     first, second, third = (images / i["file_name"] for i in gt["images"][:3])
     first.write_bytes(b"not an image")
     second.write_bytes(b"")
@@ -83,7 +82,7 @@ def test_evaluation_runs_on_the_actor_pool_and_skips_unreadable_images_by_kind(c
     result = run_job("evaluate.py", "--model", model, *flags, "--num-workers", "2", "--batch-size", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: --num-workers is now --actors" in result.stderr
-    assert "[evaluate] 4/4 images (100%)" in result.stdout and "3 skipped" in result.stdout
+    assert "[evaluate] 4/4 images (100%)" in result.stdout and "4 skipped" in result.stdout
     report = json.loads(report_file.read_text())
-    assert report["images"] == 4
-    assert report["skipped_images"] == {"not_an_image": 1, "empty": 1, "size_mismatch": 1}
+    assert report["images"] == 5
+    assert report["skipped_images"] == {"not_an_image": 1, "empty": 1, "size_mismatch": 1, "outside_root": 1}
