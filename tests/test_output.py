@@ -36,6 +36,7 @@ def test_a_part_file_holds_its_rows_and_a_footer(where, tmp_path, request):
     expected = {
         "rows": 3,
         "errors": {"corrupt": 1, "missing": 1},
+        "error_examples": {"corrupt": "s3://a/2.jpg", "missing": "s3://a/3.jpg"},  # for the error budget's line
         "instances": 2,
         "first_uri": "s3://a/1.jpg",
         "last_uri": "s3://a/3.jpg",
