@@ -32,12 +32,12 @@ class EvaluateConfig:
     model: str = model_option(MODEL)
     arch: str | None = arch_option(MODEL)
     annotations: str = option(
-        "the ground truth: a COCO instances JSON, or Parquet labels (jobs/coco_to_parquet.py's, "
-        "or a reviewed segmentation output)",
+        "the ground truth: a COCO instances JSON, or Parquet labels (a directory or prefix: "
+        "jobs/coco_to_parquet.py's, or a reviewed segmentation output)",
         group=DATA,
     )
     images: str | None = option(
-        "directory or prefix holding the COCO file's file_names (Parquet labels hold full URIs)", None, group=DATA
+        "directory holding the COCO file's file_names (Parquet rows hold URIs)", None, group=DATA
     )
     output: str | None = option("write the AP tables as JSON here", None, group=DATA)
     keypoint_sigmas: tuple[float, ...] | None = keypoint_sigmas_option(DATA)

@@ -62,6 +62,7 @@ def test_pandas_reads_the_output_directly(predictions):
     assert output.read_footer(f"{out}/part-000001.parquet") == {
         "rows": 3,
         "errors": {"missing": 1},
+        "error_examples": {"missing": next(r["uri"] for r in rows[4:] if r["error"])},
         "instances": sum(len(r["instances"]) for r in rows[4:]),
         "first_uri": rows[4]["uri"],
         "last_uri": rows[6]["uri"],
