@@ -80,7 +80,7 @@ def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
         write_uris(sorted(retry), run_uri(cfg.output, name, output.RETRIED))
     tally = listing.start_tally()
     new, retried = write_manifest(new_inputs(cfg, parts, retry, tally), run_uri(cfg.output, name, INPUTS), retry)
-    listed = ray.get(tally.get.remote())["images"]
+    listed = (ray.get(tally.get.remote()) or {}).get("images")  # None where --limit ended the listing early
     if new:
         print(f"[segment] {name}: {new} inputs, {retried} of them failed before", flush=True)
         facts = {"listed": listed, "new": new - retried, "retried": retried}
