@@ -3,19 +3,23 @@
 ``jobs/segment_bucket.py --incremental`` treats ``--output`` as a labels dataset::
 
     labels/                         the dataset: _job.json (its model), _categories.json
+      _lease/000041.json            who holds the dataset now (maskrcnn.lease)
       part-*.parquet                an ordinary output's own parts, if it began as one
       run-20261204T020000Z/         a run: a whole segmentation output (maskrcnn.segment)
+        _retried.parquet            the images it labels again (their newest rows failed)
         _inputs.parquet             whose input is its manifest: what no earlier run held
-        part-000000.parquet ...     _job.json, _summary.json, _SUCCESS
+        part-000000.parquet ...     _job.json, _summary.json, _SUCCESS (unless over budget)
       run-20261205T020000Z/ ...
 
-A run is exactly once and resumable as any output is, because its input is its own
-manifest, written before its first part: an interrupted run is finished first, however the
-archive changed since. Then the new inputs are a Ray Data left-anti join of the listing
-against every part file's ``uri`` column, hash-partitioned across the cluster, so the
-driver never holds the archive's keys; it streams the sorted new URIs into the next run's
-manifest. An input removed from the archive keeps its row. Readers take the dataset's root
-(:func:`maskrcnn.output.part_files`, pyarrow, DuckDB ``labels/**/part-*.parquet``).
+One run at a time: a run holds the dataset's lease from before it looks for new images
+until it is done. A run is exactly once and resumable as any output is, because its input
+is its own manifest, written before its first part: an interrupted run is finished first,
+however the archive changed since. Then the new inputs are a Ray Data left-anti join of the
+listing against every part file's ``uri`` column, hash-partitioned across the cluster, so
+the driver never holds the archive's keys; it streams the sorted new URIs into the next
+run's manifest, with the images whose newest row failed for a passing reason
+(:func:`retries`). An input removed from the archive keeps its row. Readers take the
+dataset's root and see the newest row of each image (:func:`maskrcnn.output.newest_rows`).
 """
 
 from __future__ import annotations
