@@ -127,9 +127,7 @@ class Lease:
         return storage.join(self.folder, f"{generation:06d}.json")
 
     def _generations(self) -> list[int]:
-        if not storage.exists(self.folder):
-            return []
-        found = []
+        found = []  # listing a folder that is not there yet lists nothing
         for uri in storage.iter_files(self.folder):
             name = uri.rsplit("/", 1)[-1]
             if name.endswith(".json") and name[:-5].isdigit():
