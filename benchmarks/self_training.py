@@ -6,7 +6,7 @@ and get the same number of optimizer steps, so what differs is the data.
     python benchmarks/self_training.py                        # 100 labelled, 600 unlabelled
     python benchmarks/self_training.py --labelled 100 --archive 1200 --steps 300
 
-It runs the project's own jobs, in this order, the loop the README shows:
+It runs the project's own jobs, in this order, the loop docs/training.md shows:
   1. jobs/train.py          the teacher, on the labelled split
   2. jobs/segment_bucket.py the teacher labels the archive split (its own labels unused)
   3. jobs/train.py          the student: --train-annotations train.json,labels/ --min-score S

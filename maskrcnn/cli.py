@@ -5,7 +5,7 @@ the user can fix as one line naming the problem (exit status 2), a defect with i
 A job's config is a dataclass whose fields are made by :func:`option`: the field's type,
 default and help text are the flag's, so :func:`add_options` builds the parser from the
 dataclass and :func:`parse_config` builds the dataclass from the parsed flags. Nothing is
-written twice: --help and the README's reference tables (:func:`flag_table`) show the
+written twice: --help and docs/flags.md's tables (:func:`flag_table`) show the
 declared defaults (:func:`default_shown`).
 """
 
@@ -45,7 +45,7 @@ def option(
     ``was`` maps a flag's earlier names to None (it took the value) or to the value it stood
     for (``{"--gpu": 1.0}``); they still work, with a warning, and --help leaves them out.
     ``default_text`` says what a None default stands for ("all", "from the file"), where the
-    job decides it later; --help and the README show it as the default. The help text never
+    job decides it later; --help and docs/flags.md show it as the default. The help text never
     gives the default itself: both show the declared one.
     ``argparse_kwargs`` (``type``, ``choices``, ``metavar``, ``nargs``) go to ``add_argument`` as they are."""
     if "(default" in help:
@@ -268,7 +268,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def default_shown(action: argparse.Action) -> str | None:
-    """A flag's default as --help and the README show it: its declared ``default_text``,
+    """A flag's default as --help and docs/flags.md show it: its declared ``default_text``,
     else its value; "required", "off" for a switch, "none" for None; None for a hidden flag."""
     if action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
         return None
@@ -286,7 +286,7 @@ def default_shown(action: argparse.Action) -> str | None:
 
 
 def flag_table(parser: argparse.ArgumentParser) -> str:
-    """The parser's flags as the README's markdown table: flag, default, meaning."""
+    """The parser's flags as docs/flags.md's markdown table: flag, default, meaning."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for action in parser._actions:
         if not action.option_strings or action.option_strings[0] == "-h" or action.help == argparse.SUPPRESS:

@@ -1,7 +1,7 @@
-"""The README's configuration reference: one table per job, rendered from the job's parser,
-so README.md and ``--help`` cannot disagree.
+"""The configuration reference, docs/flags.md: one table per job, rendered from the job's
+parser, so docs/flags.md and ``--help`` cannot disagree.
 
-    python scripts/flag_tables.py          # rewrite the tables in README.md
+    python scripts/flag_tables.py          # rewrite the tables in docs/flags.md
     python scripts/flag_tables.py --check  # exit 1 if they are out of date (tests/test_docs.py checks this)
 """
 
@@ -25,33 +25,33 @@ JOBS = [
     "jobs/export.py",
     "jobs/predict.py",
 ]
-README = os.path.join(REPO, "README.md")
+REFERENCE = os.path.join(REPO, "docs", "flags.md")
 
 
-def rendered(readme: str) -> str:
-    """``readme`` with each job's table under its ``### `jobs/X.py``` heading replaced."""
+def rendered(page: str) -> str:
+    """``page`` (docs/flags.md's text) with each job's table under its ``### `jobs/X.py``` heading replaced."""
     for job in JOBS:
         table = flag_table(load_parser(os.path.join(REPO, job)))
         heading = f"### `{job}`\n\n"
         pattern = re.compile(re.escape(heading) + r"\| flag \|.*?(?=\n\n|\n?\Z)", re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no table under {heading.strip()}")
-        readme = pattern.sub(lambda _, new=heading + table: new, readme, count=1)
-    return readme
+        if not pattern.search(page):
+            raise SystemExit(f"docs/flags.md has no table under {heading.strip()}")
+        page = pattern.sub(lambda _, new=heading + table: new, page, count=1)
+    return page
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only check; exit 1 if README.md is out of date")
+    p.add_argument("--check", action="store_true", help="only check; exit 1 if docs/flags.md is out of date")
     args = p.parse_args()
-    with open(README) as f:
+    with open(REFERENCE) as f:
         current = f.read()
     wanted = rendered(current)
     if args.check:
         if wanted != current:
-            raise SystemExit("README.md's flag tables differ from the parsers: run python scripts/flag_tables.py")
+            raise SystemExit("docs/flags.md's flag tables differ from the parsers: run python scripts/flag_tables.py")
         return
-    with open(README, "w") as f:
+    with open(REFERENCE, "w") as f:
         f.write(wanted)
 
 

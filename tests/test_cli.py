@@ -1,5 +1,5 @@
 """The command line every job shares: flags built from a config dataclass, usage errors
-for bad values and combinations, the README's tables, and one-line errors with exit codes."""
+for bad values and combinations, docs/flags.md's tables, and one-line errors with exit codes."""
 
 from __future__ import annotations
 
