@@ -1,11 +1,13 @@
 """This project beside what a user would write instead: same model, images, batch and
 machine, in one run (issue #34).
 
-    python benchmarks/peers.py [--train-steps 40] [--segment-images 160] [--skip train,segment]
+    python benchmarks/peers.py [--train-steps 100] [--threads 2] [--segment-images 160] [--skip train,segment]
 
 Training: ``jobs/train.py`` (Ray Train, 1 worker, Ray Data decoding beside it) against the
 loop a user writes after torchvision's ``references/detection``: a Dataset that reads the
 COCO file with pycocotools (``annToMask``), a DataLoader with 2 workers, SGD, one process.
+Both compute with ``--threads`` torch threads: the loop by ``torch.set_num_threads``, the
+job's worker by ``--cpus-per-worker`` (Ray gives an actor as many threads as CPUs it reserves).
 Synthetic shapes, ``maskrcnn_resnet18_fpn_small`` at 128 px, batch 2.
 
 Segmentation: ``jobs/segment_bucket.py`` against Ray Data's documented batch-inference
@@ -43,7 +45,7 @@ SEGMENT = {"size": 320, "batch": 4, "threshold": 0.3, "masks": 10}
 # ---------------------------------------------------------------- the peers, each run as its own process
 
 
-def hand_train(annotations: str, images: str, steps: int) -> None:
+def hand_train(annotations: str, images: str, steps: int, threads: int) -> None:
     """The loop of torchvision's references/detection, cut to what a user keeps."""
     import numpy as np
     import torch
@@ -77,6 +79,7 @@ def hand_train(annotations: str, images: str, steps: int) -> None:
             return image, target
 
     torch.manual_seed(0)
+    torch.set_num_threads(threads)
     data = CocoMasks()
     loader = torch.utils.data.DataLoader(
         data, batch_size=TRAIN["batch"], shuffle=True, num_workers=2, drop_last=True,
@@ -187,14 +190,15 @@ def _rates(name: str, unit: str, n: int, run) -> float:
     return rate
 
 
-def train(tmp: Path, steps: int) -> None:
+def train(tmp: Path, steps: int, threads: int) -> None:
     from maskrcnn.synthetic import generate_split
 
     data = Path(generate_split(str(tmp / "shapes"), 2 * steps * TRAIN["batch"], seed=0)).parent
     ann, images = str(data / "annotations.json"), str(data / "images")
     flags = (
-        f"--arch {SMALL} --num-workers 1 --batch-size {TRAIN['batch']} --scales {TRAIN['size']} "
-        f"--max-size {TRAIN['max_size']} --lr {TRAIN['lr']} --warmup-steps 1 --epochs 1 --log-every 1000"
+        f"--arch {SMALL} --num-workers 1 --cpus-per-worker {threads} --batch-size {TRAIN['batch']} "
+        f"--scales {TRAIN['size']} --max-size {TRAIN['max_size']} --lr {TRAIN['lr']} --warmup-steps 1 --epochs 1 "
+        "--log-every 1000"
     ).split()
 
     def project(s: int) -> float:
@@ -204,9 +208,10 @@ def train(tmp: Path, steps: int) -> None:
         )
 
     def hand(s: int) -> float:
-        return _timed([sys.executable, __file__, "hand-train", ann, images, str(s)])
+        return _timed([sys.executable, __file__, "hand-train", ann, images, str(s), str(threads)])
 
-    print(f"training: {SMALL}, {TRAIN['size']} px, batch {TRAIN['batch']}; {steps} and {2 * steps} steps")
+    shape = f"{SMALL}, {TRAIN['size']} px, batch {TRAIN['batch']}, {threads} torch threads each"
+    print(f"training: {shape}; {steps} and {2 * steps} steps")
     ours = _rates("jobs/train.py (Ray Train, 1 worker)", "steps", steps, project)
     theirs = _rates("torchvision reference loop", "steps", steps, hand)
     print(f"  ratio {ours / theirs:.2f} (goal >= 1.0)")
@@ -278,14 +283,15 @@ def main() -> None:
         PEERS[peer](*[int(a) if a.isdigit() else a for a in rest])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-steps", type=int, default=40, help="N for training (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=100, help="N for training (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each trainer (default: %(default)s)")
     p.add_argument("--segment-images", type=int, default=160, help="N for segmentation (default: %(default)s)")
     p.add_argument("--skip", default="", help="train and/or segment")
     args = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory() as tmp:
         if "train" not in args.skip:
-            train(Path(tmp), args.train_steps)
+            train(Path(tmp), args.train_steps, args.threads)
         if "segment" not in args.skip:
             segment(Path(tmp), args.segment_images)
 

@@ -204,7 +204,8 @@ def test_a_killed_keypoint_rcnn_worker_resumes_from_the_last_checkpoint(shared_d
     args = (
         f"--train-annotations {train / 'person_keypoints_train2017.json'} --train-images {train / 'images'} "
         f"--val-annotations {val / 'test_coco.json'} --val-images {val / 'images'} --arch {arch} "
-        f"--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1 --epochs 1 "
+        f"--num-workers 1 --cpus-per-worker 2 --batch-size 4 --scales 128 --max-size 192 --warmup-steps 2 "
+        f"--log-every 1 --epochs 1 "
         f"--checkpoint-every 3 --max-failures 2 --weights {tmp_path / 'init.pth'} --storage {tmp_path / 'runs'} "
         "--name kp"
     ).split()
@@ -245,7 +246,8 @@ def test_self_training_on_s3_stops_at_max_steps_and_continues_from_its_s3_checkp
         "--train-annotations", f"{data}/annotations.json,{pseudo}", "--train-images", f"{data}/images",
         "--min-score", "0.25",
         "--val-annotations", f"{shapes}/val/annotations.json", "--val-images", f"{shapes}/val/images",
-        *"--num-workers 2 --batch-size 4 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1".split(),
+        *"--num-workers 1 --cpus-per-worker 2 --batch-size 8 --scales 128 --max-size 192 --warmup-steps 2".split(),
+        "--log-every", "1",
         *"--epochs 1 --checkpoint-every 3".split(), "--storage", f"s3://{bucket}/runs", "--name", "student",
     ]  # fmt: skip
     stopped = run_job("train.py", *args, "--max-steps", "3")
@@ -281,7 +283,8 @@ def test_a_student_trains_and_validates_on_every_phone_photo_its_teacher_labelle
     gt = oriented_photos(tmp_path / "phone", [6, 8] * 4, turned=True)
     pseudo = str(tmp_path / "labels")
     segmentation_labels(gt, str(tmp_path / "phone"), pseudo)
-    fixed = "--num-workers 2 --batch-size 2 --scales 128 --max-size 192 --warmup-steps 2 --log-every 1 --max-steps 2"
+    fixed = "--num-workers 1 --cpus-per-worker 2 --batch-size 4 --scales 128 --max-size 192 --warmup-steps 2"
+    fixed += " --log-every 1 --max-steps 2"
     store = tmp_path / "runs"
     args = ["--train-annotations", pseudo, "--val-annotations", pseudo, "--storage", str(store), "--name", "student"]
     done = run_job("train.py", *args, *fixed.split())
