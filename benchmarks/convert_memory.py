@@ -1,6 +1,6 @@
 """COCO -> Parquet labels on a COCO file of train2017's size and shape: peak RSS and wall time
 of jobs/coco_to_parquet.py, beside json.load of the same file and the COCO path's driver
-(maskrcnn.data.load_coco, what jobs/train.py does with a COCO file before its first worker).
+(maskrcnn.coco.load_coco, what jobs/train.py does with a COCO file before its first worker).
 
     python benchmarks/convert_memory.py                    # 118,287 images (train2017's count)
     python benchmarks/convert_memory.py --images 11829     # a tenth
@@ -28,8 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 READERS = {
     "(importing maskrcnn.data: torch)": "from maskrcnn import data",
+    "(importing maskrcnn.convert: no torch)": "from maskrcnn import convert",
     "json.load": "import json; json.load(open(sys.argv[1]))",
-    "load_coco (the COCO path's driver)": "from maskrcnn import data; data.load_coco(sys.argv[1], '/images')",
+    "load_coco (the COCO path's driver)": "from maskrcnn import coco; coco.load_coco(sys.argv[1], '/images')",
 }
 MEASURE = """
 import resource, sys, time

@@ -40,14 +40,14 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 WHOLE_LIST = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from maskrcnn import export, masks
+from maskrcnn import export, masks, metric
 rows = list(export.read_rows(sys.argv[2]))
 results, images, annotations = [], [], []
 for row in (r for r in rows if not r["error"]):
     images.append({"id": len(images) + 1, "file_name": row["uri"], "width": row["width"], "height": row["height"]})
-    results += export.to_results(row["instances"], len(images))
+    results += metric.to_results(row["instances"], len(images))
     annotations += [dict(r, id=len(annotations) + k + 1, area=masks.area(r["segmentation"]), iscrowd=0)
-                    for k, r in enumerate(export.to_results(row["instances"], len(images)))]
+                    for k, r in enumerate(metric.to_results(row["instances"], len(images)))]
 open(sys.argv[3] + "/r.json", "w").write(json.dumps(results))
 open(sys.argv[3] + "/d.json", "w").write(json.dumps({"images": images, "annotations": annotations, "categories": []}))
 print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

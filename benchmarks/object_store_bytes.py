@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np
 from PIL import Image
 
-from maskrcnn import data, inference, loading
+from maskrcnn import coco, inference, loading
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -48,7 +48,7 @@ def row_bytes(row: dict) -> Counter:
 
 
 def training(annotations: str, images: str, size: int, max_size: int) -> None:
-    records = data.load_coco(annotations, images).records
+    records = coco.load_coco(annotations, images).records
     load = loading.LoadExample(size, max_size)
     total, instances = Counter(), 0
     for record in records:

@@ -129,7 +129,7 @@ def throughput(model: str, uris: list[str], batch: int, tmp: str, device: str) -
             output=out,
             model=model,
             rows_per_file=batch * 4,
-            log_every=1e9,
+            progress_seconds=1e9,
             inference=InferenceOptions(
                 batch_size=batch,
                 gpus_per_actor=1.0 if device == "cuda" else 0.0,
@@ -159,7 +159,7 @@ def part_files(model: str, uris: list[str], batch: int, tmp: str) -> None:
                     output=f"{tmp}/parts{rows}",
                     model=model,
                     rows_per_file=rows,
-                    log_every=1e9,
+                    progress_seconds=1e9,
                     overwrite=True,
                     inference=InferenceOptions(batch_size=batch, score_threshold=0.3),
                 )
@@ -192,7 +192,7 @@ def memory(model: str, tmp: str) -> None:
                     output=f"{tmp}/mem{count}",
                     model=model,
                     rows_per_file=500,
-                    log_every=1e9,
+                    progress_seconds=1e9,
                     inference=InferenceOptions(batch_size=16, score_threshold=1.0, actors=(2, 2), gpus_per_actor=1.0),
                 )
             )

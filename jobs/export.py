@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskrcnn import checkpoint, export, labelling, masks, review, storage
-from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
+from maskrcnn import checkpoint, export, masks, output, prelabels, review, storage
+from maskrcnn.cli import add_options, job_parser, parse_config, run_main
+from maskrcnn.config import arch_option, embed, model_option, option
 from maskrcnn.draw import PICTURES, PictureOptions
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.progress import Progress
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(parser(), ExportConfig, argv)
     if not storage.exists(cfg.predictions):
         raise storage.StorageError(f"cannot read {cfg.predictions}: no such output")
-    root = cfg.images or export.job_input(cfg.predictions)
-    keypoints = export.job_keypoints(cfg.predictions)  # a keypoint model's names and skeleton
-    rows = export.count_rows(cfg.predictions)
+    root = cfg.images or output.job_input(cfg.predictions)
+    keypoints = output.job_keypoints(cfg.predictions)  # a keypoint model's names and skeleton
+    rows = output.count_rows(cfg.predictions)
     queue = None
     if cfg.review.review:
         progress = Progress("review queue", rows, unit="rows")
@@ -245,12 +246,12 @@ def labelling_sinks(
             raise ValueError("--cvat: pass --images, the root CVAT's file names are relative to")
         cvat = export.Segmentation(cfg.polygon_tolerance)
         sinks.append(
-            export.CocoDataset(labelling.cvat_annotations(cfg.cvat), root, cfg.min_score, categories, keypoints, cvat)
+            export.CocoDataset(prelabels.cvat_annotations(cfg.cvat), root, cfg.min_score, categories, keypoints, cvat)
         )
     if cfg.label_studio:
-        url = labelling.image_url(root, cfg.url_prefix)
+        url = prelabels.image_url(root, cfg.url_prefix)
         sinks.append(
-            labelling.LabelStudioTasks(
+            prelabels.LabelStudioTasks(
                 cfg.label_studio, url, min_score=cfg.min_score, tolerance=cfg.polygon_tolerance, categories=categories
             )
         )
@@ -266,9 +267,9 @@ def describe(sink: object, cfg: ExportConfig) -> str:
         left_out = sink.segmentation.no_polygon
         specks = f" ({left_out} masks too small for a polygon left out)" if left_out else ""
         return f"{sink.images.count} images, {sink.annotations.count} annotations{specks} -> {sink.uri}"
-    if isinstance(sink, labelling.LabelStudioTasks):
+    if isinstance(sink, prelabels.LabelStudioTasks):
         specks = f" ({sink.no_polygon} masks too small for a polygon left out)" if sink.no_polygon else ""
-        where = storage.join(cfg.label_studio, labelling.TASKS)
+        where = storage.join(cfg.label_studio, prelabels.TASKS)
         return f"{sink.tasks} Label Studio tasks, {sink.regions} polygon regions{specks} -> {where}"
     if isinstance(sink, export.Pictures):
         return f"{sink.drawn} pictures drawn" + (f" -> {cfg.render_dir}" if cfg.render_dir else "")

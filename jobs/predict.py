@@ -27,7 +27,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskrcnn import checkpoint, draw, export, images, output, storage
-from maskrcnn.cli import add_options, arch_option, embed, job_parser, model_option, option, parse_config, run_main
+from maskrcnn.cli import add_options, job_parser, parse_config, run_main
+from maskrcnn.config import arch_option, embed, model_option, option
 from maskrcnn.draw import PictureOptions
 from maskrcnn.model import inference_size
 from maskrcnn.predictor import PredictOptions, Predictor, model_input

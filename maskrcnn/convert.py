@@ -3,7 +3,7 @@
 The JSON is streamed (ijson's C parser), never loaded: one pass reads the categories, one
 the images, one the annotations. The images stay in memory (a file name and a size each,
 about 150 bytes); the annotations, the bulk of a COCO file, are cleaned by the training
-rules (:func:`maskrcnn.data.clean_annotation`), encoded as RLE and spilled, grouped by the
+rules (:func:`maskrcnn.coco.clean_annotation`), encoded as RLE and spilled, grouped by the
 part file their image falls in, to local temporary files, which are then read back one
 part at a time. So memory grows with the images, not the annotations, and each part file
 is written whole and atomically (:func:`maskrcnn.output.write_part`), as the segmentation
@@ -25,9 +25,9 @@ from typing import Any, Iterator
 
 import ijson
 
-from maskrcnn import data, keypoints, labelling, masks, output, storage
-from maskrcnn.cli import option
-from maskrcnn.data import DatasetError
+from maskrcnn import coco, keypoints, masks, output, storage
+from maskrcnn.coco import DatasetError
+from maskrcnn.config import option
 from maskrcnn.progress import Progress
 
 IO = "input and output (local paths or s3:// URIs)"
@@ -117,13 +117,13 @@ def _items(uri: str, prefix: str) -> Iterator[Any]:
 
 
 def _categories(uri: str) -> list[dict[str, Any]]:
-    """The file's categories, checked as :func:`maskrcnn.data.categories` checks them (named
+    """The file's categories, checked as :func:`maskrcnn.coco.categories` checks them (named
     by id where the file has none, which takes a pass over the annotations' category ids)."""
     found = list(_items(uri, "categories.item"))
     if not found:
         ids = [{"category_id": c} for c in _items(uri, "annotations.item.category_id")]
-        return data.categories({"annotations": ids}, uri)
-    categories = data.categories({"categories": found}, uri)
+        return coco.categories({"annotations": ids}, uri)
+    categories = coco.categories({"categories": found}, uri)
     keypoints.spec_of(categories, uri)  # one keypoint definition, or a KeypointError now
     return categories
 
@@ -144,7 +144,7 @@ class _Images:
     def read(cls, uri: str) -> _Images:
         images = cls({}, [], array("i"), array("i"))
         for i, img in enumerate(_items(uri, "images.item")):
-            data.check_image(img, i, uri)
+            coco.check_image(img, i, uri)
             if img["id"] in images.position:
                 raise DatasetError(f"{uri}: image id {img['id']}: the id is used twice")
             images.position[img["id"]] = i
@@ -167,10 +167,10 @@ def _annotations(uri: str, images: _Images, categories: list[dict], spill: _Spil
     seen: set[int] = set()
     dropped, kept = Counter(), 0
     for i, ann in enumerate(_items(uri, "annotations.item")):
-        data.check_annotation(ann, i, uri, seen)
+        coco.check_annotation(ann, i, uri, seen)
         position = images.position.get(ann["image_id"])
         img = None if position is None else images.coco(position)
-        reason, clean = data.clean_annotation(ann, img, label_of, spec)
+        reason, clean = coco.clean_annotation(ann, img, label_of, spec)
         if reason:
             dropped[reason] += 1
             continue
@@ -246,7 +246,7 @@ def _rows(cfg: ConvertConfig, images: _Images, instances: dict[int, list[dict]],
 
 def _where(root: str, file_name: str) -> dict[str, Any]:
     """A row's ``uri``, or an ``outside_root`` error row's where the name leaves ``--images``: never read."""
-    uri = labelling.image_uri(root, file_name)
+    uri = coco.image_uri(root, file_name)
     if uri:
         return {"uri": uri, "error": None}
-    return {"uri": file_name, "error": f"{data.OUTSIDE_ROOT}: {file_name!r} is not under {root}"}
+    return {"uri": file_name, "error": f"{coco.OUTSIDE_ROOT}: {file_name!r} is not under {root}"}

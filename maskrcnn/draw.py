@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_keypoints
 
 from maskrcnn import masks
-from maskrcnn.cli import option
+from maskrcnn.config import option
 from maskrcnn.output import KEYPOINT_MIN_SCORE
 
 ALPHA = 0.5

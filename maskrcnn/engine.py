@@ -17,9 +17,8 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 
-from maskrcnn import data, devices, metric, transforms
+from maskrcnn import coco, data, devices, metric, transforms
 from maskrcnn.errors import UserError
-from maskrcnn.export import to_results
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, Predictor
 
 
@@ -146,7 +145,7 @@ def usable_rows(batch: list[dict[str, Any]], skipped: Counter) -> list[dict[str,
 
 def validate(
     model: nn.Module,
-    val: data.CocoDataset,
+    val: coco.CocoIndex,
     api: COCO,
     rank: int,
     world: int,
@@ -183,7 +182,7 @@ def predict_records(predictor: Predictor, records: Iterable[dict], batch_size: i
     def flush() -> None:
         hwc = [np.ascontiguousarray(r["image"].transpose(1, 2, 0)) for r in pending]
         for row, instances in zip(pending, predictor.predict(hwc)):
-            results.extend(to_results(instances, row["image_id"]))
+            results.extend(metric.to_results(instances, row["image_id"]))
         pending.clear()
 
     for row in _loaded(records):

@@ -11,11 +11,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from maskrcnn import checkpoint, data, inference, keypoints, labels, output, storage
-from maskrcnn.cli import arch_option, embed, keypoint_sigmas_option, model_option, option
-from maskrcnn.export import to_results
+from maskrcnn import checkpoint, coco, inference, keypoints, labels, output, storage
+from maskrcnn.config import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.inference import InferenceOptions
-from maskrcnn.metric import evaluate, iou_types
+from maskrcnn.metric import evaluate, iou_types, to_results
 from maskrcnn.model import is_path
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, check_classes
 from maskrcnn.progress import Progress
@@ -85,7 +84,7 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _predict(
-    options: InferenceOptions, dataset: data.CocoDataset, model: list[ray.ObjectRef]
+    options: InferenceOptions, dataset: coco.CocoIndex, model: list[ray.ObjectRef]
 ) -> tuple[list[dict], Counter]:
     """The records through decode tasks and the actor pool, in their orientation (a COCO
     file's sizes are the stored pixels; a segmentation output's, the displayed picture's);
@@ -113,7 +112,7 @@ def _predict(
 
 
 def _scored(
-    ckpt: dict[str, Any], dataset: data.CocoDataset, annotations: str, given: tuple[float, ...] | None
+    ckpt: dict[str, Any], dataset: coco.CocoIndex, annotations: str, given: tuple[float, ...] | None
 ) -> tuple[tuple[str, ...], np.ndarray | None]:
     """What to score a model on (:func:`maskrcnn.metric.iou_types`), and the OKS sigmas of its keypoints. A
     keypoint model needs ground truth with the same keypoints; without any, it is scored on boxes."""
@@ -124,7 +123,7 @@ def _scored(
         print(f"[evaluate] warning: {annotations} has no keypoints; scoring boxes and masks only", flush=True)
         return tuple(t for t in types if t != "keypoints"), None
     if dataset.keypoints.names != spec.names:
-        raise data.DatasetError(f"{annotations}: its keypoints are not the model's ({', '.join(spec.names[:3])}, ...)")
+        raise coco.DatasetError(f"{annotations}: its keypoints are not the model's ({', '.join(spec.names[:3])}, ...)")
     sigmas, warning = keypoints.sigmas(spec.names, list(given) if given else None)
     if warning:
         print(f"[evaluate] warning: {warning}", flush=True)

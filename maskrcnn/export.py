@@ -20,35 +20,10 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-import pyarrow.parquet as pq
-
 from maskrcnn import draw, images, masks, storage
 from maskrcnn.keypoints import KeypointSpec
+from maskrcnn.metric import to_results
 from maskrcnn.output import as_coco_annotation, part_files, read_rows  # noqa: F401 (read_rows: export's API)
-
-
-def count_rows(output: str) -> int:
-    """The rows of a segmentation output, from the part files' footers (no row is read)."""
-    return sum(
-        pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(storage.filesystem, part_files(output))
-    )
-
-
-def job_record(output: str) -> dict[str, Any]:
-    """The segmentation job's ``_job.json`` (input, model, keypoint names and skeleton), or {}."""
-    record = storage.join(output, "_job.json")
-    return json.loads(storage.read_text(record)) if storage.exists(record) else {}
-
-
-def job_input(output: str) -> str | None:
-    """The directory or prefix a segmentation output was made from (None for a manifest)."""
-    source = job_record(output).get("input")
-    return None if source is None or source.lower().endswith((".parquet", ".csv", ".txt")) else source
-
-
-def job_keypoints(output: str) -> KeypointSpec | None:
-    """The keypoint names and skeleton of the model that made a segmentation output, if it had keypoints."""
-    return KeypointSpec.from_dict(job_record(output).get("keypoints"))
 
 
 def relative(uri: str, root: str) -> str | None:
@@ -63,21 +38,6 @@ def relative(uri: str, root: str) -> str | None:
 
 
 # ---------------------------------------------------------------- COCO JSON
-
-
-def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
-    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts:
-    ``segmentation`` where there is a mask, ``keypoints`` ``[x, y, 1] * K`` where there are
-    keypoints (visibility 1, as torchvision's references write them; COCOeval reads only x, y)."""
-    results = []
-    for i in instances:
-        result = {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"]}
-        if i.get("mask") is not None:
-            result["segmentation"] = i["mask"]
-        if i.get("keypoints") is not None:
-            result["keypoints"] = [v for x, y, _ in i["keypoints"] for v in (x, y, 1)]
-        results.append(result)
-    return results
 
 
 class Segmentation:

@@ -96,7 +96,7 @@ def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
 
 def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> None:
     """Refuse a dataset of another model or schema version; then record it as this one's."""
-    record_uri = storage.join(cfg.output, "_job.json")
+    record_uri = storage.join(cfg.output, output.JOB)
     if storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
         if previous.get("schema_version") != output.SCHEMA_VERSION or previous.get("model") != model_id:
@@ -104,7 +104,7 @@ def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> 
                 f"{cfg.output} holds output of another job (model={previous.get('model')}, schema version "
                 f"{previous.get('schema_version')}); a new model's labels are a new dataset: choose another --output"
             )
-    record = segment.job_record(cfg, model_id, keypoints) | {"incremental": True}
+    record = output.job_record(cfg.input, model_id, cfg.rows_per_file, keypoints) | {"incremental": True}
     storage.write_text(record_uri, json.dumps(record, indent=2))
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import ray
 
 from maskrcnn import checkpoint, devices, images, output
-from maskrcnn.cli import option, pool_size, resources
+from maskrcnn.config import option, pool_size, resources
 from maskrcnn.predictor import INFER, DeviceLost, PredictOptions, Predictor, model_input
 from maskrcnn.runtime import init_ray, on_this_node
 

@@ -1,6 +1,7 @@
 """Person keypoints, COCO's ``keypoints`` ``[x, y, v] * K``: the dataset's keypoint names and
 skeleton (:class:`KeypointSpec`, stored in the checkpoint), the left/right swap a horizontal
-flip needs, that flip, and the OKS sigmas that score them (:func:`sigmas`).
+flip needs (the flip itself is :class:`maskrcnn.transforms.RandomHorizontalFlip`), and the
+OKS sigmas that score them (:func:`sigmas`). No torch: the converter checks keypoints too.
 
 The swap comes from the names (``left_eye`` <-> ``right_eye``), not from a table written for
 COCO persons, so any keypoint set whose names say left and right flips correctly.
@@ -13,11 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools.cocoeval import COCOeval
-from torchvision import tv_tensors
-from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
-from torchvision.transforms import v2
 
 from maskrcnn.errors import UserError
 
@@ -51,9 +48,14 @@ class KeypointSpec:
         return cls(tuple(value["keypoints"]), tuple((a, b) for a, b in value["skeleton"]))
 
 
-# COCO's 17 person keypoints (torchvision's Keypoint R-CNN predicts them) and the skeleton of
+# COCO's 17 person keypoints, as torchvision's Keypoint R-CNN weights name them (a test checks
+# that they still do; written out so that this module needs no torch), and the skeleton of
 # COCO's person category, which torchvision's weights do not carry.
-COCO_KEYPOINTS: list[str] = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
+COCO_KEYPOINTS: list[str] = [
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+]  # fmt: skip
 _PAIRS = "16-14 14-12 17-15 15-13 12-13 6-12 7-13 6-7 6-8 7-9 8-10 9-11 2-3 1-2 1-3 2-4 3-5 4-6 5-7"
 COCO_SKELETON = tuple((int(a), int(b)) for a, b in (pair.split("-") for pair in _PAIRS.split()))
 COCO_PERSON = KeypointSpec(tuple(COCO_KEYPOINTS), COCO_SKELETON)
@@ -105,30 +107,6 @@ def valid(values: Any, count: int) -> bool:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         return False
     return all(v in (0, 1, 2) for v in values[2::3])
-
-
-class RandomHorizontalFlip(v2.Transform):
-    """``v2.RandomHorizontalFlip`` that also swaps left and right keypoints (and their
-    visibility), so a flipped left wrist is labelled a right wrist. It draws from torch's
-    generator exactly as ``v2.RandomHorizontalFlip`` does."""
-
-    def __init__(self, p: float, permutation: list[int]):
-        super().__init__()
-        self.p, self.permutation = p, permutation
-        self.flip = v2.RandomHorizontalFlip(1.0)
-
-    def forward(self, *inputs: Any) -> Any:
-        if torch.rand(1) >= self.p:
-            return inputs if len(inputs) > 1 else inputs[0]
-        image, target = self.flip(*inputs)
-        if "keypoints" in target:
-            points = target["keypoints"]
-            target = dict(
-                target,
-                keypoints=tv_tensors.wrap(points[:, self.permutation], like=points),
-                visibility=target["visibility"][:, self.permutation],
-            )
-        return image, target
 
 
 # The mean of COCO's 17 person sigmas (0.0669): what a keypoint set with no --keypoint-sigmas is scored with.

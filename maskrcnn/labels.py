@@ -5,7 +5,7 @@ A source is a segmentation output (pseudo-labels: rows with ``model`` set, insta
 scores) or ground truth converted from a COCO file (:mod:`maskrcnn.convert`). Training reads
 the rows with ``ray.data.read_parquet`` and turns them into training records in Ray Data
 tasks (:func:`records`) by the rules that clean a COCO file
-(:func:`maskrcnn.data.clean_annotation`), once, before the first step (:func:`clean`): the
+(:func:`maskrcnn.coco.clean_annotation`), once, before the first step (:func:`clean`): the
 records stay in Ray's object store and only their counts reach the driver. Each epoch then
 streams them in the seed's order (:func:`shuffled`).
 
@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from maskrcnn import data, keypoints, loading, output, storage
-from maskrcnn.data import DatasetError
+from maskrcnn import coco, keypoints, loading, output, storage
+from maskrcnn.coco import DatasetError
 
 COLUMNS = ["uri", "width", "height", "instances", "model", "error"]
 
@@ -73,7 +73,7 @@ def open_labels(source: str) -> Labels:
             f"{source}: {output.CATEGORIES} gives orientation {orientation!r}; "
             f"it must be one of {', '.join(output.ORIENTATIONS)}"
         )
-    cats = data.categories({"categories": categories}, source)
+    cats = coco.categories({"categories": categories}, source)
     return Labels(source, cats, files, orientation, output.newest_rows(source))
 
 
@@ -162,7 +162,7 @@ def _ground_truth_uris(uri: str) -> list[str]:
 
 
 def record_schema(rules: Rules) -> pa.Schema:
-    """The columns of a training record, as :func:`maskrcnn.data.load_coco` makes them."""
+    """The columns of a training record, as :func:`maskrcnn.coco.load_coco` makes them."""
     fields = [("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int64()), ("height", pa.int64())]
     fields += [("orientation", pa.string()), ("annotations", pa.string())]
     if rules.keypoints:
@@ -205,11 +205,11 @@ def _training_annotations(row: dict, img: dict, rules: Rules, dropped: Counter) 
         if rules.min_score is not None and inst.get("score") is not None and inst["score"] < rules.min_score:
             dropped["below_min_score"] += 1
             continue
-        reason, clean = data.clean_annotation(output.as_coco_annotation(inst), img, rules.label_of, rules.keypoints)
+        reason, clean = coco.clean_annotation(output.as_coco_annotation(inst), img, rules.label_of, rules.keypoints)
         if reason or clean["iscrowd"]:
             dropped[reason or "crowd"] += 1
             continue
-        anns.append(data.training_annotation(clean, img, rules.label_of, rules.keypoints))
+        anns.append(coco.training_annotation(clean, img, rules.label_of, rules.keypoints))
     return anns
 
 
@@ -264,8 +264,8 @@ def clean(sources: list[Labels], rules: Rules, coco_records: list[dict[str, Any]
         for one in sources
     ]
     if coco_records:
-        coco = pa.Table.from_pylist([dict(r, drops="") for r in coco_records], schema=_cleaned_schema(rules))
-        parts.insert(0, ray.data.from_arrow(coco))
+        table = pa.Table.from_pylist([dict(r, drops="") for r in coco_records], schema=_cleaned_schema(rules))
+        parts.insert(0, ray.data.from_arrow(table))
     dataset = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     images, dropped, skipped = 0, Counter(), Counter()
     for batch in dataset.select_columns(["drops"]).iter_batches(batch_format="pyarrow", batch_size=65536):
@@ -311,9 +311,9 @@ def read_coco(source: str) -> dict[str, Any]:
     return {"images": images, "annotations": annotations, "categories": labels.categories}
 
 
-def load_dataset(source: str, image_root: str | None) -> data.CocoDataset:
+def load_dataset(source: str, image_root: str | None) -> coco.CocoIndex:
     """A validation set, indexed by the training rules: a COCO file whose images are under
     ``image_root``, or Parquet labels, whose records keep their images' orientation."""
     if is_labels(source):
-        return data.index_coco(read_coco(source), source, None)
-    return data.load_coco(source, image_root)
+        return coco.index_coco(read_coco(source), source, None)
+    return coco.load_coco(source, image_root)

@@ -2,18 +2,20 @@
 
 All encoding and decoding is pycocotools'; this module only normalises its inputs and
 outputs (Fortran order in, ASCII ``counts`` strings out, so RLEs are JSON and Parquet safe).
+Only pasting a model's masks (:func:`paste_and_encode`) needs torch, and imports it there:
+the converter encodes COCO masks with no torch in its process.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+if TYPE_CHECKING:
+    import torch
 
 
 class InvalidSegmentation(ValueError):
@@ -116,6 +118,8 @@ def paste_and_encode(
     Everything up to the change points runs on the masks' device, for all instances at
     once; only the change points come to the host, in one transfer.
     """
+    import torch
+
     if len(mask_probs) == 0:
         return []
     crops = _threshold_crops(mask_probs, boxes, height, width, threshold)
@@ -133,6 +137,10 @@ def _threshold_crops(
 ) -> list[tuple[torch.Tensor, int, int]]:
     """Each mask resized into its (expanded, integer) box as torchvision pastes it, cut to
     the image and thresholded: ``(crop, x0, y0)`` with the crop's top-left in the image."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
     padded, scale = expand_masks(mask_probs, padding=1)
     int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()  # the one host sync for boxes
     crops = []
@@ -151,6 +159,8 @@ def _column_major(crops: list[tuple[torch.Tensor, int, int]], height: int) -> tu
     """All crops in one flat boolean buffer: a zero, then crop 1 column by column (each column
     followed by one zero standing for the gap down to the next column, unless the crop spans
     the full height), a zero, crop 2, ..., a zero. Returns it and each crop's leading zero."""
+    import torch
+
     lengths = [c.shape[1] * _rows(c, height) for c, _, _ in crops]
     starts = np.concatenate([[0], np.cumsum(np.add(lengths, 1))])[:-1]
     flat = torch.zeros(int(starts[-1]) + lengths[-1] + 2, dtype=torch.bool, device=crops[0][0].device)

@@ -1,6 +1,7 @@
 """The COCO metric: box, mask and keypoint AP (overall and per category) with pycocotools.
 
-:func:`evaluate` scores results in one process. Training splits it as torchvision's
+:func:`to_results` turns predicted instances into COCO results, and :func:`evaluate`
+scores them in one process. Training splits it as torchvision's
 reference does: each worker matches its own images (:func:`evaluate_part`, COCOeval's
 per-image step, most of the time) and one merges the parts and summarises them
 (:func:`summarize`), to the same figures.
@@ -63,6 +64,21 @@ _KEYPOINT_STAT_LABELS = tuple(
 )
 
 
+def to_results(instances: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    """Predicted instances (see :class:`maskrcnn.predictor.Predictor`) -> COCO result dicts:
+    ``segmentation`` where there is a mask, ``keypoints`` ``[x, y, 1] * K`` where there are
+    keypoints (visibility 1, as torchvision's references write them; COCOeval reads only x, y)."""
+    results = []
+    for i in instances:
+        result = {"image_id": int(image_id), "category_id": i["category_id"], "bbox": i["bbox"], "score": i["score"]}
+        if i.get("mask") is not None:
+            result["segmentation"] = i["mask"]
+        if i.get("keypoints") is not None:
+            result["keypoints"] = [v for x, y, _ in i["keypoints"] for v in (x, y, 1)]
+        results.append(result)
+    return results
+
+
 def stat_names(iou_type: str) -> tuple[str, ...]:
     return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
 
@@ -111,7 +127,7 @@ def evaluate(
     iou_types: tuple[str, ...] = IOU_TYPES,
     sigmas: np.ndarray | None = None,
 ) -> Scores:
-    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.data.load_coco`),
+    """Score COCO results against ground truth (already cleaned: see :func:`maskrcnn.coco.load_coco`),
     for each of ``iou_types`` (``bbox``, ``segm``, ``keypoints``; ``sigmas``: see
     :func:`maskrcnn.keypoints.sigmas`), on ``image_ids`` (default: every image of ``gt``).
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maskrcnn import storage
+from maskrcnn.keypoints import KeypointSpec
 
 SCHEMA_VERSION = "3"  # 2: instances have keypoints; 3: and iscrowd (ground truth), and _categories.json
 MASK = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
@@ -59,6 +60,7 @@ SCHEMA = pa.schema(
     ],
     metadata={"maskrcnn.schema_version": SCHEMA_VERSION},
 )
+JOB = "_job.json"  # beside the part files: what made them (input, model, rows per file, keypoints)
 CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories, "orientation": ...}
 DISPLAYED, STORED = "displayed", "stored"  # a source's orientation (see the module's docstring)
 ORIENTATIONS = (DISPLAYED, STORED)
@@ -145,6 +147,41 @@ def read_meta(output: str) -> dict[str, Any] | None:
     where it was written before it said); None where there is none."""
     uri = storage.join(output, CATEGORIES)
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def job_record(input: str, model_id: str, rows_per_file: int, keypoints: KeypointSpec | None) -> dict[str, Any]:
+    """What ``_job.json`` records of a segmentation job (an incremental dataset adds ``incremental``)."""
+    return {
+        "input": input,
+        "model": model_id,
+        "rows_per_file": rows_per_file,
+        "schema_version": SCHEMA_VERSION,
+        "keypoints": keypoints.as_dict() if keypoints else None,
+    }
+
+
+def read_job(output: str) -> dict[str, Any]:
+    """An output's ``_job.json`` (see :func:`job_record`), or {} where there is none."""
+    record = storage.join(output, JOB)
+    return json.loads(storage.read_text(record)) if storage.exists(record) else {}
+
+
+def job_input(output: str) -> str | None:
+    """The directory or prefix a segmentation output was made from (None for a manifest)."""
+    source = read_job(output).get("input")
+    return None if source is None or source.lower().endswith((".parquet", ".csv", ".txt")) else source
+
+
+def job_keypoints(output: str) -> KeypointSpec | None:
+    """The keypoint names and skeleton of the model that made a segmentation output, if it had keypoints."""
+    return KeypointSpec.from_dict(read_job(output).get("keypoints"))
+
+
+def count_rows(output: str) -> int:
+    """The rows of a segmentation output, from the part files' footers (no row is read)."""
+    return sum(
+        pq.read_metadata(path, filesystem=fs).num_rows for fs, path in map(storage.filesystem, part_files(output))
+    )
 
 
 def part_files(output: str) -> list[str]:

@@ -30,7 +30,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes, resize_keypoints
 
 from maskrcnn import checkpoint, devices, masks
-from maskrcnn.cli import names, option
+from maskrcnn.config import names, option
 
 INFER = "inference"
 EVAL_SCORE_THRESHOLD = 0.05  # what evaluation keeps: torchvision's default, what COCO AP is usually reported at

@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from maskrcnn.cli import names, option
+from maskrcnn.config import names, option
 
 REVIEW = "review queue (every output gets only the queued images, in queue order)"
 BY = ("uncertain", "crowded")

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from maskrcnn import checkpoint, images, inference, listing, output, storage
-from maskrcnn.cli import arch_option, embed, extensions, model_option, option, resources
+from maskrcnn.config import arch_option, embed, extensions, model_option, option, resources
 from maskrcnn.errors import UserError
 from maskrcnn.images import IMAGE_EXTENSIONS
 from maskrcnn.inference import InferenceOptions
@@ -93,7 +93,7 @@ class SegmentConfig:
         False,
         group=DECODE,
     )
-    log_every: float = option("seconds between progress lines", 30.0, group=PROGRESS)
+    progress_seconds: float = option("seconds between progress lines", 30.0, group=PROGRESS, was={"--log-every": None})
     max_error_rate: float | None = option(
         "a run whose share of error rows exceeds this still writes its rows and _summary.json, "
         "but not _SUCCESS, and exits 3",
@@ -194,10 +194,10 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
 
     One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
     (temporary files, the previous run's _SUCCESS) and finding the finished parts."""
-    record_uri = storage.join(cfg.output, "_job.json")
+    record_uri = storage.join(cfg.output, output.JOB)
+    record = output.job_record(cfg.input, model_id, cfg.rows_per_file, keypoints)
     if not cfg.overwrite and storage.exists(record_uri):
         previous = json.loads(storage.read_text(record_uri))
-        mine = job_record(cfg, model_id, keypoints)
         if previous.get("schema_version") != output.SCHEMA_VERSION:
             raise SegmentError(
                 f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
@@ -207,34 +207,23 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
             raise SegmentError(
                 f"{cfg.output} is a labels dataset of incremental runs; pass --incremental to label what is new"
             )
-        changed = [k for k in ("input", "model", "rows_per_file") if previous.get(k) != mine[k]]
+        changed = [k for k in ("input", "model", "rows_per_file") if previous.get(k) != record[k]]
         if changed:
             raise SegmentError(
                 f"{cfg.output} holds output of another job ({', '.join(f'{k}={previous.get(k)}' for k in changed)}); "
                 "pass --overwrite or choose another --output"
             )
-    storage.write_text(record_uri, json.dumps(job_record(cfg, model_id, keypoints), indent=2))
+    storage.write_text(record_uri, json.dumps(record, indent=2))
     parts: dict[int, str] = {}
     for uri, folder, name in output.files(cfg.output):
         part = output.part_of(name)
-        if folder or name == "_job.json":
+        if folder or name == output.JOB:
             continue
         if cfg.overwrite or (part is None and (".tmp-" in name or name == "_SUCCESS")):
             storage.delete(uri)
         elif part is not None:
             parts[part] = uri
     return parts
-
-
-def job_record(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> dict[str, Any]:
-    """What ``_job.json`` records of a job (and, with ``incremental``, of a labels dataset)."""
-    return {
-        "input": cfg.input,
-        "model": model_id,
-        "rows_per_file": cfg.rows_per_file,
-        "schema_version": output.SCHEMA_VERSION,
-        "keypoints": keypoints.as_dict() if keypoints else None,
-    }
 
 
 def _progress(cfg: SegmentConfig, tally: ray.actor.ActorHandle, resumed: int) -> Progress:
@@ -246,7 +235,7 @@ def _progress(cfg: SegmentConfig, tally: ray.actor.ActorHandle, resumed: int) ->
         return listed["images"] - resumed if listed else None
 
     total = max(0, cfg.limit - resumed) if cfg.limit else None
-    return Progress("segment", total, every=cfg.log_every, find_total=listed_total)
+    return Progress("segment", total, every=cfg.progress_seconds, find_total=listed_total)
 
 
 # ---------------------------------------------------------------- 2. the pipeline

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from maskrcnn import masks, storage
-from maskrcnn.cli import floats
+from maskrcnn.config import floats
 from maskrcnn.keypoints import KeypointSpec
 
 CLASSES = ("circle", "rectangle", "triangle")

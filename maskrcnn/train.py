@@ -47,7 +47,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from maskrcnn import checkpoint, data, devices, history, keypoints, labels, loading, storage
+from maskrcnn import checkpoint, coco, devices, history, keypoints, labels, loading, storage
 from maskrcnn.model import has_keypoints
 from maskrcnn.runtime import init_ray, without_false_alarms
 from maskrcnn.train_config import TrainConfig, TrainingPlan
@@ -110,7 +110,7 @@ class TrainingSet:
     records: list[dict[str, Any]]
     sources: list[labels.Labels]
     dropped: Counter
-    val: data.CocoDataset | None  # indexed once, here; the workers get it from Ray's object store
+    val: coco.CocoIndex | None  # indexed once, here; the workers get it from Ray's object store
     sigmas: list[float] | None  # the OKS sigmas validation scores keypoints with
     cleaned: labels.Cleaned | None = None  # with Parquet labels: every record, cleaned (see count)
 
@@ -126,12 +126,12 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
         if labels.is_labels(source):
             found[source] = next(s.categories for s in sources if s.source == source)
             continue
-        coco = data.load_coco(source, cfg.train_images, like)
-        records += coco.records
-        dropped.update(coco.dropped)
-        found[source] = coco.gt["categories"]
-        like = like or coco.gt["categories"]
-        del coco  # its ground truth: evaluation scores the validation set's only
+        indexed = coco.load_coco(source, cfg.train_images, like)
+        records += indexed.records
+        dropped.update(indexed.dropped)
+        found[source] = indexed.gt["categories"]
+        like = like or indexed.gt["categories"]
+        del indexed  # its ground truth: evaluation scores the validation set's only
     if cfg.train_images and not all(map(labels.is_labels, cfg.train_sources)):
         storage.check_readable_dir(cfg.train_images)
     labels.same_categories(found)
@@ -150,7 +150,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
         storage.make_dirs(cfg.storage)
     spec = _keypoints(cfg, categories)
     if spec and val and val.keypoints != spec:
-        raise data.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_sources[0]}'s")
+        raise coco.DatasetError(f"{cfg.val_annotations}: its keypoints differ from {cfg.train_sources[0]}'s")
     if spec is None:
         for record in records:
             record.pop("num_keypoints", None)
@@ -175,7 +175,7 @@ def _keypoints(cfg: TrainConfig, categories: list[dict]) -> keypoints.KeypointSp
         return None
     spec = keypoints.spec_of(categories, cfg.train_sources[0])
     if spec is None:
-        raise data.DatasetError(f"{cfg.train_sources[0]}: no category lists 'keypoints', which --arch {cfg.arch} needs")
+        raise coco.DatasetError(f"{cfg.train_sources[0]}: no category lists 'keypoints', which --arch {cfg.arch} needs")
     return spec
 
 
@@ -239,7 +239,7 @@ def finished(cfg: TrainConfig, plan: TrainingPlan) -> bool:
 def _steps_per_epoch(cfg: TrainConfig, images: int) -> int:
     steps = images // cfg.num_workers // cfg.batch_size
     if steps == 0:
-        raise data.DatasetError(
+        raise coco.DatasetError(
             f"{cfg.train_annotations}: {images} images is fewer than one step "
             f"({cfg.num_workers} workers x batch {cfg.batch_size})"
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import ray
 
 from maskrcnn import labels, storage
-from maskrcnn.cli import ints, keypoint_sigmas_option, option
+from maskrcnn.config import ints, keypoint_sigmas_option, option
 from maskrcnn.engine import OPTIMIZERS, default_warmup_steps
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.model import ARCHS, SMALL, default_sizes

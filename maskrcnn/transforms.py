@@ -62,7 +62,7 @@ class Augment:
     def __init__(self, scales: tuple[int, ...], max_size: int, spec: keypoints.KeypointSpec | None = None):
         self.scales = tuple(scales)
         self.resize = resize_transform(max(scales), max_size)
-        flip = keypoints.RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
+        flip = RandomHorizontalFlip(0.5, spec.flip_permutation()) if spec else v2.RandomHorizontalFlip(0.5)
         self.random = {
             scale: v2.Compose(
                 [
@@ -87,6 +87,30 @@ class Augment:
         if full_size:
             image, target = self.resize(image, target)
         return self.random[scale](image, target)
+
+
+class RandomHorizontalFlip(v2.Transform):
+    """``v2.RandomHorizontalFlip`` that also swaps left and right keypoints (and their
+    visibility), so a flipped left wrist is labelled a right wrist. It draws from torch's
+    generator exactly as ``v2.RandomHorizontalFlip`` does."""
+
+    def __init__(self, p: float, permutation: list[int]):
+        super().__init__()
+        self.p, self.permutation = p, permutation
+        self.flip = v2.RandomHorizontalFlip(1.0)
+
+    def forward(self, *inputs: Any) -> Any:
+        if torch.rand(1) >= self.p:
+            return inputs if len(inputs) > 1 else inputs[0]
+        image, target = self.flip(*inputs)
+        if "keypoints" in target:
+            points = target["keypoints"]
+            target = dict(
+                target,
+                keypoints=tv_tensors.wrap(points[:, self.permutation], like=points),
+                visibility=target["visibility"][:, self.permutation],
+            )
+        return image, target
 
 
 def batches(stream: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator[list[dict[str, Any]]]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from maskrcnn import checkpoint, incremental, output, storage
-from maskrcnn.cli import option
+from maskrcnn.config import option
 from maskrcnn.lease import describe, holder
 from maskrcnn.segment import SegmentError
 

@@ -20,7 +20,7 @@ import torch
 from pycocotools.coco import COCO
 from ray.train import Checkpoint
 
-from maskrcnn import checkpoint, data, devices, engine, history, storage, transforms
+from maskrcnn import checkpoint, coco, data, devices, engine, history, storage, transforms
 from maskrcnn.metric import as_metrics, coco_api, format_table, iou_types
 from maskrcnn.model import has_keypoints, has_masks
 from maskrcnn.progress import Progress
@@ -79,7 +79,7 @@ class Worker:
         self.step, self.epoch, self.best = 0, 0, float("-inf")
         self.keypoints = plan.keypoints
         self.augment = transforms.Augment(cfg.scales, cfg.max_size, self.keypoints)
-        self.val: data.CocoDataset | None = None
+        self.val: coco.CocoIndex | None = None
         self.val_api: COCO | None = None
         self.schedule = engine.Schedule(
             base_lr=cfg.lr or engine.default_lr(cfg.optimizer, cfg.global_batch),
@@ -217,7 +217,7 @@ class Worker:
     def validate(self) -> dict[str, float]:
         """COCO AP on the validation set (:func:`maskrcnn.engine.validate`): every worker predicts
         and matches its share, rank 0 merges and scores. The ground truth is cleaned by the
-        training rules (:func:`maskrcnn.data.load_coco`)."""
+        training rules (:func:`maskrcnn.coco.load_coco`)."""
         if not self.plan.val:
             return {}
         if self.val is None:
@@ -247,11 +247,11 @@ class Worker:
         self.record("val", metrics)
         return metrics
 
-    def _validation_set(self) -> tuple[data.CocoDataset, COCO]:
+    def _validation_set(self) -> tuple[coco.CocoIndex, COCO]:
         """The driver's validation set, and its ground truth indexed for scoring: every
         worker matches the images it predicts."""
         images, gt = self.plan.val
-        val = data.CocoDataset(
+        val = coco.CocoIndex(
             gt={},  # kept once, indexed
             classes=self.plan.classes,
             category_ids=self.plan.category_ids,

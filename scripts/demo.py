@@ -176,7 +176,7 @@ def segment(data: str, labels: str, model: str) -> None:
         return
     say(f"4/5 segment: {RECIPE.archive} -> Parquet, one row per file")
     io = ["--input", f"{data}/{RECIPE.archive}", "--extensions", "*", "--output", labels, "--model", model]
-    run("jobs/segment_bucket.py", *io, "--rows-per-file", "16", "--actors", "1", "--log-every", "10")
+    run("jobs/segment_bucket.py", *io, "--rows-per-file", "16", "--actors", "1", "--progress-seconds", "10")
 
 
 def show(root: str, data: str, labels: str, model: str, local: Path, drawable: bool) -> None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from maskrcnn import cli
+from maskrcnn import cli, config
 from maskrcnn.errors import UserError
 from tests.helpers import REPO, assert_no_library_warnings, run_job
 
@@ -25,12 +25,14 @@ class _Config:
     Examples:
       python jobs/x.py --path p"""
 
-    path: str = cli.option("where to read", group="io")
-    sizes: tuple[int, ...] | None = cli.option("shortest sides", None, group="io", default_text="800", type=cli.ints)
-    workers: int = cli.option("workers", 2, group="run")
-    gpu: bool = cli.option("use a GPU", False, group="run")
-    amp: bool = cli.option("disable AMP", True, group="run", flag="--no-amp")
-    ratio: float = cli.option("a fraction; 0 disables", 0.0, group="run")
+    path: str = config.option("where to read", group="io")
+    sizes: tuple[int, ...] | None = config.option(
+        "shortest sides", None, group="io", default_text="800", type=config.ints
+    )
+    workers: int = config.option("workers", 2, group="run")
+    gpu: bool = config.option("use a GPU", False, group="run")
+    amp: bool = config.option("disable AMP", True, group="run", flag="--no-amp")
+    ratio: float = config.option("a fraction; 0 disables", 0.0, group="run")
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -74,7 +76,7 @@ def test_help_gives_every_default_once():
 
 def test_a_default_is_declared_never_written_into_the_help():
     with pytest.raises(TypeError, match="declare the default"):
-        cli.option("shortest sides (default: 800)", None, group="io")
+        config.option("shortest sides (default: 800)", None, group="io")
 
 
 def test_the_flag_table_is_the_help():
@@ -88,15 +90,17 @@ def test_the_flag_table_is_the_help():
 
 @dataclass(kw_only=True)
 class _Shared:
-    actors: tuple[int, int] = cli.option("actors", (1, 1), group="pool", type=cli.pool_size, was={"--workers": None})
-    gpus: float = cli.option("GPUs per actor", 0.0, group="pool", was={"--gpu": 1.0})
-    threshold: float = cli.option("score threshold", 0.5, group="pool")
+    actors: tuple[int, int] = config.option(
+        "actors", (1, 1), group="pool", type=config.pool_size, was={"--workers": None}
+    )
+    gpus: float = config.option("GPUs per actor", 0.0, group="pool", was={"--gpu": 1.0})
+    threshold: float = config.option("score threshold", 0.5, group="pool")
 
 
 @dataclass(kw_only=True)
 class _Job:
-    path: str = cli.option("where to read", group="io")
-    pool: _Shared = cli.embed(_Shared, threshold=0.05)
+    path: str = config.option("where to read", group="io")
+    pool: _Shared = config.embed(_Shared, threshold=0.05)
 
 
 def test_shared_options_are_declared_once_and_embedded_with_the_jobs_defaults(capsys):
@@ -123,13 +127,13 @@ def test_an_old_flag_name_still_works_and_says_the_new_one(capsys):
 @pytest.mark.parametrize(
     "parse, text, expected",
     [
-        (cli.pool_size, "4", (4, 4)),
-        (cli.pool_size, "1,16", (1, 16)),
-        (cli.extensions, "JPG, .png", (".jpg", ".png")),
-        (cli.extensions, "*", None),
-        (cli.names, "person, dog ,", ["person", "dog"]),
-        (cli.resources, '{"gpu_node": 1}', {"gpu_node": 1.0}),
-        (cli.floats, "0.026,0.1", (0.026, 0.1)),
+        (config.pool_size, "4", (4, 4)),
+        (config.pool_size, "1,16", (1, 16)),
+        (config.extensions, "JPG, .png", (".jpg", ".png")),
+        (config.extensions, "*", None),
+        (config.names, "person, dog ,", ["person", "dog"]),
+        (config.resources, '{"gpu_node": 1}', {"gpu_node": 1.0}),
+        (config.floats, "0.026,0.1", (0.026, 0.1)),
     ],
 )
 def test_flag_values_parse(parse, text, expected):
@@ -139,12 +143,12 @@ def test_flag_values_parse(parse, text, expected):
 @pytest.mark.parametrize(
     "parse, text",
     [
-        (cli.pool_size, "3,1"),
-        (cli.pool_size, "0"),
-        (cli.resources, "[1]"),
-        (cli.resources, "{"),
-        (cli.floats, "0.1,x"),
-        (cli.floats, "0.1,0"),
+        (config.pool_size, "3,1"),
+        (config.pool_size, "0"),
+        (config.resources, "[1]"),
+        (config.resources, "{"),
+        (config.floats, "0.1,x"),
+        (config.floats, "0.1,0"),
     ],
 )
 def test_bad_flag_values_say_what_was_expected(parse, text):

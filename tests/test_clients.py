@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from maskrcnn import data, masks, output
+from maskrcnn import coco, masks, output
 from tests.helpers import CLIENTS, call_job, free_port, mask_iou, read_back, run_job, teacher_labels
 
 LOCAL_FILES = "/data/local-files/?d="
@@ -64,7 +64,7 @@ def test_label_studio_sdk_reads_every_mask_back_from_the_tasks(labels, tmp_path)
     assert len(anns) == sum(k for _, _, k in parts)  # one region per part; Label Studio keeps their order
     ious, at = [], 0
     for _, inst, k in parts:
-        if k:  # a speck with no polygon is left out, and counted (tests/test_labelling.py)
+        if k:  # a speck with no polygon is left out, and counted (tests/test_prelabels.py)
             height, width = inst["mask"]["size"]
             got = masks.to_compressed([a["segmentation"][0] for a in anns[at : at + k]], height, width)
             ious.append(mask_iou([inst["mask"]], [got])[0, 0])
@@ -101,7 +101,7 @@ def test_a_cvat_coco_export_trains_unchanged(tmp_path):
     assert [a["iscrowd"] for a in written["annotations"]] == [0, 1]
     assert isinstance(written["annotations"][1]["segmentation"]["counts"], list)
     like = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}]
-    found = data.load_coco(str(exported), str(tmp_path), like)
+    found = coco.load_coco(str(exported), str(tmp_path), like)
     trained = json.loads(found.records[0]["annotations"])
     assert found.dropped == {} and len(trained) == 2  # the mask is trained on, not taken for a crowd
     assert [a["category_id"] for a in found.gt["annotations"]] == [1, 18]  # by name: person, dog

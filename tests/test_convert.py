@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from maskrcnn import convert, data, labels, masks, output, storage
+from maskrcnn import coco, convert, data, labels, masks, output, storage
 from tests.helpers import add_defects, call_job, upload_dir
 
 
@@ -22,7 +22,7 @@ def _convert(annotations: Path | str, images: Path | str, out: Path | str, *extr
     return json.loads(result.stdout.split("summary:\n", 1)[1])
 
 
-def _same_dataset(a: data.CocoDataset, b: data.CocoDataset) -> None:
+def _same_dataset(a: coco.CocoIndex, b: coco.CocoIndex) -> None:
     """The same images, classes and training annotations (labels, boxes, mask pixels, keypoints);
     the defects were dropped by the conversion, so the labels drop only the crowd regions again."""
     assert (a.classes, a.category_ids, a.keypoints) == (b.classes, b.category_ids, b.keypoints)
@@ -57,9 +57,9 @@ def test_real_coco_with_every_defect_converts_by_the_training_rules(shared_data,
     assert summary["part_files"] == 3 and (tmp_path / "labels" / "_SUCCESS").exists()
     table = pq.read_table(tmp_path / "labels" / "part-000002.parquet")
     assert table.num_rows == 20 and table.schema.metadata[b"maskrcnn.schema_version"] == b"3"
-    assert output.read_categories(str(tmp_path / "labels")) == data.categories(gt, "x")
+    assert output.read_categories(str(tmp_path / "labels")) == coco.categories(gt, "x")
     _same_dataset(
-        data.load_coco(str(tmp_path / "train.json"), str(source / "images")),
+        coco.load_coco(str(tmp_path / "train.json"), str(source / "images")),
         labels.load_dataset(str(tmp_path / "labels"), None),
     )
 
@@ -68,7 +68,7 @@ def test_keypoints_and_skeleton_survive_conversion(shared_data, tmp_path):
     source = shared_data / "coco_keypoints" / "super_gradients_train2017"
     _convert(source / "person_keypoints_train2017.json", source / "images", tmp_path / "labels")
     converted = labels.load_dataset(str(tmp_path / "labels"), None)
-    original = data.load_coco(str(source / "person_keypoints_train2017.json"), str(source / "images"))
+    original = coco.load_coco(str(source / "person_keypoints_train2017.json"), str(source / "images"))
     assert converted.keypoints is not None and len(converted.keypoints) == 17
     _same_dataset(original, converted)
 
@@ -83,7 +83,7 @@ def test_converted_labels_say_their_coordinates_are_the_stored_pixels(oriented_p
     assert source.orientation == output.STORED
     rules = labels.Rules(tuple((c["id"], c["name"]) for c in source.categories))
     converted, _, _ = labels.records(list(output.read_rows(source.source, labels.COLUMNS)), rules, source.orientation)
-    original = data.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images")).records
+    original = coco.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images")).records
     assert len(converted) == len(original) == 3
     for a, b in zip(sorted(converted, key=lambda r: r["uri"]), sorted(original, key=lambda r: r["uri"])):
         assert a["orientation"] == b["orientation"] == output.STORED
@@ -113,7 +113,7 @@ def test_s3_to_s3(shared_data, bucket, tmp_path):
         (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
     converted = labels.load_dataset(str(local), None)
     assert all(r["uri"].startswith(f"s3://{bucket}/coco/images/") for r in converted.records)
-    original = data.load_coco(str(shared_data / "coco_small" / "instances_val2017.json"), f"s3://{bucket}/coco/images")
+    original = coco.load_coco(str(shared_data / "coco_small" / "instances_val2017.json"), f"s3://{bucket}/coco/images")
     _same_dataset(original, converted)
 
 

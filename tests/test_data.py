@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn import data, images, masks, storage, transforms
+from maskrcnn import coco, data, images, masks, storage, transforms
 from maskrcnn.metric import evaluate
 from tests.helpers import add_defects, ground_truth_as_results
 
 
 def test_coco_small_loads_completely(coco_small):
-    ds = data.load_coco(*coco_small)
+    ds = coco.load_coco(*coco_small)
     assert len(ds.gt["images"]) == 80 and len(ds.gt["annotations"]) == 815
     assert len(ds.records) == 80 and len(ds.classes) == 80
     kept = sum(len(json.loads(r["annotations"])) for r in ds.records)
@@ -27,16 +27,16 @@ def test_coco_small_loads_completely(coco_small):
 def test_example_masks_and_boxes_match_the_annotations(coco_small):
     from pycocotools.coco import COCO
 
-    ds = data.load_coco(*coco_small)
-    coco = COCO(coco_small[0])
+    ds = coco.load_coco(*coco_small)
+    api = COCO(coco_small[0])
     record = next(r for r in ds.records if len(json.loads(r["annotations"])) > 10)
     row = data.load_example(record)
     assert row["error"] == ""
-    anns = [a for a in coco.imgToAnns[record["image_id"]] if not a["iscrowd"]]
+    anns = [a for a in api.imgToAnns[record["image_id"]] if not a["iscrowd"]]
     unpacked = masks.unpack(row["masks"], record["height"], record["width"])
     assert unpacked.shape == (len(anns), record["height"], record["width"])
     for mask, ann in zip(unpacked, anns):
-        np.testing.assert_array_equal(mask, coco.annToMask(ann))
+        np.testing.assert_array_equal(mask, api.annToMask(ann))
     assert [ds.category_ids[label - 1] for label in row["labels"]] == [a["category_id"] for a in anns]
 
 
@@ -48,23 +48,23 @@ def test_a_coco_file_trains_on_the_stored_pixels_whatever_their_exif_orientation
 
     gt = oriented_photos(tmp_path / "images", [3, 6, 8], turned=False)
     (tmp_path / "instances.json").write_text(json.dumps(gt))
-    ds = data.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images"))
-    coco = COCO(str(tmp_path / "instances.json"))
+    ds = coco.load_coco(str(tmp_path / "instances.json"), str(tmp_path / "images"))
+    api = COCO(str(tmp_path / "instances.json"))
     for record, img in zip(ds.records, gt["images"]):
         row = data.load_example(record)
         assert record["orientation"] == "stored" and row["error"] == "", img["file_name"]
         original = Image.open(f"{coco_small[1]}/{img['file_name'].rsplit('-', 1)[0]}.jpg").convert("RGB")
         np.testing.assert_array_equal(row["image"], np.asarray(original).transpose(2, 0, 1))
-        anns = [a for a in coco.imgToAnns[img["id"]] if not a["iscrowd"]]
+        anns = [a for a in api.imgToAnns[img["id"]] if not a["iscrowd"]]
         unpacked = masks.unpack(row["masks"], *row["image"].shape[1:])
-        np.testing.assert_array_equal(unpacked, np.stack([coco.annToMask(a) for a in anns]))
+        np.testing.assert_array_equal(unpacked, np.stack([api.annToMask(a) for a in anns]))
         displayed = data.load_example(dict(record, orientation="displayed"))  # what the tag would make of it
         assert displayed["error"] == ("" if img["file_name"].endswith("-3.png") else "size_mismatch")
 
 
 def test_file_without_categories_loads(shared_data):
     root = shared_data / "coco_tv_gallery"
-    ds = data.load_coco(str(root / "instances.json"), str(root / "images"))
+    ds = coco.load_coco(str(root / "instances.json"), str(root / "images"))
     assert ds.category_ids == [1, 18] and len(ds.records) == 2
     assert [len(data.load_example(r)["masks"].split()) for r in ds.records] == [1, 1]
 
@@ -106,26 +106,26 @@ def test_bad_annotations_are_dropped_and_counted(tmp_path):
     }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(gt))
-    ds = data.load_coco(str(path), str(tmp_path))
+    ds = coco.load_coco(str(path), str(tmp_path))
     assert ds.dropped == {"degenerate_box": 1, "invalid_segmentation": 1, "unknown_category": 1}
     assert [len(json.loads(r["annotations"])) for r in ds.records] == [1, 0]  # image 2: no annotations, kept
 
 
 def test_unusable_dataset_files_raise_one_line_errors(tmp_path):
-    with pytest.raises(data.DatasetError, match="annotation file not found: .*nope.json"):
-        data.load_coco(str(tmp_path / "nope.json"), str(tmp_path))
+    with pytest.raises(coco.DatasetError, match="annotation file not found: .*nope.json"):
+        coco.load_coco(str(tmp_path / "nope.json"), str(tmp_path))
     (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": []}))
-    with pytest.raises(data.DatasetError, match="lists no images"):
-        data.load_coco(str(tmp_path / "empty.json"), str(tmp_path))
+    with pytest.raises(coco.DatasetError, match="lists no images"):
+        coco.load_coco(str(tmp_path / "empty.json"), str(tmp_path))
 
 
 def test_every_defect_is_dropped_from_training_and_evaluation_alike(coco_small, tmp_path):
     gt = json.loads(Path(coco_small[0]).read_text())
-    original = data.load_coco(*coco_small)
+    original = coco.load_coco(*coco_small)
     expected = add_defects(gt)
     path = tmp_path / "defective.json"
     path.write_text(json.dumps(gt))
-    ds = data.load_coco(str(path), coco_small[1])
+    ds = coco.load_coco(str(path), coco_small[1])
     assert ds.dropped - original.dropped == expected
     assert len(ds.gt["annotations"]) == len(original.gt["annotations"]) + 3  # bad part cut, area computed, crowd
     trained = sum(len(json.loads(r["annotations"])) for r in ds.records)
@@ -163,8 +163,8 @@ def test_defects_no_rule_can_clean_name_the_file_and_the_id(defect, message, coc
     defect(gt)
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(gt))
-    with pytest.raises(data.DatasetError) as err:
-        data.load_coco(str(path), coco_small[1])
+    with pytest.raises(coco.DatasetError) as err:
+        coco.load_coco(str(path), coco_small[1])
     assert re.fullmatch(f"{re.escape(str(path))}: {message}", str(err.value)), str(err.value)
 
 
@@ -187,7 +187,7 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
     from maskrcnn import loading
 
     root = shared_data / "coco_small_train"
-    ds = data.load_coco(str(root / "instances_train2017.json"), str(root / "images"))
+    ds = coco.load_coco(str(root / "instances_train2017.json"), str(root / "images"))
     old_resize = v2.Compose(
         [
             v2.RandomShortestSize(min_size=[max(scales)], max_size=max_size),
@@ -221,7 +221,7 @@ def test_the_worker_trains_on_the_targets_of_a_full_resize_in_the_data_task(shar
 
 def test_augmentation_moves_boxes_and_masks_with_the_image(shapes):
     """The data tasks shrink to the largest scale; the worker flips and rescales on its device."""
-    ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
+    ds = coco.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:8]]
     assert all(min(r["image"].shape[1:]) == 96 or max(r["image"].shape[1:]) == 128 for r in rows)
     torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_batches_group_landscape_with_landscape_and_portrait_with_portrait():
 
 
 def test_every_image_of_a_batch_takes_the_batchs_scale(shapes):
-    ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
+    ds = coco.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, transforms.resize_transform(96, 1000)) for r in ds.records[:4]]
     augment, seen = transforms.Augment((64, 80, 96), 1000), set()
     for seed in range(8):
@@ -283,7 +283,7 @@ def test_model_inputs_copy_only_read_only_arrays():
 
 
 def test_augmentation_repeats_under_the_same_seed(shapes):
-    ds = data.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
+    ds = coco.load_coco(str(shapes / "train" / "annotations.json"), str(shapes / "train" / "images"))
     rows = [data.load_example(r, transforms.resize_transform(96, 128)) for r in ds.records[:6]]
     augment = transforms.Augment((64, 80, 96), 128)
 
@@ -304,10 +304,10 @@ def test_a_file_name_that_leaves_the_image_root_is_never_read(coco_small, tmp_pa
     names = [f"../{Path(root).name}/{gt['images'][0]['file_name']}", "/etc/hostname", "../../secret.jpg"]
     for img, name in zip(gt["images"], names):
         img["file_name"] = name
-    ds = data.index_coco(gt, annotations, root)
+    ds = coco.index_coco(gt, annotations, root)
     first, *outside = ds.records[:3]
     assert os.path.exists(first["uri"]) and "error" not in first  # "../images/x.jpg" under images/ stays inside
-    assert [r["error"] for r in outside] == [data.OUTSIDE_ROOT] * 2 and [r["uri"] for r in outside] == names[1:]
+    assert [r["error"] for r in outside] == [coco.OUTSIDE_ROOT] * 2 and [r["uri"] for r in outside] == names[1:]
     monkeypatch.setattr(images, "read", lambda *a, **k: pytest.fail("an image outside the root was read"))
-    assert [data.load_example(r)["error"] for r in outside] == [data.OUTSIDE_ROOT] * 2
-    assert data.OUTSIDE_ROOT in data.IMAGE_ERRORS  # what training counts skipped images by
+    assert [data.load_example(r)["error"] for r in outside] == [coco.OUTSIDE_ROOT] * 2
+    assert coco.OUTSIDE_ROOT in data.IMAGE_ERRORS  # what training counts skipped images by

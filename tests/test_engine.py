@@ -129,11 +129,11 @@ def test_keypoint_models_learn_from_real_person_keypoints(arch, shared_data):
     the loss falls, and the keypoint loss is part of it."""
     import json
 
-    from maskrcnn import data, transforms
+    from maskrcnn import coco, data, transforms
     from maskrcnn.model import build_model
 
     folder = shared_data / "coco_keypoints" / "mmpose"
-    dataset = data.load_coco(str(folder / "test_coco.json"), str(folder / "images"))
+    dataset = coco.load_coco(str(folder / "test_coco.json"), str(folder / "images"))
     resize = transforms.resize_transform(160, 240)
     rows = [data.load_example(r, resize) for r in dataset.records if json.loads(r["annotations"])]
     torch.manual_seed(0)

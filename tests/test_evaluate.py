@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from maskrcnn import masks
-from maskrcnn.export import to_results
+from maskrcnn.metric import to_results
 from tests.helpers import call_job, run_job, small_model_file
 
 

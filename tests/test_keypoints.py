@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from maskrcnn import data, keypoints, metric, storage, transforms
+from maskrcnn import coco, data, keypoints, metric, storage, transforms
 from maskrcnn.keypoints import KeypointError
 from tests.helpers import call_job, run_job, small_model_file
 
@@ -25,6 +25,13 @@ TRAIN2017 = "coco_keypoints/super_gradients_train2017"
 def _coco(shared_data, folder: str) -> tuple[str, str]:
     name = "test_coco.json" if folder == MMPOSE else "person_keypoints_train2017.json"
     return str(shared_data / folder / name), str(shared_data / folder / "images")
+
+
+def test_coco_keypoint_names_are_torchvisions():
+    """Written out in keypoints.py, which imports no torch; torchvision's weights name them."""
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    assert keypoints.COCO_KEYPOINTS == KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"]
 
 
 def test_the_spec_and_flip_swap_come_from_the_names(shared_data):
@@ -65,11 +72,11 @@ def test_a_flip_moves_an_asymmetric_pose_and_swaps_its_sides():
         "labels": torch.tensor([1]),
         **transforms.split_keypoints(points, (80, 100)),
     }
-    _, flipped = keypoints.RandomHorizontalFlip(1.0, spec.flip_permutation())(image, target)
+    _, flipped = transforms.RandomHorizontalFlip(1.0, spec.flip_permutation())(image, target)
     result = transforms.joined_keypoints(flipped)[0]
     # the new left wrist is the old right wrist, mirrored, with its own visibility
     assert result.tolist() == [[49.0, 10.0, 2.0], [9.0, 60.0, 1.0], [89.0, 40.0, 2.0]]
-    _, same = keypoints.RandomHorizontalFlip(0.0, spec.flip_permutation())(image, target)
+    _, same = transforms.RandomHorizontalFlip(0.0, spec.flip_permutation())(image, target)
     assert torch.equal(transforms.joined_keypoints(same), points)
 
 
@@ -80,7 +87,7 @@ def test_keypoint_annotations_load_clean_and_count(shared_data, tmp_path):
     broken = dict(gt["annotations"][0], id=1, keypoints=gt["annotations"][0]["keypoints"][:-3])
     gt["annotations"].append(broken)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    dataset = data.load_coco(str(tmp_path / "gt.json"), images)
+    dataset = coco.load_coco(str(tmp_path / "gt.json"), images)
     assert dataset.keypoints.names[0] == "nose" and len(dataset.keypoints) == 17
     assert dataset.dropped["invalid_keypoints"] == 1 and dataset.dropped["crowd"] == 1
     assert {r["num_keypoints"] for r in dataset.records} == {17} and len(dataset.records) == 30
@@ -89,7 +96,7 @@ def test_keypoint_annotations_load_clean_and_count(shared_data, tmp_path):
 
 
 def test_keypoints_are_scaled_with_the_image_and_go_with_a_dropped_box(shared_data):
-    dataset = data.load_coco(*_coco(shared_data, MMPOSE))
+    dataset = coco.load_coco(*_coco(shared_data, MMPOSE))
     record = max(dataset.records, key=lambda r: len(json.loads(r["annotations"])))
     original = np.array([a["keypoints"] for a in json.loads(record["annotations"])], np.float32).reshape(-1, 17, 3)
     row = data.load_example(record, transforms.resize_transform(200, 400))
@@ -118,7 +125,7 @@ def test_keypoints_are_scaled_with_the_image_and_go_with_a_dropped_box(shared_da
 
 
 def test_datasets_without_keypoints_load_as_before(coco_small):
-    dataset = data.load_coco(*coco_small)
+    dataset = coco.load_coco(*coco_small)
     assert dataset.keypoints is None and "num_keypoints" not in dataset.records[0]
     row = data.load_example(dataset.records[0], transforms.resize_transform(128, 192))
     assert "keypoints" not in row

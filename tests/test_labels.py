@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn import data, labels, masks, output
-from maskrcnn.data import DatasetError
+from maskrcnn.coco import DatasetError
 from tests.helpers import segmentation_labels
 
 RULES = labels.Rules(((3, "cat"), (7, "dog")), None, min_score=0.5)

@@ -58,11 +58,11 @@ def test_no_detections_and_formatting():
 
 
 def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
-    from maskrcnn import data, keypoints
+    from maskrcnn import coco, keypoints
     from maskrcnn.metric import KEYPOINT_STAT_NAMES
 
     folder = shared_data / "coco_keypoints" / "super_gradients_train2017"
-    dataset = data.load_coco(str(folder / "person_keypoints_train2017.json"), str(folder / "images"))
+    dataset = coco.load_coco(str(folder / "person_keypoints_train2017.json"), str(folder / "images"))
     sigmas, warning = keypoints.sigmas(dataset.keypoints.names)
     assert warning is None and sigmas.shape == (17,)
     # people with no labelled keypoint are not scored by COCOeval (it ignores them), so not predicted

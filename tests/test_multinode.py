@@ -76,7 +76,7 @@ def test_stages_land_on_their_node_groups_and_a_lost_gpu_node_loses_no_image(clu
         "2",
         "--score-threshold",
         "0.3",
-        "--log-every",
+        "--progress-seconds",
         "2",
         "--actor-resources",
         '{"gpu_node": 1}',

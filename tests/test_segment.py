@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_without_duplicates_or_recomputation(shared_data
     # leave its block at once and the part files appear one by one (tiny rows would leave
     # together, many parts at a time, and the run could end before it is killed).
     args = ["--input", rel(archive), "--output", rel(out), "--model", rel(model_file)]
-    args += ["--rows-per-file", "4", "--score-threshold", "0", "--log-every", "1"]
+    args += ["--rows-per-file", "4", "--score-threshold", "0", "--progress-seconds", "1"]
     kill_job_when(start_job("segment_bucket.py", *args), lambda: bool(_parts(out)))
     before = {p.name: p.stat().st_mtime_ns for p in _parts(out)}
     assert not (out / "_SUCCESS").exists()

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from maskrcnn import data, masks
+from maskrcnn import coco, data, masks
 from maskrcnn.synthetic import CLASSES, generate_split
 
 
@@ -19,7 +19,7 @@ def test_generation_is_deterministic_and_annotations_match_the_pixels(tmp_path):
         ys, xs = np.nonzero(m)
         assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
         assert ann["area"] == m.sum() >= 16
-    ds = data.load_coco(str(tmp_path / "a" / "annotations.json"), str(tmp_path / "a" / "images"))
+    ds = coco.load_coco(str(tmp_path / "a" / "annotations.json"), str(tmp_path / "a" / "images"))
     assert all(data.load_example(r)["error"] == "" for r in ds.records)
 
 
@@ -82,6 +82,6 @@ def test_stick_figures_have_named_joints_that_face_the_viewer_and_load_for_train
         assert (mask[xy[:, 1], xy[:, 0]] == (points[:, 2] == 2)).all()
         hidden += int((points[:, 2] == 1).sum())
     assert hidden > 0 and len(gt["annotations"]) > len(gt["images"])  # some overlap, several per image
-    ds = data.load_coco(str(tmp_path / "annotations.json"), str(tmp_path / "images"))
+    ds = coco.load_coco(str(tmp_path / "annotations.json"), str(tmp_path / "images"))
     assert ds.keypoints == FIGURE_KEYPOINTS and not ds.dropped
     assert FIGURE_KEYPOINTS.flip_permutation()[name["left_hand"]] == name["right_hand"]

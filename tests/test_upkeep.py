@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn import checkpoint, labels, masks, output
-from maskrcnn.data import DatasetError
+from maskrcnn.coco import DatasetError
 from tests.helpers import call_job, small_model_file
 
 

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from maskrcnn import labelling, masks
+from maskrcnn import coco, masks, prelabels
 from maskrcnn.errors import UserError
 
 
@@ -24,8 +24,8 @@ def test_tasks_carry_polygons_in_percent_and_the_config_names_the_classes(tmp_pa
     square[15:45, 20:60] = 1
     speck = np.zeros((60, 80), np.uint8)
     speck[5, 5] = 1
-    url = labelling.image_url("s3://b/in", "/data/local-files/?d=")
-    with labelling.LabelStudioTasks(str(tmp_path), url, min_score=0.3) as tasks:
+    url = prelabels.image_url("s3://b/in", "/data/local-files/?d=")
+    with prelabels.LabelStudioTasks(str(tmp_path), url, min_score=0.3) as tasks:
         tasks.add(_row("s3://b/in/x y#1.jpg", [_instance(square, 0.8), _instance(speck, 0.9), _instance(square, 0.1)]))
         tasks.add(_row("s3://b/in/gone.jpg", [], error="missing: gone"))
         tasks.add(_row("s3://b/in/empty.jpg", []))
@@ -45,25 +45,25 @@ def test_tasks_carry_polygons_in_percent_and_the_config_names_the_classes(tmp_pa
 
 
 def test_the_config_escapes_hostile_class_names():
-    config = ET.fromstring(labelling.labelling_config(['a"b', "<script>", "x & y"]))
+    config = ET.fromstring(prelabels.labelling_config(['a"b', "<script>", "x & y"]))
     assert [label.get("value") for label in config.iter("Label")] == ['a"b', "<script>", "x & y"]
 
 
 def test_image_urls():
-    assert labelling.image_url(None, None)("s3://b/k/a.jpg") == "s3://b/k/a.jpg"  # Label Studio's S3 storage
-    assert labelling.image_url("/data", "/data/local-files/?d=photos/")("/data/a/b.jpg") == (
+    assert prelabels.image_url(None, None)("s3://b/k/a.jpg") == "s3://b/k/a.jpg"  # Label Studio's S3 storage
+    assert prelabels.image_url("/data", "/data/local-files/?d=photos/")("/data/a/b.jpg") == (
         "/data/local-files/?d=photos/a/b.jpg"
     )
     with pytest.raises(ValueError, match="a local image needs --url-prefix"):
-        labelling.image_url("/data", None)("/data/a.jpg")
+        prelabels.image_url("/data", None)("/data/a.jpg")
     with pytest.raises(ValueError, match="not under --images /data"):
-        labelling.image_url("/data", "http://h/")("/elsewhere/a.jpg")
+        prelabels.image_url("/data", "http://h/")("/elsewhere/a.jpg")
 
 
 def test_label_studio_file_names_resolve_under_the_image_root():
-    assert labelling.image_uri("/root", "/data/local-files/?d=a/x%20y.jpg") == "/root/a/x y.jpg"
-    assert labelling.image_uri("/root", "s3://b/k.jpg") == "s3://b/k.jpg"
-    assert labelling.image_uri("/root", "a/k.jpg") == "/root/a/k.jpg"
+    assert coco.image_uri("/root", "/data/local-files/?d=a/x%20y.jpg") == "/root/a/x y.jpg"
+    assert coco.image_uri("/root", "s3://b/k.jpg") == "s3://b/k.jpg"
+    assert coco.image_uri("/root", "a/k.jpg") == "/root/a/k.jpg"
 
 
 def test_categories_are_matched_by_name_and_an_unknown_one_is_named():
@@ -72,14 +72,14 @@ def test_categories_are_matched_by_name_and_an_unknown_one_is_named():
         "annotations": [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 0}, {"id": 3, "category_id": 7}],
     }
     like = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 3, "name": "car"}]
-    labelling.match_categories(gt, like, "ls.json", gt["categories"])
+    coco.match_categories(gt, like, "ls.json", gt["categories"])
     assert [a["category_id"] for a in gt["annotations"]] == [1, 18, -1] and gt["categories"] == like
     with pytest.raises(UserError, match=r"ls\.json: categories \['cat'\] are not among"):
-        labelling.match_categories({"annotations": []}, like, "ls.json", [{"id": 0, "name": "cat"}])
+        coco.match_categories({"annotations": []}, like, "ls.json", [{"id": 0, "name": "cat"}])
 
 
 def test_only_cvat_masks_stop_being_crowds():
     cvat = {"iscrowd": 1, "segmentation": {"size": [2, 2], "counts": [0, 4]}, "attributes": {"occluded": False}}
     coco_crowd = {"iscrowd": 1, "segmentation": {"size": [2, 2], "counts": [0, 4]}}
-    gt = labelling.from_labelling_tools({"annotations": [dict(cvat), dict(coco_crowd)]})
+    gt = coco.from_labelling_tools({"annotations": [dict(cvat), dict(coco_crowd)]})
     assert [a["iscrowd"] for a in gt["annotations"]] == [0, 1]

@@ -7,20 +7,17 @@
   (:func:`cvat_annotations`), written by :class:`maskrcnn.export.CocoDataset`.
 
 Both are sinks (see :mod:`maskrcnn.export`): rows in one at a time, files whole on close.
-What comes back from the tools is read by :mod:`maskrcnn.data` with the quirks undone here
-(:func:`image_uri`, :func:`from_labelling_tools`, :func:`match_categories`).
+What comes back from the tools is read by :mod:`maskrcnn.coco`, with their quirks undone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import urllib.parse
 from typing import Any, Callable
 from xml.sax.saxutils import quoteattr
 
 from maskrcnn import export, masks, output, storage
-from maskrcnn.errors import UserError
 
 TASKS, CONFIG = "tasks.json", "config.xml"
 FROM_NAME, TO_NAME = "label", "image"  # the labelling config's control and image tag names
@@ -142,60 +139,3 @@ def labelling_config(classes: list[str]) -> str:
         "  </PolygonLabels>\n"
         "</View>\n"
     )
-
-
-# ---------------------------------------------------------------- what comes back
-
-LOCAL_FILES = "/data/local-files/?d="  # how Label Studio's local storage names a file under its document root
-
-
-def image_uri(root: str, file_name: str) -> str | None:
-    """Where a COCO file's image is: ``file_name`` under ``root``; None where the name leaves
-    ``root`` (``..`` past it, or an absolute path), an image that is then never read. Files
-    written by labelling tools are read as they come: an ``s3://`` URI (Label Studio's S3
-    storage) is the image itself, and Label Studio's local-storage URL
-    ``/data/local-files/?d=PATH`` names PATH (percent-decoded) under ``root``, which is then
-    Label Studio's document root."""
-    if storage.is_s3(file_name):
-        return file_name
-    if file_name.startswith(LOCAL_FILES):
-        file_name = urllib.parse.unquote(file_name[len(LOCAL_FILES) :])
-    if storage.is_s3(root) or root.startswith("file://"):
-        return None if file_name.startswith("/") or ".." in file_name.split("/") else storage.join(root, file_name)
-    base = os.path.normpath(root)
-    inside = os.path.normpath(os.path.join(base, file_name)).startswith(base.rstrip(os.sep) + os.sep)
-    return storage.join(root, file_name) if inside else None
-
-
-def from_labelling_tools(gt: dict[str, Any]) -> dict[str, Any]:
-    """A COCO dict with CVAT's one departure from COCO undone: CVAT's COCO 1.0 export (made
-    by Datumaro) writes every mask shape as ``iscrowd: 1`` with an uncompressed RLE, though
-    a person drew it as one object; such annotations carry CVAT's ``attributes`` (always
-    ``occluded``), which a crowd region from COCO itself never has, and are trained on."""
-    for ann in gt.get("annotations") or []:
-        if (
-            isinstance(ann, dict)
-            and ann.get("iscrowd")
-            and isinstance(ann.get("attributes"), dict)
-            and "occluded" in ann["attributes"]
-            and isinstance(ann.get("segmentation"), dict)
-            and isinstance(ann["segmentation"].get("counts"), list)
-        ):
-            ann["iscrowd"] = 0
-    return gt
-
-
-def match_categories(gt: dict[str, Any], like: list[dict], path: str, own: list[dict]) -> None:
-    """Renumber a COCO dict's categories (and its annotations' ``category_id``) to the ids of
-    the categories ``like`` with the same names: a labelling tool numbers classes its own way
-    (Label Studio from 0, CVAT from 1 in its label order). A class ``like`` lacks is an error;
-    an annotation of an id the file does not list stays unknown (and is dropped)."""
-    by_name = {c["name"]: c for c in like}
-    missing = [c["name"] for c in own if c["name"] not in by_name]
-    if missing:
-        raise UserError(f"{path}: categories {missing[:3]} are not among the training set's {sorted(by_name)[:8]}")
-    new_id = {c["id"]: by_name[c["name"]]["id"] for c in own}
-    for ann in gt.get("annotations") or []:
-        if isinstance(ann, dict) and isinstance(ann.get("category_id"), int):
-            ann["category_id"] = new_id.get(ann["category_id"], -1)
-    gt["categories"] = [dict(c) for c in like]
