@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskrcnn import coco, convert, data, labels, masks, output, storage
-from tests.helpers import add_defects, call_job, upload_dir
+from tests.helpers import REPO, add_defects, call_job, upload_dir
+
+
+def test_the_converter_imports_no_torch_draw_or_export():
+    """The cleaning rules (maskrcnn/coco.py) need none of them: the converter is a plain,
+    small Python process (its peak RSS is in docs/benchmarks.md)."""
+    command = [sys.executable, "-X", "importtime", "jobs/coco_to_parquet.py", "--help"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0 and "--annotations" in run.stdout, run.stderr[-2000:]
+    modules = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "maskrcnn.coco" in modules and "maskrcnn.convert" in modules
+    assert not modules & {"torch", "torchvision", "maskrcnn.draw", "maskrcnn.export", "maskrcnn.data"}, sorted(modules)
 
 
 def _convert(annotations: Path | str, images: Path | str, out: Path | str, *extra: str):
