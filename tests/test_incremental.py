@@ -219,6 +219,11 @@ def test_a_bad_night_exits_3_and_the_next_labels_its_passing_failures_again(shar
     assert sorted(view) == [(archive.uri(p), None) for p in sorted(photos)]
     uris = read_back("hf-datasets", glob, env={"HF_HOME": str(tmp_path / "hf")})["uris"]  # every row
     assert sorted(set(uris)) == sorted(archive.uri(p) for p in photos) and len(uris) == 12
+    # The documented compaction for readers that take files (Hugging Face datasets): the view, copied out.
+    newest = str(tmp_path / "newest.parquet")
+    duckdb.sql(f"COPY ({NEWEST_VIEW.format(glob=glob)}) TO '{newest}' (FORMAT parquet)")
+    uris = read_back("hf-datasets", newest, env={"HF_HOME": str(tmp_path / "hf")})["uris"]
+    assert sorted(uris) == sorted(archive.uri(p) for p in photos)  # once each
     exported = call_job("export.py", "--predictions", labels, "--coco-dataset", str(tmp_path / "c.json"))
     assert exported.returncode == 0 and "[export] 8 images, " in exported.stdout, exported.stderr
 

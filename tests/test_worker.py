@@ -5,6 +5,7 @@ seconds rather than in a Ray run. The Ray runs are tests/test_train.py's."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -91,44 +92,35 @@ def _run(plan: TrainingPlan, rows: list[dict], fake: RayTrain, monkeypatch) -> l
     return fake.reports
 
 
-def test_two_epochs_validate_checkpoint_and_keep_the_best(plan, tmp_path, monkeypatch, capsys):
+def test_two_epochs_validate_checkpoint_keep_the_best_and_resume_exactly(plan, tmp_path, monkeypatch, capsys):
+    """Two epochs of 4 steps: a metric line and report each step, checkpoints at steps 3 and 6
+    (``--checkpoint-every 3``) and at each epoch's end, validation after each epoch, best.pt.
+    Then a worker resumed from step 3's checkpoint (mid-epoch) skips the batches it trained
+    and gives steps 4..8 the losses that the run without the stop gave them."""
     plan, rows = plan
-    fake = RayTrain(tmp_path)
-    reports = _run(plan, rows, fake, monkeypatch)
-    steps = [m["step"] for m, _ in reports if "loss" in m]
-    assert steps == list(range(1, 9)) and all(
-        torch.isfinite(torch.tensor(m["loss"])) for m, _ in reports if "loss" in m
-    )
+    (tmp_path / "whole").mkdir()
+    reports = _run(plan, rows, RayTrain(tmp_path / "whole"), monkeypatch)
+    losses = {m["step"]: m["loss"] for m, _ in reports if "loss" in m}
+    assert sorted(losses) == list(range(1, 9)) and all(map(math.isfinite, losses.values()))
     kept = [name for _, name in reports if name]
     assert kept == ["checkpoint_00000003", "checkpoint_00000004", "checkpoint_00000006", "checkpoint_00000008"]
-    last = checkpoint.load(str(tmp_path / "checkpoint_00000008" / checkpoint.FILENAME))
+    last = checkpoint.load(str(tmp_path / "whole" / "checkpoint_00000008" / checkpoint.FILENAME))
     assert (last["step"], last["epoch"], last["arch"]) == (8, 2, SMALL) and "val_segm_AP" in last["metrics"]
     assert last["classes"] == plan.classes and last["train_state"]["optimizer"]["state"]
     best = checkpoint.load(os.path.join(plan.cfg.run_dir, "best.pt"))
     assert best["metrics"]["val_segm_AP"] == max(m["val_segm_AP"] for m, _ in reports if "val_segm_AP" in m)
     out = capsys.readouterr().out
-    assert (
-        "[train] epoch 0 step 1/8 loss" in out
-        and "IoU metric: segm" in out
-        and "finished at step 8 (epoch 2 of 2)" in out
-    )
+    assert "[train] epoch 0 step 1/8 loss" in out and "IoU metric: segm" in out
+    assert "finished at step 8 (epoch 2 of 2)" in out
     lines = [json.loads(line) for line in Path(plan.cfg.run_dir, "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if x["kind"] == "train"] == steps
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 9))
     assert [x["step"] for x in lines if x["kind"] == "val"] == [4, 8]
 
-
-def test_a_resumed_worker_repeats_the_uninterrupted_losses(plan, tmp_path, monkeypatch):
-    """Resumed from step 3's checkpoint (mid-epoch), the worker skips the batches it trained
-    and gives steps 4..8 the losses that a run without the stop gave them."""
-    plan, rows = plan
-    (tmp_path / "whole").mkdir()
-    whole = _run(plan, rows, RayTrain(tmp_path / "whole"), monkeypatch)
-    losses = {m["step"]: m["loss"] for m, _ in whole if "loss" in m}
     shutil.rmtree(plan.cfg.run_dir)
     (tmp_path / "again").mkdir()
-    resumed = _run(
-        plan, rows, RayTrain(tmp_path / "again", str(tmp_path / "whole" / "checkpoint_00000003")), monkeypatch
-    )
+    at_step_3 = str(tmp_path / "whole" / "checkpoint_00000003")
+    resumed = _run(plan, rows, RayTrain(tmp_path / "again", at_step_3), monkeypatch)
     again = {m["step"]: m["loss"] for m, _ in resumed if "loss" in m}
     assert sorted(again) == [4, 5, 6, 7, 8]
     assert again == pytest.approx({s: losses[s] for s in again}, rel=1e-5)
+    assert "resumed from checkpoint at step 3 (epoch 0)" in capsys.readouterr().out
