@@ -39,18 +39,19 @@ DEMO = ["jobs/train.py", "jobs/evaluate.py", "jobs/segment_bucket.py", "jobs/exp
 
 
 def shell_commands(path: Path) -> list[list[str]]:
-    """The commands in a document's ```bash blocks (continuation lines joined, comments
-    dropped) and in its inline code that starts with ``python`` or ``.venv/bin/python``."""
+    """The commands in a document's ```bash and ```cron blocks (continuation lines joined,
+    comments dropped) and in its inline code that starts with ``python`` or ``.venv/bin/python``."""
     text = path.read_text()
     inline = [shlex.split(c) for c in re.findall(r"`((?:\.venv/bin/)?python [^`]+)`", text)]
     # a mention such as `python jobs/train.py --help` or `python -m maskrcnn.synthetic` is not a command line
     commands = [c for c in inline if any(t.startswith("--") and t != "--help" for t in c)]
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|cron)\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 argv = shlex.split(part, comments=True)
-                if argv:
-                    commands.append(argv)
+                redirect = next((i for i, t in enumerate(argv) if t[:1] in "<>|" or t[:2] in ("1>", "2>")), len(argv))
+                if argv[:redirect]:
+                    commands.append(argv[:redirect])
     return commands
 
 
