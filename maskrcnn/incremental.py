@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from collections import Counter
 from typing import Any
@@ -96,16 +95,15 @@ def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
 
 def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> None:
     """Refuse a dataset of another model or schema version; then record it as this one's."""
-    record_uri = storage.join(cfg.output, output.JOB)
-    if storage.exists(record_uri):
-        previous = json.loads(storage.read_text(record_uri))
+    previous = output.read_job(cfg.output)
+    if previous:
         if previous.get("schema_version") != output.SCHEMA_VERSION or previous.get("model") != model_id:
             raise SegmentError(
                 f"{cfg.output} holds output of another job (model={previous.get('model')}, schema version "
                 f"{previous.get('schema_version')}); a new model's labels are a new dataset: choose another --output"
             )
     record = output.job_record(cfg.input, model_id, cfg.rows_per_file, keypoints) | {"incremental": True}
-    storage.write_text(record_uri, json.dumps(record, indent=2))
+    output.write_job(cfg.output, record)
 
 
 def runs(dataset: str) -> dict[str, set[str]]:

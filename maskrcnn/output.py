@@ -166,6 +166,10 @@ def read_job(output: str) -> dict[str, Any]:
     return json.loads(storage.read_text(record)) if storage.exists(record) else {}
 
 
+def write_job(output: str, record: dict[str, Any]) -> None:
+    storage.write_text(storage.join(output, JOB), json.dumps(record, indent=2))
+
+
 def job_input(output: str) -> str | None:
     """The directory or prefix a segmentation output was made from (None for a manifest)."""
     source = read_job(output).get("input")

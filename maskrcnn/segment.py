@@ -194,10 +194,9 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
 
     One listing of the output serves --overwrite, the clean-up of a killed run's leftovers
     (temporary files, the previous run's _SUCCESS) and finding the finished parts."""
-    record_uri = storage.join(cfg.output, output.JOB)
     record = output.job_record(cfg.input, model_id, cfg.rows_per_file, keypoints)
-    if not cfg.overwrite and storage.exists(record_uri):
-        previous = json.loads(storage.read_text(record_uri))
+    previous = {} if cfg.overwrite else output.read_job(cfg.output)
+    if previous:
         if previous.get("schema_version") != output.SCHEMA_VERSION:
             raise SegmentError(
                 f"{cfg.output} holds part files of schema version {previous.get('schema_version')}, not "
@@ -213,7 +212,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
                 f"{cfg.output} holds output of another job ({', '.join(f'{k}={previous.get(k)}' for k in changed)}); "
                 "pass --overwrite or choose another --output"
             )
-    storage.write_text(record_uri, json.dumps(record, indent=2))
+    output.write_job(cfg.output, record)
     parts: dict[int, str] = {}
     for uri, folder, name in output.files(cfg.output):
         part = output.part_of(name)

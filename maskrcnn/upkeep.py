@@ -36,7 +36,7 @@ class Modes:
 def status(dataset: str) -> dict[str, Any]:
     """The dataset's runs (each run's summary, or how far it got) and totals, read from the
     runs' ``_summary.json`` and the part files' footers; no Ray."""
-    if not storage.exists(storage.join(dataset, "_job.json")):
+    if not storage.exists(storage.join(dataset, output.JOB)):
         raise SegmentError(f"{dataset} is not a labels dataset (no _job.json)")
     found = []
     for name, files in incremental.runs(dataset).items():
@@ -83,14 +83,14 @@ def status_text(report: dict[str, Any]) -> str:
 def repair(out: str, model: str | None) -> dict[str, Any]:
     """Write the ``_categories.json`` that an output of an older version lacks (schema 2 had
     none), from ``model``, which must be the model its ``_job.json`` records; the rows stay."""
-    record_uri = storage.join(out, "_job.json")
-    if not storage.exists(record_uri):
+    record = output.read_job(out)
+    if not record:
         raise SegmentError(f"{out} is not a segmentation output (no _job.json)")
     if output.read_meta(out) is not None:
         return {"output": out, "repaired": []}
     if not model:
         raise SegmentError(f"--repair {out} needs --model: the model that wrote it, to take its categories from")
-    record, ckpt = json.loads(storage.read_text(record_uri)), checkpoint.load(model)
+    ckpt = checkpoint.load(model)
     if record.get("model") != checkpoint.identity(ckpt):
         raise SegmentError(f"{out} was written by {record.get('model')}, not {model} ({checkpoint.identity(ckpt)})")
     output.write_categories(out, checkpoint.categories(ckpt))

@@ -106,9 +106,8 @@ def test_a_flag_means_one_thing_in_every_job():
     for job in sorted((REPO / "jobs").glob("*.py")):
         for action in load_parser(str(job))._actions:
             for flag in (f for f in action.option_strings if f.startswith("--") and action.help != "==SUPPRESS=="):
-                kind = (action.type, type(action.default).__name__ if action.default is not None else None)
-                first = seen.setdefault(flag, (job.name, kind))
-                assert first[1][0] == kind[0], f"{flag}: {first[0]} takes {first[1]}, {job.name} {kind}"
+                first = seen.setdefault(flag, (job.name, action.type))
+                assert first[1] == action.type, f"{flag}: {first[0]} takes {first[1]}, {job.name} {action.type}"
 
 
 def test_library_modules_declare_configs_without_the_command_line():
