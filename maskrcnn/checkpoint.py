@@ -1,7 +1,8 @@
-"""The project checkpoint: one self-describing file that rebuilds its model offline; and
-every read of weights: :func:`load`, the one way every job reads a model (``--model``, and
-training's resume), which turns a project checkpoint, a torchvision weight name or a
-torchvision ``.pth`` into such a checkpoint; and :func:`init_model`, training's ``--weights``.
+"""The project checkpoint: one self-describing file that rebuilds its model offline. It is
+the top layer of loading a model: :func:`load`, the one way every job reads a model
+(``--model``, and training's resume), turns a project checkpoint, a torchvision weight name
+or a torchvision ``.pth`` into such a checkpoint. It reads the file through
+:mod:`maskrcnn.weights` and builds the model with :mod:`maskrcnn.model`; neither calls back.
 
 Layout (a plain dict, written with ``torch.save``, read with ``torch.load(weights_only=True)``
 so loading never runs pickled code)::
@@ -22,12 +23,8 @@ so loading never runs pickled code)::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import os
-import posixpath
-import urllib.parse
 from typing import Any
 
 import torch
@@ -37,8 +34,9 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from maskrcnn import keypoints as keypoints_lib
 from maskrcnn import model as model_lib
 from maskrcnn import storage
+from maskrcnn import weights as weights_lib
 from maskrcnn.errors import UserError
-from maskrcnn.model import WeightsError, build_model
+from maskrcnn.model import build_model
 
 FORMAT = "maskrcnn-ray-checkpoint"
 FORMAT_VERSION = 1
@@ -98,7 +96,7 @@ def save(uri: str, ckpt: dict[str, Any]) -> None:
 
 def from_bytes(data: bytes, source: str) -> dict[str, Any]:
     """A project checkpoint from its bytes (what a job ships to its actors)."""
-    return _checked(load_safely(data, source, CheckpointError), source)
+    return _checked(weights_lib.load_safely(data, source, CheckpointError), source)
 
 
 def _checked(ckpt: Any, source: str) -> dict[str, Any]:
@@ -122,15 +120,15 @@ def load(source: str, arch: str | None = None) -> dict[str, Any]:
       Its architecture comes from ``arch``, else from the file (the reference script's
       ``args.model``, or its layer names). 91 classes are COCO's, named from torchvision.
     """
-    if not model_lib.is_path(source):
-        weights = model_lib.torchvision_weights(source, arch or ZOO_ARCH)
+    if not weights_lib.is_path(source):
+        weights = weights_lib.torchvision_weights(source, arch or ZOO_ARCH)
         if weights is None:
             raise CheckpointError(
                 f"unknown model {source!r}: not a file, nor a torchvision weight name like COCO_V1 "
                 "or MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
             )
         return _from_torchvision(weights, source)
-    obj = read(source, CheckpointError)
+    obj = weights_lib.read(source, CheckpointError)
     if isinstance(obj, dict) and "format" in obj:
         ckpt = _checked(obj, source)
         if arch and arch != ckpt["arch"]:
@@ -138,20 +136,20 @@ def load(source: str, arch: str | None = None) -> dict[str, Any]:
         return ckpt
     args = obj.get("args") if isinstance(obj, dict) else None
     try:
-        state_dict = state_dict_of(obj, source)
-    except WeightsError as err:
+        state_dict = weights_lib.state_dict_of(obj, source)
+    except weights_lib.WeightsError as err:
         raise CheckpointError(f"{source} is neither a {FORMAT} file nor a torchvision state dict") from err
     return _from_state_dict(state_dict, source, arch or getattr(args, "model", None))
 
 
 def _from_torchvision(weights: Any, name: str) -> dict[str, Any]:
-    arch = model_lib.arch_of_weights(weights)
+    arch = weights_lib.arch_of_weights(weights)
     if arch is None:
         raise CheckpointError(
             f"{name} are backbone weights, not a whole Mask R-CNN; pass them to jobs/train.py --weights"
         )
     print(f"[model] {name}: torchvision's weights from {weights.url} (or torch's cache)", flush=True)
-    state_dict, path = torchvision_state_dict(weights, name, "--model", CheckpointError)
+    state_dict, path = weights_lib.torchvision_state_dict(weights, name, "--model", CheckpointError)
     return _from_state_dict(state_dict, path, arch, weights.meta["categories"])
 
 
@@ -214,8 +212,8 @@ def categories(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
 
 def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:
     """:func:`categories` of any ``--model``; a torchvision weight name needs no download."""
-    weights = None if model_lib.is_path(source) else model_lib.torchvision_weights(source, arch or ZOO_ARCH)
-    if weights is not None and model_lib.arch_of_weights(weights):
+    weights = None if weights_lib.is_path(source) else weights_lib.torchvision_weights(source, arch or ZOO_ARCH)
+    if weights is not None and weights_lib.arch_of_weights(weights):
         names = weights.meta["categories"][1:]  # label i is COCO id i, as in _from_state_dict
         return categories({"classes": names, "category_ids": range(1, len(names) + 1)})
     return categories(load(source, arch))
@@ -236,136 +234,3 @@ def identity(ckpt: dict[str, Any]) -> str:
         digest.update(name.encode())
         digest.update(ckpt["state_dict"][name].numpy().tobytes())
     return f"{ckpt['arch']}@{ckpt['step']}:{digest.hexdigest()[:12]}"
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def read(source: str, error: type[Exception]) -> Any:
-    """A weights file's contents, local or s3://, never executing pickled code."""
-    try:
-        data = storage.read_bytes(source)
-    except storage.StorageError as err:
-        raise error(str(err)) from err
-    return load_safely(data, source, error)
-
-
-def load_safely(data: bytes, source: str, error: type[Exception]) -> Any:
-    """``torch.load`` with ``weights_only`` (no pickled code runs), also for torchvision's
-    reference-script checkpoints, which hold their ``argparse.Namespace`` of arguments."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise error(f"refusing to load {source}: {first}") from err
-
-
-def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """The weights in a loaded file: a project checkpoint, a reference-script checkpoint
-    (``model``) or a bare state dict; a DDP ``module.`` prefix is dropped."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # torchvision reference scripts' checkpoints
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise WeightsError(f"{source} holds no state_dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def torchvision_state_dict(
-    weights: Any, name: str, flag: str, error: type[Exception] = WeightsError
-) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of torchvision's published ``weights`` and the file they came from: torch's
-    cache (``$TORCH_HOME/hub/checkpoints/``), downloaded there first if missing (its hash
-    checked, as torch hub does). The file is read like any other weights file, by :func:`read`,
-    so a file someone put in the cache runs no pickled code either; torch hub's own loader
-    would unpickle it in full."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(urllib.parse.urlparse(weights.url).path))
-    if not os.path.exists(path):
-        digest = torch.hub.HASH_REGEX.search(posixpath.basename(path))
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(weights.url, path, digest.group(1) if digest else None, progress=False)
-        except (OSError, RuntimeError) as err:
-            raise error(str(download_error(name, weights, err, flag))) from err
-    try:
-        return state_dict_of(read(path, error), path), path
-    except WeightsError as err:
-        raise error(str(err)) from err
-
-
-def download_error(name: str, weights: Any, err: Exception, flag: str) -> WeightsError:
-    """The offline error: names the URL and says what to pass instead."""
-    return WeightsError(
-        f"cannot download weights {name} from {weights.url} ({type(err).__name__}: {err}); "
-        f"where there is no internet, fetch that file elsewhere and pass its local path or "
-        f"s3:// URI to {flag} (or put it in $TORCH_HOME/hub/checkpoints/)"
-    )
-
-
-# ---------------------------------------------------------------- training's initial weights
-
-
-def init_model(
-    arch: str,
-    arch_kwargs: dict[str, Any],
-    weights: str | None = None,
-    *,
-    skip_resize: bool = False,
-    loaded: list[tuple[dict[str, torch.Tensor], str]] | None = None,
-) -> tuple[nn.Module, dict]:
-    """Build a model and load initial weights; return it with the ``arch_kwargs`` to store.
-
-    ``arch_kwargs`` are :func:`build_model`'s keyword arguments, ``num_classes`` included.
-    ``weights`` is a torchvision weight name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
-    ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
-    URI, or None for random initialisation. Tensors load where name and shape match, so
-    COCO weights fine-tune on other classes. The joint mask + keypoint model takes two,
-    ``MASK,KEYPOINT`` (see :func:`_joint_sources`). ``loaded`` is what :func:`initial_weights`
-    read of them already (training's driver reads them once for all its workers).
-    """
-    kwargs = dict(arch_kwargs, pretrained=weights is not None)
-    if weights is None:
-        return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
-    loaded, sources = loaded or initial_weights(weights, arch), _sources(weights, arch)
-    tv = None if model_lib.is_path(sources[0]) else model_lib.torchvision_weights(sources[0], arch)
-    if tv is not None and type(tv).__name__.startswith("ResNet"):  # ImageNet weights of the ResNet body
-        return build_model(arch, backbone_state_dict=loaded[0][0], skip_resize=skip_resize, **kwargs), kwargs
-    if "frozen_bn_eps" in model_lib.structure(*loaded[0]):
-        kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does
-    model = build_model(arch, skip_resize=skip_resize, **kwargs)
-    model_lib.load_matching(model, loaded[0][0], sources[0])
-    if len(loaded) > 1:  # only the keypoint head comes from the keypoint weights
-        head = {k: v for k, v in loaded[1][0].items() if k.startswith("roi_heads.keypoint_")}
-        model_lib.load_matching(model, head, sources[1])
-    return model, kwargs
-
-
-def initial_weights(weights: str, arch: str) -> list[tuple[dict[str, torch.Tensor], str]]:
-    """Each ``--weights`` source's tensors (downloaded or read, never unpickling code) and where
-    they came from. The driver calls it before any worker starts, so a bad source fails in one line."""
-    return [_initial_state_dict(source, arch) for source in _sources(weights, arch)]
-
-
-def _sources(weights: str, arch: str) -> list[str]:
-    return _joint_sources(weights) if model_lib.has_masks(arch) and model_lib.has_keypoints(arch) else [weights]
-
-
-def _joint_sources(weights: str) -> list[str]:
-    """The joint model's initial weights, as the paper's Table 4 starts it: Mask R-CNN's for the
-    backbone, box and mask heads, then Keypoint R-CNN's for the keypoint head. ``COCO_V1``
-    means torchvision's two COCO_V1s; otherwise ``MASK,KEYPOINT`` (names or files) or one."""
-    if weights == "COCO_V1":
-        return ["MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"]
-    return [w.strip() for w in weights.split(",") if w.strip()][:2]
-
-
-def _initial_state_dict(weights: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
-    """One ``--weights`` source's tensors (downloaded or read) and where they came from."""
-    tv = None if model_lib.is_path(weights) else model_lib.torchvision_weights(weights, arch)
-    if tv is None and not model_lib.is_path(weights):
-        raise WeightsError(f"unknown weights {weights!r}: not a torchvision weight name nor a .pt/.pth path")
-    if tv is None:
-        return state_dict_of(read(weights, WeightsError), weights), weights
-    return torchvision_state_dict(tv, weights, "--weights")

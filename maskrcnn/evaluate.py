@@ -15,10 +15,10 @@ from maskrcnn import checkpoint, coco, inference, keypoints, labels, output, sto
 from maskrcnn.config import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.inference import InferenceOptions
 from maskrcnn.metric import evaluate, iou_types, to_results
-from maskrcnn.model import is_path
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
+from maskrcnn.weights import is_path
 
 DATA, MODEL = "data (local paths or s3:// URIs)", "model"
 IMAGE_ID = pa.schema([("image_id", pa.int64())])  # the key the inference rows carry back

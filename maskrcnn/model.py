@@ -1,26 +1,22 @@
-"""Build torchvision Mask R-CNN variants by name; :mod:`maskrcnn.checkpoint` reads every
-weights file into them.
+"""Build torchvision Mask R-CNN variants by name, and load tensors into them: the third
+layer of loading a model (see :mod:`maskrcnn.weights` for the first two).
 
 This is the one place a model is constructed. A model is fully described by its
 architecture name plus the keyword arguments of :func:`build_model` (``arch_kwargs``),
 which is what a checkpoint stores, so any checkpoint can rebuild its model offline.
+Training's ``--weights`` start here too: :func:`initial_weights` reads them,
+:func:`init_model` builds the model they fit.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import get_model_weights, get_weight, resnet
-from torchvision.models.detection import (
-    FasterRCNN,
-    KeypointRCNN_ResNet50_FPN_Weights,
-    MaskRCNN,
-    MaskRCNN_ResNet50_FPN_Weights,
-)
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -32,7 +28,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maskrcnn.errors import UserError
+from maskrcnn import weights as weights_lib
+from maskrcnn.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +43,9 @@ KEYPOINT_ARCHS = (
     "maskrcnn_keypoint_resnet18_fpn_small",
 )
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", SMALL, *KEYPOINT_ARCHS)  # what --arch offers
-# The architectures torchvision publishes weights for (by name: COCO_V1).
-TORCHVISION_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
 # The small model's FPN width. At torchvision's 256 channels the FPN, RPN and RoI heads
 # cost far more than the ResNet-18 body; 64 makes CPU training about twice as fast.
 SMALL_FPN_CHANNELS = 64
-# torchvision's COCO_V1 Mask R-CNN and Keypoint R-CNN weights were trained with frozen batch
-# norm's eps at 0 (pytorch/vision#2933): its builders set eps back to 0 when they load them,
-# and so does this project, for the weight names and for those files by their published names.
-LEGACY_EPS_FILES = tuple(
-    w.COCO_V1.url.rsplit("/", 1)[-1] for w in (MaskRCNN_ResNet50_FPN_Weights, KeypointRCNN_ResNet50_FPN_Weights)
-)
-
-
-class WeightsError(UserError):
-    """Initial weights that cannot be found, downloaded or matched to the model."""
 
 
 def _resnet(arch: str, pretrained: bool, backbone_state_dict: dict[str, torch.Tensor] | None) -> resnet.ResNet:
@@ -131,10 +116,10 @@ def build_model(
 
     ``pretrained`` selects the structure used for fine-tuning (frozen batch norm, three
     trainable stages) without downloading anything; ``backbone_state_dict`` holds ImageNet
-    weights of the ResNet body (read by :mod:`maskrcnn.checkpoint`, as every weights file is).
+    weights of the ResNet body (read by :mod:`maskrcnn.weights`, as every weights file is).
     ``skip_resize`` lets the data pipeline do multi-scale resizing in training, as
     torchvision's reference scripts do; evaluation still resizes to ``min_size``.
-    ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`LEGACY_EPS_FILES`).
+    ``frozen_bn_eps`` overrides the frozen batch norms' eps (see :data:`maskrcnn.weights.LEGACY_EPS_FILES`).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -174,7 +159,7 @@ def structure(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, Any
     """The :func:`build_model` arguments a torchvision state dict implies: frozen batch norm
     (``pretrained``) when it has no ``num_batches_tracked``, and eps 0 for the COCO_V1 file."""
     pretrained = "backbone.body.bn1.num_batches_tracked" not in state_dict
-    legacy = pretrained and source.replace("\\", "/").rsplit("/", 1)[-1] in LEGACY_EPS_FILES
+    legacy = pretrained and source.replace("\\", "/").rsplit("/", 1)[-1] in weights_lib.LEGACY_EPS_FILES
     return {"pretrained": pretrained, **({"frozen_bn_eps": 0.0} if legacy else {})}
 
 
@@ -217,28 +202,6 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return left
 
 
-def torchvision_weights(name: str, arch: str) -> Any | None:
-    """Resolve ``Enum.VALUE`` or a bare value of ``arch``'s own weights; None if not a weight name."""
-    try:
-        if "." in name:
-            return get_weight(name)
-        if arch in TORCHVISION_ARCHS:
-            return get_model_weights(arch)[name]
-    except (KeyError, ValueError, AttributeError):
-        return None
-    return None
-
-
-def arch_of_weights(weights: Any) -> str | None:
-    """The architecture whose torchvision weights these are; None for backbone weights."""
-    return next((a for a in TORCHVISION_ARCHS if get_model_weights(a) is type(weights)), None)
-
-
-def is_path(name: str) -> bool:
-    """A file name (local or s3://), as opposed to a torchvision weight name."""
-    return "/" in name or name.endswith((".pt", ".pth")) or os.path.exists(name)
-
-
 def guess_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Which of :data:`ARCHS` a state dict is for, from its layer names; None if none fits."""
     if "roi_heads.box_head.0.0.weight" in state_dict:
@@ -257,3 +220,59 @@ def num_keypoints_of(state_dict: dict[str, torch.Tensor]) -> int | None:
     """How many keypoints a state dict's keypoint head predicts; None without one."""
     weight = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
     return None if weight is None else int(weight.shape[1])  # ConvTranspose2d: (in, out, k, k)
+
+
+# ---------------------------------------------------------------- training's initial weights
+
+
+def initial_weights(weights: str, arch: str) -> list[tuple[dict[str, torch.Tensor], str]]:
+    """Each ``--weights`` source's tensors (downloaded or read, never unpickling code) and where
+    they came from. The driver calls it before any worker starts, so a bad source fails in one line."""
+    return [weights_lib.read_state_dict(source, arch) for source in _sources(weights, arch)]
+
+
+def init_model(
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    weights: str | None = None,
+    *,
+    skip_resize: bool = False,
+    loaded: list[tuple[dict[str, torch.Tensor], str]] | None = None,
+) -> tuple[nn.Module, dict]:
+    """Build a model and load initial weights; return it with the ``arch_kwargs`` to store.
+
+    ``arch_kwargs`` are :func:`build_model`'s keyword arguments, ``num_classes`` included.
+    ``weights`` is a torchvision weight name (``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``,
+    ``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V1``), a ``.pth``/checkpoint path or s3://
+    URI, or None for random initialisation. Tensors load where name and shape match, so
+    COCO weights fine-tune on other classes. The joint mask + keypoint model takes two,
+    ``MASK,KEYPOINT`` (see :func:`_sources`). ``loaded`` is what :func:`initial_weights`
+    read of them already (training's driver reads them once for all its workers).
+    """
+    kwargs = dict(arch_kwargs, pretrained=weights is not None)
+    if weights is None:
+        return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
+    loaded, sources = loaded or initial_weights(weights, arch), _sources(weights, arch)
+    first = None if weights_lib.is_path(sources[0]) else weights_lib.torchvision_weights(sources[0], arch)
+    if weights_lib.is_backbone(first):
+        return build_model(arch, backbone_state_dict=loaded[0][0], skip_resize=skip_resize, **kwargs), kwargs
+    if "frozen_bn_eps" in structure(*loaded[0]):
+        kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does
+    model = build_model(arch, skip_resize=skip_resize, **kwargs)
+    load_matching(model, loaded[0][0], sources[0])
+    if len(loaded) > 1:  # only the keypoint head comes from the keypoint weights
+        head = {k: v for k, v in loaded[1][0].items() if k.startswith("roi_heads.keypoint_")}
+        load_matching(model, head, sources[1])
+    return model, kwargs
+
+
+def _sources(weights: str, arch: str) -> list[str]:
+    """The joint model's initial weights, as the paper's Table 4 starts it: Mask R-CNN's for the
+    backbone, box and mask heads, then Keypoint R-CNN's for the keypoint head. ``COCO_V1``
+    means torchvision's two COCO_V1s; otherwise ``MASK,KEYPOINT`` (names or files) or one.
+    Every other architecture has one source."""
+    if not (has_masks(arch) and has_keypoints(arch)):
+        return [weights]
+    if weights == "COCO_V1":
+        return ["MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"]
+    return [w.strip() for w in weights.split(",") if w.strip()][:2]

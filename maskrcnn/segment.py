@@ -31,11 +31,12 @@ from maskrcnn.images import IMAGE_EXTENSIONS
 from maskrcnn.inference import InferenceOptions
 from maskrcnn.keypoints import KeypointSpec
 from maskrcnn.listing import KEYS
-from maskrcnn.model import inference_size, is_path
+from maskrcnn.model import inference_size
 from maskrcnn.output import TRANSIENT_ERRORS
 from maskrcnn.predictor import check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
+from maskrcnn.weights import is_path
 
 
 class SegmentError(UserError):

@@ -48,7 +48,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from maskrcnn import checkpoint, coco, devices, history, keypoints, labels, loading, storage
-from maskrcnn.model import has_keypoints
+from maskrcnn.model import has_keypoints, initial_weights
 from maskrcnn.runtime import init_ray, without_false_alarms
 from maskrcnn.train_config import TrainConfig, TrainingPlan
 from maskrcnn.worker import score_name, worker_loop
@@ -143,7 +143,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainingSet, list | None]:
         val = labels.load_dataset(cfg.val_annotations, cfg.val_images)
         if cfg.val_images:
             storage.check_readable_dir(cfg.val_images)
-    initial = checkpoint.initial_weights(cfg.weights, cfg.arch) if cfg.weights else None
+    initial = initial_weights(cfg.weights, cfg.arch) if cfg.weights else None
     if storage.is_s3(cfg.storage):
         storage.check_readable_dir(cfg.storage)
     else:

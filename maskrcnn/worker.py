@@ -22,7 +22,7 @@ from ray.train import Checkpoint
 
 from maskrcnn import checkpoint, coco, data, devices, engine, history, storage, transforms
 from maskrcnn.metric import as_metrics, coco_api, format_table, iou_types
-from maskrcnn.model import has_keypoints, has_masks
+from maskrcnn.model import has_keypoints, has_masks, init_model
 from maskrcnn.progress import Progress
 from maskrcnn.train_config import TrainingPlan
 
@@ -123,7 +123,7 @@ class Worker:
         if has_keypoints(cfg.arch):
             kwargs["num_keypoints"] = len(self.keypoints)
         loaded = ray.get(self.plan.weights[0]) if self.plan.weights else None
-        model, self.arch_kwargs = checkpoint.init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True, loaded=loaded)
+        model, self.arch_kwargs = init_model(cfg.arch, kwargs, cfg.weights, skip_resize=True, loaded=loaded)
         self.arch = cfg.arch
         return model
 

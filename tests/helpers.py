@@ -30,7 +30,7 @@ from maskrcnn.cli import load_parser
 from maskrcnn.keypoints import COCO_PERSON
 from maskrcnn.local_s3 import free_port  # noqa: F401 - tests pick ports with it
 from maskrcnn.model import SMALL, build_model, has_keypoints
-from tests.ray_head import MARKER, kill_marked, ray_head  # noqa: F401 - MARKER and kill_marked: test_multinode
+from tests.ray_head import MARKER, kill_marked, ray_head, token_auth  # noqa: F401 - the rest: test_multinode
 
 REPO = Path(__file__).resolve().parent.parent
 

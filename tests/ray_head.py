@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -44,7 +45,7 @@ def ray_head() -> dict[str, str]:
     if not _HEAD:
         from ray._common.utils import reset_ray_address
 
-        auth, marker = {"RAY_AUTH_MODE": "token"}, uuid.uuid4().hex
+        auth, marker = token_auth(), uuid.uuid4().hex
         port, *others = (str(free_port()) for _ in range(4))
         ports = dict(zip(("--dashboard-port", "--dashboard-agent-listen-port", "--ray-client-server-port"), others))
         subprocess.run(
@@ -56,6 +57,12 @@ def ray_head() -> dict[str, str]:
         reset_ray_address()  # a job that starts its own Ray must not find this one
         _HEAD.update(auth, RAY_ADDRESS=f"127.0.0.1:{port}", marker=marker)
     return {k: v for k, v in _HEAD.items() if k != "marker"}
+
+
+def token_auth() -> dict[str, str]:
+    """The variables that turn on Ray's token authentication, with a token of this test session
+    (what ``ray get-auth-token --generate`` makes), so a machine needs no ``~/.ray/auth_token``."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def stop_ray_head() -> None:

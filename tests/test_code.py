@@ -85,6 +85,9 @@ RENAMED = [
         "class RandomHorizontalFlip",
         "transforms.RandomHorizontalFlip: keypoints.py has no torch",
     ),
+    ("maskrcnn/checkpoint.py", "def init_model", "model.init_model: checkpoint.py is the file format on top"),
+    ("maskrcnn/checkpoint.py", "def read(", "weights.read: sources and state dicts are read in weights.py"),
+    ("maskrcnn/model.py", "def is_path", "weights.is_path: model.py builds modules, weights.py finds sources"),
 ]
 
 
@@ -116,3 +119,13 @@ def test_library_modules_declare_configs_without_the_command_line():
     for path in (REPO / "maskrcnn").glob("*.py"):
         if path.name != "cli.py":
             assert "maskrcnn.cli" not in _imports(path), f"{path.name} imports maskrcnn.cli"
+
+
+def test_loading_a_model_reads_top_down():
+    """Source and state dict (weights.py), then module (model.py), then the checkpoint file
+    (checkpoint.py): each layer imports only the ones below it, so loading never crosses back."""
+    layers = ["maskrcnn.weights", "maskrcnn.model", "maskrcnn.checkpoint"]
+    for i, name in enumerate(layers):
+        above = set(layers[i + 1 :])
+        path = REPO / "maskrcnn" / f"{name.split('.')[1]}.py"
+        assert not _imports(path) & above, f"{path.name} imports {sorted(_imports(path) & above)}"

@@ -18,7 +18,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import MARKER, REPO, free_port, kill_marked, small_model_file
+from tests.helpers import MARKER, REPO, free_port, kill_marked, small_model_file, token_auth
 
 pytestmark = pytest.mark.slow
 
@@ -163,7 +163,7 @@ def test_real_ray_job_submit_to_a_local_head(shared_data, tmp_path):
     from the repository root, as in the README."""
     model_file = small_model_file(tmp_path / "small.pt")
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, **token_auth(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     ray = str(bin_dir / "ray")
     with _ray_head(ray, env) as dashboard:
         out = tmp_path / "out"
