@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from maskrcnn.cli import ints  # noqa: E402
+from maskrcnn.config import ints  # noqa: E402
 
 
 def _demo_script():
