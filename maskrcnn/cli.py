@@ -166,6 +166,24 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
     return "\n".join(rows)
 
 
+def renamed_table(parsers: dict[str, argparse.ArgumentParser]) -> str:
+    """The earlier names of flags (``was=``) that still work, as docs/flags.md's markdown
+    table: old name, the jobs that take it, what it now is."""
+    jobs: dict[tuple[str, str], list[str]] = {}
+    for job, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, _Renamed):
+                now = (
+                    action.new
+                    if action.value is None or isinstance(action.value, bool)
+                    else f"{action.new} {action.value}"
+                )
+                jobs.setdefault((action.option_strings[0], now), []).append(job)
+    rows = ["| old name | in | now |", "|---|---|---|"]
+    rows += [f"| `{old}` | {', '.join(names)} | `{now}` |" for (old, now), names in sorted(jobs.items())]
+    return "\n".join(rows)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", r"\|")
 

@@ -15,7 +15,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maskrcnn.cli import flag_table, load_parser
+from maskrcnn.cli import flag_table, load_parser, renamed_table
 
 JOBS = [
     "jobs/train.py",
@@ -29,15 +29,22 @@ REFERENCE = os.path.join(REPO, "docs", "flags.md")
 
 
 def rendered(page: str) -> str:
-    """``page`` (docs/flags.md's text) with each job's table under its ``### `jobs/X.py``` heading replaced."""
-    for job in JOBS:
-        table = flag_table(load_parser(os.path.join(REPO, job)))
-        heading = f"### `{job}`\n\n"
-        pattern = re.compile(re.escape(heading) + r"\| flag \|.*?(?=\n\n|\n?\Z)", re.S)
-        if not pattern.search(page):
-            raise SystemExit(f"docs/flags.md has no table under {heading.strip()}")
-        page = pattern.sub(lambda _, new=heading + table: new, page, count=1)
+    """``page`` (docs/flags.md's text) with its tables rendered again: the renamed flags' under
+    ``## Renamed flags``, and each job's under its ``### `jobs/X.py``` heading."""
+    parsers = {job: load_parser(os.path.join(REPO, job)) for job in JOBS}
+    renamed = renamed_table({job.removeprefix("jobs/"): parser for job, parser in parsers.items()})
+    page = _replace(page, "## Renamed flags\n", renamed)
+    for job, parser in parsers.items():
+        page = _replace(page, f"### `{job}`\n", flag_table(parser))
     return page
+
+
+def _replace(page: str, heading: str, table: str) -> str:
+    """``page`` with the first markdown table after ``heading`` (prose may come between) replaced by ``table``."""
+    pattern = re.compile("(" + re.escape(heading) + r"(?:[^|\n][^\n]*\n|\n)*?)\|.*?(?=\n\n|\n?\Z)", re.S)
+    if not pattern.search(page):
+        raise SystemExit(f"docs/flags.md has no table under {heading.strip()}")
+    return pattern.sub(lambda m: m.group(1) + table, page, count=1)
 
 
 def main() -> None:
