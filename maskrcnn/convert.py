@@ -82,8 +82,7 @@ def run(cfg: ConvertConfig) -> dict[str, Any]:
         "part_files": parts,
         "wall_s": round(time.perf_counter() - start, 2),
     }
-    storage.write_text(storage.join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))
-    storage.write_text(storage.join(cfg.output, "_SUCCESS"), "")
+    output.write_summary(cfg.output, summary)
     return summary
 
 
@@ -96,7 +95,7 @@ def _prepare_output(cfg: ConvertConfig) -> None:
         uri
         for uri in storage.iter_files(cfg.output)
         if output.part_of(uri.rsplit("/", 1)[-1]) is not None
-        or uri.rsplit("/", 1)[-1] in ("_SUCCESS", "_summary.json", output.CATEGORIES)
+        or uri.rsplit("/", 1)[-1] in (output.SUCCESS, output.SUMMARY, output.CATEGORIES)
     ]
     if ours and not cfg.overwrite:
         raise DatasetError(f"{cfg.output} already holds Parquet labels; pass --overwrite or choose another --output")

@@ -41,7 +41,6 @@ from maskrcnn.lease import Lease
 from maskrcnn.predictor import check_classes
 from maskrcnn.segment import SegmentConfig, SegmentError
 
-INPUTS = "_inputs.parquet"  # a run's manifest; "_" keeps it out of pyarrow's and pandas' reads
 PARTS_PER_JOIN_PARTITION = 50  # part files (of --rows-per-file rows) per partition of the join
 
 
@@ -66,11 +65,11 @@ def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
     lease = {"lease": held.summary()}
     # 2. An interrupted run resumes with its own manifest; a run killed before its manifest
     #    was whole is started again under its name. A run with a summary is complete.
-    done, fresh, earlier = {}, None, runs(cfg.output)
+    done, fresh, earlier = {}, None, output.runs(cfg.output)
     for name, files in earlier.items():
-        if "_summary.json" in files:
+        if output.SUMMARY in files:
             continue
-        if INPUTS not in files:
+        if output.INPUTS not in files:
             fresh = name
             continue
         print(f"[segment] resuming {name}, an interrupted run", flush=True)
@@ -80,9 +79,11 @@ def _run(cfg: SegmentConfig, held: Lease) -> dict[str, Any]:
     parts = output.part_files(cfg.output)
     retry = retries(cfg.output, parts, cfg.max_attempts)
     if retry:
-        write_uris(sorted(retry), run_uri(cfg.output, name, output.RETRIED))
+        write_uris(sorted(retry), storage.join(cfg.output, name, output.RETRIED))
     tally = listing.start_tally()
-    new, retried = write_manifest(new_inputs(cfg, parts, retry, tally), run_uri(cfg.output, name, INPUTS), retry)
+    new, retried = write_manifest(
+        new_inputs(cfg, parts, retry, tally), storage.join(cfg.output, name, output.INPUTS), retry
+    )
     listed = (ray.get(tally.get.remote()) or {}).get("images")  # None where --limit ended the listing early
     if new:
         print(f"[segment] {name}: {new} inputs, {retried} of them failed before", flush=True)
@@ -106,15 +107,6 @@ def claim(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | None) -> 
     output.write_job(cfg.output, record)
 
 
-def runs(dataset: str) -> dict[str, set[str]]:
-    """The dataset's runs in order, each with the names of its files."""
-    found: dict[str, set[str]] = {}
-    for _, folder, name in output.files(dataset):
-        if output.RUN.fullmatch(folder):
-            found.setdefault(folder, set()).add(name)
-    return dict(sorted(found.items()))
-
-
 def new_name(taken: set[str]) -> str:
     """``run-<UTC time>``, a second later if a run of the dataset has this second's name."""
     while (name := time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())) in taken:
@@ -122,13 +114,9 @@ def new_name(taken: set[str]) -> str:
     return name
 
 
-def run_uri(dataset: str, name: str, *parts: str) -> str:
-    return storage.join(dataset, name, *parts)
-
-
 def label(cfg: SegmentConfig, name: str, ckpt: dict[str, Any], held: Lease, facts: dict) -> dict[str, Any]:
     """One run: segmentation of the run's manifest into the run's folder."""
-    inputs, folder = run_uri(cfg.output, name, INPUTS), run_uri(cfg.output, name)
+    inputs, folder = storage.join(cfg.output, name, output.INPUTS), storage.join(cfg.output, name)
     run_cfg = dataclasses.replace(cfg, input=inputs, output=folder, limit=None, incremental=False)
     summary = segment.run(run_cfg, ckpt, lease=held, extra=facts)
     summary.pop("config")

@@ -29,8 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from maskrcnn import coco, keypoints, loading, output, storage
@@ -139,26 +137,8 @@ def reviewed_images(coco_records: list[dict[str, Any]], sources: list[Labels]) -
     keys = {review_key(r["uri"]) for r in coco_records}
     for labels in sources:
         for uri in labels.files:
-            if _has_ground_truth(uri):
-                keys.update(review_key(u) for u in _ground_truth_uris(uri))
+            keys.update(review_key(u) for u in output.ground_truth_uris(uri))
     return np.array(sorted(keys), dtype=np.int64)
-
-
-def _has_ground_truth(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    meta = pq.read_metadata(path, filesystem=fs)
-    column = meta.schema.names.index("model")
-    for i in range(meta.num_row_groups):
-        stats = meta.row_group(i).column(column).statistics
-        if stats is None or not stats.has_null_count or stats.null_count > 0:
-            return True
-    return False
-
-
-def _ground_truth_uris(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    table = pq.read_table(path, filesystem=fs, columns=["uri", "model"])
-    return table.filter(pc.is_null(table.column("model"))).column("uri").to_pylist()
 
 
 def record_schema(rules: Rules) -> pa.Schema:

@@ -16,6 +16,11 @@ pixels as the file stores them (ground truth converted from COCO, whose sizes an
 are the stored pixels). Training and validation decode each image in its source's orientation.
 A ``_categories.json`` written before it said so has no ``orientation``; its rows are read by
 :func:`maskrcnn.labels.row_orientation` (``model`` set: displayed; null: stored).
+
+Every file of an output is named here: the parts, ``_job.json`` (what made them),
+``_categories.json``, ``_summary.json`` and, last, ``_SUCCESS``; and in an incremental labels
+dataset (:mod:`maskrcnn.incremental`), its ``run-*`` folders with their ``_inputs.parquet``
+and ``_retried.parquet``. Readers take the dataset's root and see each image's newest row.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections import Counter
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maskrcnn import storage
@@ -62,11 +68,14 @@ SCHEMA = pa.schema(
 )
 JOB = "_job.json"  # beside the part files: what made them (input, model, rows per file, keypoints)
 CATEGORIES = "_categories.json"  # beside the part files: {"categories": COCO categories, "orientation": ...}
+SUMMARY = "_summary.json"  # written when every part has its file: the run's counts and status
+SUCCESS = "_SUCCESS"  # written last, and only by a run within its error budget: the output is whole
 DISPLAYED, STORED = "displayed", "stored"  # a source's orientation (see the module's docstring)
 ORIENTATIONS = (DISPLAYED, STORED)
 _PART = re.compile(r"part-(\d{6})\.parquet")
 RUN = re.compile(r"run-\d{8}T\d{6}Z")  # an incremental run's folder, named by its UTC start
 RETRIED = "_retried.parquet"  # in a run's folder: the URIs it labels again (their earlier rows failed)
+INPUTS = "_inputs.parquet"  # a run's manifest; "_" keeps it out of pyarrow's and pandas' reads
 # Error kinds that a later incremental run retries (up to --max-attempts rows an image):
 # the bytes may be fine next time. Every other kind (corrupt, not_an_image, too_large, ...) is permanent.
 TRANSIENT_ERRORS = ("missing", "read_failed", "inference_failed", "out_of_memory")
@@ -168,6 +177,17 @@ def read_job(output: str) -> dict[str, Any]:
 
 def write_job(output: str, record: dict[str, Any]) -> None:
     storage.write_text(storage.join(output, JOB), json.dumps(record, indent=2))
+
+
+def write_summary(output: str, summary: dict[str, Any], whole: bool = True) -> None:
+    """``_summary.json``, then ``_SUCCESS`` when ``whole``: last, so whoever sees it sees every part."""
+    storage.write_text(storage.join(output, SUMMARY), json.dumps(summary, indent=2))
+    if whole:
+        storage.write_text(storage.join(output, SUCCESS), "")
+
+
+def read_summary(output: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(storage.join(output, SUMMARY)))
 
 
 def job_input(output: str) -> str | None:
@@ -325,6 +345,29 @@ def part_of(name: str) -> int | None:
     """The part number of a part file's name, or None for any other file."""
     match = _PART.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+def runs(dataset: str) -> dict[str, set[str]]:
+    """An incremental labels dataset's runs in order, each with the names of its files."""
+    found: dict[str, set[str]] = {}
+    for _, folder, name in files(dataset):
+        if RUN.fullmatch(folder):
+            found.setdefault(folder, set()).add(name)
+    return dict(sorted(found.items()))
+
+
+def ground_truth_uris(uri: str) -> list[str]:
+    """The URIs of a part file's ground-truth rows (null ``model``). A file whose statistics
+    say the column has no null (a model's output) is not read."""
+    fs, path = storage.filesystem(uri)
+    meta = pq.read_metadata(path, filesystem=fs)
+    column = meta.schema.names.index("model")
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_null_count or stats.null_count > 0:
+            table = pq.read_table(path, filesystem=fs, columns=["uri", "model"])
+            return table.filter(pc.is_null(table.column("model"))).column("uri").to_pylist()
+    return []
 
 
 def read_footer(uri: str) -> dict[str, Any]:

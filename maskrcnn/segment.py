@@ -16,7 +16,6 @@ so output starts before a listing of millions of keys ends and the driver never 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -219,7 +218,7 @@ def prepare_output(cfg: SegmentConfig, model_id: str, keypoints: KeypointSpec | 
         part = output.part_of(name)
         if folder or name == output.JOB:
             continue
-        if cfg.overwrite or (part is None and (".tmp-" in name or name == "_SUCCESS")):
+        if cfg.overwrite or (part is None and (".tmp-" in name or name == output.SUCCESS)):
             storage.delete(uri)
         elif part is not None:
             parts[part] = uri
@@ -349,9 +348,7 @@ def _finish(cfg: SegmentConfig, summary: dict, lease: Any) -> dict:
     """Write ``_summary.json``, then ``_SUCCESS`` unless the run is over its error budget."""
     if lease is not None:
         lease.check()
-    storage.write_text(storage.join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))
-    if summary["status"] == "ok":
-        storage.write_text(storage.join(cfg.output, "_SUCCESS"), "")
+    output.write_summary(cfg.output, summary, whole=summary["status"] == "ok")
     return summary
 
 

@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from maskrcnn import checkpoint, incremental, output, storage
+from maskrcnn import checkpoint, output, storage
 from maskrcnn.config import option
 from maskrcnn.lease import describe, holder
 from maskrcnn.segment import SegmentError
@@ -39,18 +38,14 @@ def status(dataset: str) -> dict[str, Any]:
     if not storage.exists(storage.join(dataset, output.JOB)):
         raise SegmentError(f"{dataset} is not a labels dataset (no _job.json)")
     found = []
-    for name, files in incremental.runs(dataset).items():
-        if "_summary.json" in files:
-            summary = json.loads(storage.read_text(incremental.run_uri(dataset, name, "_summary.json")))
-            state = "complete" if "_SUCCESS" in files else summary.get("status", "complete")
+    for name, files in output.runs(dataset).items():
+        if output.SUMMARY in files:
+            summary = output.read_summary(storage.join(dataset, name))
+            state = "complete" if output.SUCCESS in files else summary.get("status", "complete")
         else:
-            parts = [
-                output.read_footer(incremental.run_uri(dataset, name, f))
-                for f in files
-                if output.part_of(f) is not None
-            ]
+            parts = [output.read_footer(storage.join(dataset, name, f)) for f in files if output.part_of(f) is not None]
             summary = {"rows_out": sum(p["rows"] for p in parts), "part_files": len(parts)}
-            state = "interrupted" if incremental.INPUTS in files else "starting"
+            state = "interrupted" if output.INPUTS in files else "starting"
         found.append({"run": name, "state": state, **{k: summary.get(k) for k in STATUS_FIELDS}})
     return {
         "dataset": dataset,

@@ -88,6 +88,12 @@ RENAMED = [
     ("maskrcnn/checkpoint.py", "def init_model", "model.init_model: checkpoint.py is the file format on top"),
     ("maskrcnn/checkpoint.py", "def read(", "weights.read: sources and state dicts are read in weights.py"),
     ("maskrcnn/model.py", "def is_path", "weights.is_path: model.py builds modules, weights.py finds sources"),
+    ("maskrcnn/model.py", "def torchvision_weights", "weights.torchvision_weights"),
+    ("maskrcnn/checkpoint.py", "def load_safely", "weights.load_safely"),
+    ("maskrcnn/checkpoint.py", "def initial_weights", "model.initial_weights"),
+    ("maskrcnn/export.py", "def to_results", "metric.to_results: the COCO metric owns the results format"),
+    ("maskrcnn/incremental.py", "def runs(", "output.runs: an output's files are named in output.py"),
+    ("maskrcnn/labels.py", "def _ground_truth_uris", "output.ground_truth_uris"),
 ]
 
 

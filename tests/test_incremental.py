@@ -77,7 +77,7 @@ def _overlapped(archive: Archive, labels: str, model: str) -> dict:
     assert held.returncode == 75 and f"pid {job[0].pid} since " in held.stderr, held.stderr
     assert job[0].wait(timeout=600) == 0
     kill_marked(job[1])  # what is left of the Ray it started
-    name = list(incremental.runs(labels))[-1]  # the newest run: the first's
+    name = list(output.runs(labels))[-1]  # the newest run: the first's
     return {name: json.loads(storage.read_text(storage.join(labels, name, "_summary.json")))}
 
 
