@@ -80,13 +80,13 @@ def scoring() -> None:
     api = metric.coco_api(gt)
     ids = sorted(api.getImgIds())
     start = time.perf_counter()
-    metric.evaluate(api, results, ids)
+    metric.score(api, results, ids)
     print(f"scoring {len(results)} results on {len(ids)} images: one process {time.perf_counter() - start:.2f} s")
     for world in (2, 8):
         slowest, parts = 0.0, []
         for rank in range(world):
             share, start = ids[rank::world], time.perf_counter()
-            parts.append(metric.evaluate_part(api, [r for r in results if r["image_id"] in share], share))
+            parts.append(metric.score_part(api, [r for r in results if r["image_id"] in share], share))
             slowest = max(slowest, time.perf_counter() - start)
         start = time.perf_counter()
         metric.summarize(api, parts)

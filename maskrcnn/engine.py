@@ -156,13 +156,13 @@ def validate(
 ) -> tuple[metric.Scores, Counter] | None:
     """COCO AP of the live model on the validation set (``api``: its ground truth, indexed).
     Each worker predicts every ``world``-th image from ``rank`` and matches its own
-    predictions (:func:`maskrcnn.metric.evaluate_part`); rank 0 merges everyone's matches and
+    predictions (:func:`maskrcnn.metric.score_part`); rank 0 merges everyone's matches and
     summarises them, and returns the scores with the images skipped, by error kind. The
     others return None. It runs on the training workers, between epochs: the GPUs are theirs."""
     predictor = Predictor(model, val.classes, val.category_ids, score_threshold=EVAL_SCORE_THRESHOLD, amp=amp)
     records = val.records[rank::world]
     results, skipped = predict_records(predictor, records)
-    part = metric.evaluate_part(api, results, [r["image_id"] for r in records], iou_types, sigmas)
+    part = metric.score_part(api, results, [r["image_id"] for r in records], iou_types, sigmas)
     gathered = devices.gather((part, skipped), world)
     if rank != 0:
         return None

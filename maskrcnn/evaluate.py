@@ -14,7 +14,8 @@ import ray
 from maskrcnn import checkpoint, coco, inference, keypoints, labels, output, storage
 from maskrcnn.config import arch_option, embed, keypoint_sigmas_option, model_option, option
 from maskrcnn.inference import InferenceOptions
-from maskrcnn.metric import evaluate, iou_types, to_results
+from maskrcnn.metric import score, to_results
+from maskrcnn.model import iou_types
 from maskrcnn.predictor import EVAL_SCORE_THRESHOLD, check_classes
 from maskrcnn.progress import Progress
 from maskrcnn.runtime import without_false_alarms
@@ -79,7 +80,7 @@ def evaluate_model(cfg: EvaluateConfig) -> dict[str, Any]:
         "detections": len(results),
         "skipped_images": dict(skipped),
         "dropped_annotations": dict(dataset.dropped),
-        "scores": evaluate(dataset.gt, results, [r["image_id"] for r in dataset.records], types, sigmas),
+        "scores": score(dataset.gt, results, [r["image_id"] for r in dataset.records], types, sigmas),
     }
 
 
@@ -114,7 +115,7 @@ def _predict(
 def _scored(
     ckpt: dict[str, Any], dataset: coco.CocoIndex, annotations: str, given: tuple[float, ...] | None
 ) -> tuple[tuple[str, ...], np.ndarray | None]:
-    """What to score a model on (:func:`maskrcnn.metric.iou_types`), and the OKS sigmas of its keypoints. A
+    """What to score a model on (:func:`maskrcnn.model.iou_types`), and the OKS sigmas of its keypoints. A
     keypoint model needs ground truth with the same keypoints; without any, it is scored on boxes."""
     types, spec = iou_types(ckpt["arch"]), checkpoint.keypoint_spec(ckpt)
     if spec is None:

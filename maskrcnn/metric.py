@@ -1,8 +1,8 @@
 """The COCO metric: box, mask and keypoint AP (overall and per category) with pycocotools.
 
-:func:`to_results` turns predicted instances into COCO results, and :func:`evaluate`
+:func:`to_results` turns predicted instances into COCO results, and :func:`score`
 scores them in one process. Training splits it as torchvision's
-reference does: each worker matches its own images (:func:`evaluate_part`, COCOeval's
+reference does: each worker matches its own images (:func:`score_part`, COCOeval's
 per-image step, most of the time) and one merges the parts and summarises them
 (:func:`summarize`), to the same figures.
 """
@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from maskrcnn.model import has_keypoints, has_masks
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = (
@@ -83,11 +81,6 @@ def stat_names(iou_type: str) -> tuple[str, ...]:
     return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
 
 
-def iou_types(arch: str) -> tuple[str, ...]:
-    """What a model of ``arch`` is scored on: boxes, then masks and keypoints where it has them."""
-    return ("bbox",) + (("segm",) if has_masks(arch) else ()) + (("keypoints",) if has_keypoints(arch) else ())
-
-
 @contextlib.contextmanager
 def _quiet():
     """Silence pycocotools' progress prints. Ray Train routes ``print`` to its logger in
@@ -120,7 +113,7 @@ class Scores:
     per_class: dict[str, dict[str, float]]  # iou type -> {category name: AP}
 
 
-def evaluate(
+def score(
     gt: dict[str, Any] | COCO,
     results: list[dict],
     image_ids: list[int] | None = None,
@@ -135,7 +128,7 @@ def evaluate(
     """
     api = gt if isinstance(gt, COCO) else coco_api(gt)
     image_ids = sorted(api.getImgIds()) if image_ids is None else image_ids
-    return summarize(api, [evaluate_part(api, results, image_ids, iou_types, sigmas)], sigmas)
+    return summarize(api, [score_part(api, results, image_ids, iou_types, sigmas)], sigmas)
 
 
 @dataclass
@@ -148,7 +141,7 @@ class Part:
     matches: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def evaluate_part(
+def score_part(
     api: COCO,
     results: list[dict],
     image_ids: list[int],
@@ -171,7 +164,7 @@ def evaluate_part(
 
 
 def summarize(api: COCO, parts: list[Part], sigmas: np.ndarray | None = None) -> Scores:
-    """Merge the parts' matches and accumulate them: the scores of one :func:`evaluate` of
+    """Merge the parts' matches and accumulate them: the scores of one :func:`score` of
     all their images together."""
     iou_types = tuple(parts[0].matches) if parts else IOU_TYPES
     names = {c["id"]: c["name"] for c in api.dataset.get("categories", [])}

@@ -71,6 +71,11 @@ def has_keypoints(arch: str) -> bool:
     return arch in KEYPOINT_ARCHS
 
 
+def iou_types(arch: str) -> tuple[str, ...]:
+    """What a model of ``arch`` is scored on (COCO's IoU types): boxes, then masks and keypoints where it has them."""
+    return ("bbox",) + (("segm",) if has_masks(arch) else ()) + (("keypoints",) if has_keypoints(arch) else ())
+
+
 def _heads(arch: str, channels: int, num_classes: int) -> dict[str, Any]:
     if not is_small(arch) and arch != "maskrcnn_resnet50_fpn_v2":
         return {"num_classes": num_classes}

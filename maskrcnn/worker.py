@@ -21,8 +21,8 @@ from pycocotools.coco import COCO
 from ray.train import Checkpoint
 
 from maskrcnn import checkpoint, coco, data, devices, engine, history, storage, transforms
-from maskrcnn.metric import as_metrics, coco_api, format_table, iou_types
-from maskrcnn.model import has_keypoints, has_masks, init_model
+from maskrcnn.metric import as_metrics, coco_api, format_table
+from maskrcnn.model import has_keypoints, has_masks, init_model, iou_types
 from maskrcnn.progress import Progress
 from maskrcnn.train_config import TrainingPlan
 

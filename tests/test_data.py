@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maskrcnn import coco, data, images, masks, storage, transforms
-from maskrcnn.metric import evaluate
+from maskrcnn.metric import score
 from tests.helpers import add_defects, ground_truth_as_results
 
 
@@ -133,9 +133,9 @@ def test_every_defect_is_dropped_from_training_and_evaluation_alike(coco_small, 
     # pycocotools cannot score the raw file (a 4-number polygon is read as a box)...
     perfect = ground_truth_as_results(ds.gt)
     with pytest.raises(Exception):  # noqa: B017 - whichever defect it meets first
-        evaluate(gt, perfect)
+        score(gt, perfect)
     # ...but scores the cleaned ground truth against itself perfectly.
-    scores = evaluate(ds.gt, perfect)
+    scores = score(ds.gt, perfect)
     assert scores.stats["segm"][0] == pytest.approx(1.0) and scores.stats["bbox"][0] == pytest.approx(1.0)
 
 

@@ -205,7 +205,7 @@ def test_export_writes_coco_keypoint_results_and_draws_skeletons(keypoint_labels
     assert {r["image_id"] for r in found} == {785, 40083, 196141, 197388}  # the PNG copies are not in the gt
     assert all(len(r["keypoints"]) == 51 and set(r["keypoints"][2::3]) == {1} for r in found)
     api = metric.coco_api(json.loads(gt.read_text()))
-    scores = metric.evaluate(api, found, iou_types=("keypoints",), sigmas=keypoints.sigmas(keypoints.COCO_KEYPOINTS)[0])
+    scores = metric.score(api, found, iou_types=("keypoints",), sigmas=keypoints.sigmas(keypoints.COCO_KEYPOINTS)[0])
     assert len(scores.stats["keypoints"]) == 10  # loadRes took them and COCOeval scored them
     coco = json.loads(dataset.read_text())
     assert coco["categories"] == [{"id": 1, "name": "person", **keypoints.COCO_PERSON.as_dict()}]

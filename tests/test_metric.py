@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from maskrcnn import metric
-from maskrcnn.metric import STAT_NAMES, as_json, as_metrics, evaluate, format_table
+from maskrcnn.metric import STAT_NAMES, as_json, as_metrics, format_table, score
 from tests.helpers import ground_truth_as_results
 
 
@@ -18,7 +18,7 @@ def _gt(coco_small):
 
 def test_ground_truth_as_predictions_scores_ap_one(coco_small):
     gt = _gt(coco_small)
-    scores = evaluate(gt, ground_truth_as_results(gt))
+    scores = score(gt, ground_truth_as_results(gt))
     assert scores.stats["bbox"][0] == pytest.approx(1.0) and scores.stats["segm"][0] == pytest.approx(1.0)
     assert scores.stats["segm"][1] == pytest.approx(1.0)  # AP50
     with_gt = {c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])}
@@ -41,14 +41,14 @@ def test_shuffled_labels_score_low(coco_small):
     def wrong(ann):
         return int(rng.choice([c for c in ids if c != ann["category_id"]]))
 
-    scores = evaluate(gt, ground_truth_as_results(gt, wrong))
+    scores = score(gt, ground_truth_as_results(gt, wrong))
     assert scores.stats["bbox"][0] < 0.05 and scores.stats["segm"][0] < 0.05
     assert max(ap for ap in scores.per_class["segm"].values() if not math.isnan(ap)) < 0.2
 
 
 def test_no_detections_and_formatting():
     gt = {"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [], "categories": [{"id": 3, "name": "cat"}]}
-    scores = evaluate(gt, [])
+    scores = score(gt, [])
     assert scores.stats == {"bbox": [0.0] * 12, "segm": [0.0] * 12}
     assert scores.per_class == {"bbox": {"cat": 0.0}, "segm": {"cat": 0.0}}
     table = format_table(scores).splitlines()
@@ -67,7 +67,7 @@ def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
     assert warning is None and sigmas.shape == (17,)
     # people with no labelled keypoint are not scored by COCOeval (it ignores them), so not predicted
     labelled = dict(dataset.gt, annotations=[a for a in dataset.gt["annotations"] if a["num_keypoints"] > 0])
-    scores = evaluate(dataset.gt, ground_truth_as_results(labelled), iou_types=("keypoints",), sigmas=sigmas)
+    scores = score(dataset.gt, ground_truth_as_results(labelled), iou_types=("keypoints",), sigmas=sigmas)
     assert scores.stats["keypoints"][0] == pytest.approx(1.0) and len(scores.stats["keypoints"]) == 10
     assert set(as_metrics(scores)) == {f"keypoints_{n}" for n in KEYPOINT_STAT_NAMES}
     assert "Average Precision  (AP) @[ OKS=0.50:0.95 | area=   all | maxDets= 20 ] = 1.000" in format_table(scores)
@@ -75,7 +75,7 @@ def test_ground_truth_keypoints_as_predictions_score_keypoint_ap_1(shared_data):
         dict(r, keypoints=[v + 25 * (i % 3 != 2) for i, v in enumerate(r["keypoints"])])
         for r in ground_truth_as_results(labelled)
     ]
-    assert evaluate(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
+    assert score(dataset.gt, wrong, iou_types=("keypoints",), sigmas=sigmas).stats["keypoints"][0] < 0.5
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -94,8 +94,8 @@ def test_matches_split_across_workers_score_what_one_evaluation_does(coco_small,
         for r in ground_truth_as_results(gt)
         if rng.uniform() < 0.8 and r["image_id"] not in shares[1]
     ]
-    whole = evaluate(api, results, ids)
-    parts = [metric.evaluate_part(api, [r for r in results if r["image_id"] in s], s) for s in shares]
+    whole = score(api, results, ids)
+    parts = [metric.score_part(api, [r for r in results if r["image_id"] in s], s) for s in shares]
     assert parts[1].detections == 0 and parts[-1].image_ids == []
     split = metric.summarize(api, parts)
     assert split.stats == whole.stats and split.per_class == whole.per_class
