@@ -212,7 +212,7 @@ def categories(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
 
 def categories_of(source: str, arch: str | None = None) -> list[dict[str, Any]]:
     """:func:`categories` of any ``--model``; a torchvision weight name needs no download."""
-    weights = None if weights_lib.is_path(source) else weights_lib.torchvision_weights(source, arch or ZOO_ARCH)
+    weights = weights_lib.torchvision_weights(source, arch or ZOO_ARCH)
     if weights is not None and weights_lib.arch_of_weights(weights):
         names = weights.meta["categories"][1:]  # label i is COCO id i, as in _from_state_dict
         return categories({"classes": names, "category_ids": range(1, len(names) + 1)})

@@ -258,8 +258,7 @@ def init_model(
     if weights is None:
         return build_model(arch, skip_resize=skip_resize, **kwargs), kwargs
     loaded, sources = loaded or initial_weights(weights, arch), _sources(weights, arch)
-    first = None if weights_lib.is_path(sources[0]) else weights_lib.torchvision_weights(sources[0], arch)
-    if weights_lib.is_backbone(first):
+    if weights_lib.is_backbone(weights_lib.torchvision_weights(sources[0], arch)):
         return build_model(arch, backbone_state_dict=loaded[0][0], skip_resize=skip_resize, **kwargs), kwargs
     if "frozen_bn_eps" in structure(*loaded[0]):
         kwargs["frozen_bn_eps"] = 0.0  # torchvision's COCO_V1, fine-tuned as its builder does

@@ -49,7 +49,10 @@ def is_path(name: str) -> bool:
 
 
 def torchvision_weights(name: str, arch: str) -> Any | None:
-    """Resolve ``Enum.VALUE`` or a bare value of ``arch``'s own weights; None if not a weight name."""
+    """Resolve ``Enum.VALUE`` or a bare value of ``arch``'s own weights; None for a file or
+    anything else that is not a weight name."""
+    if is_path(name):
+        return None
     try:
         if "." in name:
             return get_weight(name)
@@ -75,11 +78,11 @@ def is_backbone(weights: Any) -> bool:
 
 def read_state_dict(source: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """One ``--weights`` source's tensors (downloaded or read) and the file they came from."""
-    tv = None if is_path(source) else torchvision_weights(source, arch)
-    if tv is None and not is_path(source):
-        raise WeightsError(f"unknown weights {source!r}: not a torchvision weight name nor a .pt/.pth path")
-    if tv is None:
+    if is_path(source):
         return state_dict_of(read(source, WeightsError), source), source
+    tv = torchvision_weights(source, arch)
+    if tv is None:
+        raise WeightsError(f"unknown weights {source!r}: not a torchvision weight name nor a .pt/.pth path")
     return torchvision_state_dict(tv, source, "--weights")
 
 
